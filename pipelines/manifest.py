@@ -1,0 +1,223 @@
+"""TOML manifests: load, apply ``--set`` overrides, validate against a schema, hash.
+
+Every key a manifest may hold is declared in a schema (``Section`` of ``Key`` entries), so
+unknown keys, wrong types and missing input paths are reported before any work starts, as
+one line naming the file, the dotted key and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ManifestError(Exception):
+    """A user error in a manifest: ``file: key: reason`` (printed without a traceback)."""
+
+    def __init__(self, file: str | Path, key: str, reason: str):
+        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
+        self.file, self.key, self.reason = str(file), key, reason
+
+
+@dataclass(frozen=True)
+class Key:
+    """One manifest value. ``kind`` is a Python type (``float`` also accepts ints) or
+    ``"path"`` / ``"existing_path"``; ``choices`` restricts the value."""
+
+    kind: Any
+    default: Any = None
+    required: bool = False
+    choices: tuple[Any, ...] | None = None
+    doc: str = ""
+
+
+Section = dict[str, "Key | Section"]
+
+COMMON_SCHEMA: Section = {
+    "name": Key(str, required=True, doc="shard file prefix, dot-free"),
+    "pipeline": Key(str, required=True),
+    "output": {
+        "dir": Key("path", required=True),
+        "samples_per_shard": Key(int, 128),
+        "max_rejected": Key(float, 0.01, doc="fraction of planned inputs; above it build exits 1"),
+    },
+    "cluster": {
+        "scheduler": Key(str, "", doc='"" = embedded LocalCluster, else "tcp://host:8786"'),
+        "workers": Key(int, 2),
+        "threads_per_worker": Key(int, 1),
+    },
+}
+
+# Sections that do not change what is written: excluded from the content hash, so moving
+# the output or changing the cluster never invalidates finished shards.
+_NOT_CONTENT = ("cluster",)
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: ``data`` holds every key with defaults filled in."""
+
+    path: Path
+    data: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def pipeline(self) -> str:
+        return self.data["pipeline"]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.data["output"]["dir"])
+
+    def content_hash(self) -> str:
+        """sha256 of everything that determines shard bytes (not cluster settings)."""
+        content = {k: v for k, v in self.data.items() if k not in _NOT_CONTENT}
+        content = copy.deepcopy(content)
+        content["output"].pop("dir", None)
+        content["output"].pop("max_rejected", None)
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def parse_override(text: str, file: str | Path) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value); the value parses as a TOML literal, else a string."""
+    if "=" not in text:
+        raise ManifestError(file, text, "--set needs KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KeyError(key)
+    node[parts[-1]] = value
+
+
+def _check_value(file: Path, dotted: str, spec: Key, value: Any) -> Any:
+    kind = spec.kind
+    if kind in ("path", "existing_path"):
+        if not isinstance(value, str) or not value:
+            raise ManifestError(file, dotted, f"expected a path string, got {value!r}")
+        path = Path(value).expanduser()
+        if kind == "existing_path" and not path.exists():
+            raise ManifestError(file, dotted, f"path does not exist: {path}")
+        return str(path)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        if not isinstance(value, list):
+            raise ManifestError(file, dotted, f"expected a list, got {type(value).__name__} {value!r}")
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(file, dotted, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ManifestError(file, dotted, f"must be one of {list(spec.choices)}, got {value!r}")
+    return value
+
+
+def _validate(file: Path, schema: Section, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in data:
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ManifestError(file, prefix + key, f"unknown key (known here: {known})")
+    for key, spec in schema.items():
+        dotted = prefix + key
+        if isinstance(spec, dict):
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise ManifestError(file, dotted, "expected a table")
+            out[key] = _validate(file, spec, value, dotted + ".")
+        elif key in data:
+            out[key] = _check_value(file, dotted, spec, data[key])
+        elif spec.required:
+            raise ManifestError(file, dotted, "missing required key")
+        else:
+            out[key] = copy.deepcopy(spec.default)
+    return out
+
+
+def merge_schema(base: Section, extra: Section) -> Section:
+    """The common schema plus one pipeline's sections (deep merge)."""
+    merged: Section = dict(base)
+    for key, spec in extra.items():
+        if isinstance(spec, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_schema(merged[key], spec)  # type: ignore[arg-type]
+        else:
+            merged[key] = spec
+    return merged
+
+
+def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Manifest:
+    """Read, override, validate. Raises ``ManifestError`` for any user error."""
+    from pipelines.registry import get_pipeline  # late: registry imports pipelines
+
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, "", "manifest file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(path, "", f"not valid TOML: {exc}") from None
+    overrides = list(overrides or [])
+    for text in overrides:
+        key, value = parse_override(text, path)
+        try:
+            _set_dotted(data, key, value)
+        except KeyError:
+            raise ManifestError(path, key, "--set path crosses a non-table value") from None
+    pipeline_name = data.get("pipeline")
+    if not isinstance(pipeline_name, str):
+        raise ManifestError(path, "pipeline", "missing required key")
+    try:
+        pipeline = get_pipeline(pipeline_name)
+    except KeyError as exc:
+        raise ManifestError(path, "pipeline", str(exc.args[0])) from None
+    resolved = _validate(path, merge_schema(COMMON_SCHEMA, pipeline.schema), data)
+    manifest = Manifest(path=path, data=resolved, overrides=overrides)
+    _check_common(manifest)
+    pipeline.check_manifest(manifest)
+    return manifest
+
+
+def _check_common(m: Manifest) -> None:
+    if not m.name or "." in m.name or "/" in m.name:
+        raise ManifestError(m.path, "name", f"must be non-empty and free of '.' and '/', got {m.name!r}")
+    out = m.data["output"]
+    if out["samples_per_shard"] < 1:
+        raise ManifestError(m.path, "output.samples_per_shard", "must be >= 1")
+    if not 0.0 <= out["max_rejected"] <= 1.0:
+        raise ManifestError(m.path, "output.max_rejected", "must be a fraction in [0, 1]")
+    if m.data["cluster"]["workers"] < 1:
+        raise ManifestError(m.path, "cluster.workers", "must be >= 1")
+
+
+def check_output_outside(m: Manifest, source_key: str) -> None:
+    """Refuse an output directory inside (or equal to) the source tree: a rerun would read
+    its own shards as input and a cleanup could delete the data."""
+    src = Path(m.get(source_key)).resolve()
+    out = m.output_dir.resolve()
+    if out == src or src in out.parents:
+        raise ManifestError(m.path, "output.dir", f"{out} lies inside the source {source_key}={src}")

@@ -1,0 +1,229 @@
+"""Build shards: plan on the client, one dask task per shard, ``index.json`` last.
+
+A shard task builds its samples, writes the tar under a temporary name, renames it and
+writes a per-shard record ``{stem}.json``. On a rerun a task whose record, tar size and
+sha256 still match (and whose inputs and manifest fingerprint are unchanged) returns the
+record without rebuilding, so an interrupted build resumes where it stopped and produces
+the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipelines.base import Rejected, SampleRef
+from pipelines.executor import dask_client, map_tasks
+from pipelines.manifest import Manifest
+from pipelines.registry import get_pipeline
+from pipelines.schema import validate_sample
+from pipelines.shards import ShardRecord, sha256_file, shard_filename, write_json_atomic, write_shard
+
+log = logging.getLogger(__name__)
+INDEX_FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardTask:
+    """One unit of dask work: the samples of one output shard."""
+
+    index: int
+    refs: list[SampleRef]
+    manifest: Manifest
+    fingerprint: str
+
+
+@dataclass
+class BuildResult:
+    index_path: Path
+    planned: int
+    written: int
+    rejected: list[dict[str, str]]
+    reused_shards: int
+    built_shards: int
+
+    @property
+    def rejected_fraction(self) -> float:
+        return len(self.rejected) / self.planned if self.planned else 0.0
+
+
+def refs_fingerprint(refs: list[SampleRef], content_hash: str) -> str:
+    h = hashlib.sha256(content_hash.encode())
+    for ref in refs:
+        h.update(json.dumps([ref.key, ref.source, ref.payload], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _existing_record(out_dir: Path, task: ShardTask) -> ShardRecord | None:
+    tar = out_dir / shard_filename(task.manifest.name, task.index)
+    rec_path = tar.with_suffix(".json")
+    if not (tar.is_file() and rec_path.is_file()):
+        return None
+    try:
+        rec = ShardRecord(**json.loads(rec_path.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if rec.task_fingerprint != task.fingerprint or rec.bytes != tar.stat().st_size:
+        return None
+    if sha256_file(tar) != rec.sha256:
+        return None
+    return rec
+
+
+def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
+    """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
+    m = task.manifest
+    out_dir = m.output_dir
+    reused = _existing_record(out_dir, task)
+    if reused is not None:
+        return task.index, reused, True
+    pipeline = get_pipeline(m.pipeline)
+    rejected: list[dict[str, str]] = []
+    stats: dict[str, float] = {}
+    kept: list[tuple[str, dict[str, bytes]]] = []
+    for ref in task.refs:
+        try:
+            sample = pipeline.build(ref, m)
+            validate_sample(pipeline, ref.key, sample)
+        except Rejected as exc:
+            rejected.append({"source": ref.source, "stage": exc.stage, "reason": exc.reason})
+            continue
+        except Exception as exc:  # an unexpected failure loses one sample, not the build
+            last = traceback.extract_tb(exc.__traceback__)[-1]
+            reason = f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
+            rejected.append({"source": ref.source, "stage": "build", "reason": reason})
+            continue
+        for k, v in pipeline.sample_stats(sample).items():
+            stats[k] = stats.get(k, 0.0) + float(v)
+        kept.append((ref.key, sample))
+    path = out_dir / shard_filename(m.name, task.index)
+    size, digest, n = write_shard(path, kept)
+    record = ShardRecord(
+        file=path.name,
+        samples=n,
+        bytes=size,
+        sha256=digest,
+        first_key=kept[0][0] if kept else None,
+        last_key=kept[-1][0] if kept else None,
+        task_fingerprint=task.fingerprint,
+        rejected=rejected,
+        stats=stats,
+    )
+    write_json_atomic(path.with_suffix(".json"), record.to_json())
+    return task.index, record, False
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirty flag of the package's checkout (``None`` outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        )
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distillkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def plan_tasks(m: Manifest) -> tuple[list[ShardTask], list[dict[str, str]], int, str]:
+    """Plan the build: (tasks, inputs rejected while planning, planned count, fingerprint)."""
+    pipeline = get_pipeline(m.pipeline)
+    refs, plan_rejected = pipeline.plan(m)
+    keys = [r.key for r in refs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("pipeline plan produced duplicate sample keys")
+    per = m.data["output"]["samples_per_shard"]
+    content = m.content_hash()
+    tasks = []
+    for i in range(0, len(refs), per):
+        chunk = refs[i : i + per]
+        tasks.append(ShardTask(i // per, chunk, m, refs_fingerprint(chunk, content)))
+    fingerprint = refs_fingerprint(refs, content)
+    return tasks, plan_rejected, len(refs) + len(plan_rejected), fingerprint
+
+
+def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
+          progress: bool = True) -> BuildResult:
+    """Build every shard of manifest ``m`` on dask and write ``index.json`` last."""
+    out_dir = m.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks, rejected, planned, fingerprint = plan_tasks(m)
+    pipeline = get_pipeline(m.pipeline)
+    cluster = m.data["cluster"]
+    scheduler = cluster["scheduler"] if scheduler is None else scheduler
+    workers = cluster["workers"] if workers is None else workers
+    _remove_stale(out_dir, m.name, len(tasks))
+    records: dict[int, ShardRecord] = {}
+    reused = 0
+    with dask_client(scheduler, workers, cluster["threads_per_worker"]) as client:
+        keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}" for t in tasks]
+        bar = tqdm(total=len(tasks), desc=f"build {m.name}", unit="shard", disable=not progress)
+        for index, record, was_reused in map_tasks(client, build_shard, tasks, keys):
+            records[index] = record
+            reused += was_reused
+            bar.update(1)
+            bar.set_postfix(rejected=len(rejected) + sum(len(r.rejected) for r in records.values()))
+        bar.close()
+    shard_records = [records[i] for i in range(len(tasks))]
+    for rec in shard_records:
+        rejected.extend(rec.rejected)
+    totals: dict[str, float] = {}
+    for rec in shard_records:
+        for k, v in rec.stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+    written = sum(r.samples for r in shard_records)
+    index = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "pipeline": m.pipeline,
+        "name": m.name,
+        "manifest": m.data,
+        "manifest_hash": m.content_hash(),
+        "package_version": package_version(),
+        "git": git_info(),
+        "input_fingerprint": fingerprint,
+        "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
+        "shards": [
+            {k: v for k, v in r.to_json().items() if k not in ("rejected", "stats", "task_fingerprint")}
+            for r in shard_records
+        ],
+        "rejected": rejected,
+        "stats": pipeline.finalize_stats(totals),
+    }
+    index_path = out_dir / "index.json"
+    write_json_atomic(index_path, index)
+    return BuildResult(index_path, planned, written, rejected, reused, len(tasks) - reused)
+
+
+def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:
+    """Shards numbered past the current plan (a smaller plan, bigger shards) would look like
+    part of the dataset to a glob; remove them and leftover temporary files."""
+    for path in out_dir.glob(f"{name}-*.tar"):
+        stem = path.stem.rsplit("-", 1)[-1]
+        if stem.isdigit() and int(stem) >= n_tasks:
+            path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
+    for tmp in out_dir.glob(f".{name}-*.tmp-*"):
+        tmp.unlink(missing_ok=True)

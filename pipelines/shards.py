@@ -1,0 +1,132 @@
+"""Deterministic WebDataset tar shards: write (temp name, fsync, rename) and read back.
+
+We write with the standard library's ``tarfile`` rather than ``webdataset.TarWriter`` so
+that every header field is pinned (mtime, uid/gid, names, mode): the same samples give the
+same bytes, and a shard's sha256 can be compared across runs and worker counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Extensions whose decoders execute code (pickle, torch.load): never written, never read.
+FORBIDDEN_EXTENSIONS = (".pth", ".pyd", ".pickle", ".pkl", ".pt", ".ten")
+FIXED_MTIME = 0  # 1970-01-01: content, not build time, decides the bytes
+
+
+@dataclass
+class ShardRecord:
+    """One shard's entry in ``index.json`` (also saved beside the tar as ``{stem}.json``)."""
+
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+    first_key: str | None
+    last_key: str | None
+    task_fingerprint: str = ""
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shard_filename(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(member)
+    info.size = size
+    info.mtime = FIXED_MTIME
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = "distillkit"
+    return info
+
+
+def check_key(key: str) -> None:
+    if not key or "." in key or key.startswith("_"):
+        raise ValueError(f"invalid sample key {key!r}: keys must be non-empty, dot-free, not '_'-prefixed")
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[int, str, int]:
+    """Write ``(key, {field: bytes})`` samples to ``path`` atomically.
+
+    Fields are written in sorted order as ``key.field``; the tar goes to a temporary name
+    in the same directory, is fsynced and renamed, so a killed build never leaves a
+    truncated shard under its final name. Returns (bytes, sha256, samples written).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    n = 0
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, fields in samples:
+                check_key(key)
+                for fname in sorted(fields):
+                    if any(fname.endswith(ext) for ext in FORBIDDEN_EXTENSIONS):
+                        raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
+                    data = fields[fname]
+                    tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))
+                n += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size, sha256_file(path), n
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Read a shard with the standard library, grouping members WebDataset's way (the key
+    ends at the first dot of the basename). Raises ``tarfile.TarError`` on a broken tar."""
+    key: str | None = None
+    fields: dict[str, bytes] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name
+            k, _, fname = base.partition(".")
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if k != key:
+                if key is not None:
+                    yield key, fields
+                key, fields = k, {}
+            if fname in fields:
+                raise ValueError(f"duplicate field {fname!r} in sample {k}")
+            fields[fname] = data
+    if key is not None:
+        yield key, fields
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary name and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_index(shard_dir: Path) -> dict[str, Any]:
+    path = Path(shard_dir) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index.json (was the build finished?)")
+    return json.loads(path.read_text())

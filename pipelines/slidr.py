@@ -1,0 +1,260 @@
+"""The SLidR pipeline: one sample per nuScenes keyframe.
+
+plan: nuscenes-devkit tables -> ``KeyframeRef`` per keyframe (on the client).
+build: lidar ``.pcd.bin`` + six JPEGs -> projection pairs + SLIC superpixels (on workers).
+Schema and picture: ``fields`` and ``render``; see SPEC.md "slidr" for the field contract.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipelines.base import FieldSpec, Rejected, SampleRef
+from pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from pipelines.schema import expect_array, json_bytes, load_npy, npy_bytes
+from preprocess.projection import project_points
+from preprocess.superpixels import slic_superpixels
+from sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
+
+SCHEMA = {
+    "source": {
+        "kind": Key(str, "nuscenes", choices=("nuscenes",)),
+        "dataroot": Key("existing_path", required=True),
+        "version": Key(str, "v1.0-mini"),
+        "scenes": Key(list, [], doc="scene names; [] = all"),
+    },
+    "stages": {
+        "projection": {"min_dist": Key(float, 1.0)},
+        "superpixels": {
+            "n_segments": Key(int, 150),
+            "compactness": Key(float, 6.0),
+            "sigma": Key(float, 3.0),
+            "backend": Key(str, "skimage", choices=("skimage",)),
+        },
+    },
+}
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W, 3) uint8 RGB; raises ``ValueError`` if undecodable."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("not a decodable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_png_labels(data: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.ndim != 2:
+        raise ValueError("not a single-channel PNG")
+    return img
+
+
+def encode_labels_png(labels: np.ndarray) -> bytes:
+    """8-bit PNG when the labels fit (S <= 256), else 16-bit."""
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    ok, buf = cv2.imencode(".png", labels.astype(dtype))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+class SlidrPipeline:
+    name = "slidr"
+    schema = SCHEMA
+
+    # ---- manifest and plan (client) -------------------------------------------------
+    def check_manifest(self, m: Manifest) -> None:
+        check_output_outside(m, "source.dataroot")
+        sp = m.data["stages"]["superpixels"]
+        if sp["n_segments"] < 1:
+            raise ManifestError(m.path, "stages.superpixels.n_segments", "must be >= 1")
+        if not all(isinstance(s, str) for s in m.data["source"]["scenes"]):
+            raise ManifestError(m.path, "source.scenes", "must be a list of scene names")
+
+    def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
+        src = m.data["source"]
+        try:
+            nusc = load_nuscenes(src["dataroot"], src["version"])
+            keyframes, rejected = plan_keyframes(nusc, src["scenes"] or None)
+        except DatasetError as exc:
+            raise ManifestError(m.path, "source", str(exc)) from None
+        refs = [SampleRef(kf.sample_token, f"{kf.scene}/sample/{kf.sample_token}", kf.to_payload())
+                for kf in keyframes]
+        return refs, rejected
+
+    # ---- build (worker) ----------------------------------------------------------------
+    def build(self, ref: SampleRef, m: Manifest) -> dict[str, bytes]:
+        kf = ref.payload
+        stages = m.data["stages"]
+        try:
+            points = read_lidar_bin(kf["lidar_path"])
+        except (OSError, ValueError) as exc:
+            raise Rejected("lidar", f"{kf['lidar_path']}: {exc}") from None
+        cams = kf["cameras"]
+        out: dict[str, bytes] = {"lidar.npy": npy_bytes(np.ascontiguousarray(points[:, :4]))}
+        sp_cfg = {k: v for k, v in stages["superpixels"].items()}
+        for i, cam in enumerate(cams):
+            try:
+                with open(cam["path"], "rb") as f:
+                    jpeg = f.read()
+                image = decode_jpeg(jpeg)
+            except (OSError, ValueError) as exc:
+                raise Rejected("image", f"{cam['channel']} {cam['path']}: {exc}") from None
+            if image.shape[:2] != (cam["height"], cam["width"]):
+                raise Rejected("image", f"{cam['channel']}: image is {image.shape[1]}x{image.shape[0]}, "
+                                        f"table says {cam['width']}x{cam['height']}")
+            labels = slic_superpixels(image, **sp_cfg)
+            out[f"cam{i}.jpg"] = jpeg
+            out[f"cam{i}.sp.png"] = encode_labels_png(labels)
+        pairs = project_points(
+            points,
+            np.array([c["T_cam_lidar"] for c in cams]),
+            np.array([c["K"] for c in cams]),
+            np.array([[c["width"], c["height"]] for c in cams]),
+            min_dist=stages["projection"]["min_dist"],
+        )
+        out["pairs.npy"] = npy_bytes(pairs.index)
+        out["pairs_uvd.npy"] = npy_bytes(pairs.uvd)
+        out["cams.json"] = json_bytes([
+            {k: c[k] for k in ("channel", "sample_data_token", "width", "height", "K", "T_cam_lidar")}
+            for c in cams
+        ])
+        if kf.get("lidarseg_path"):
+            try:
+                seg = np.fromfile(kf["lidarseg_path"], dtype=np.uint8)
+            except OSError as exc:
+                raise Rejected("lidarseg", f"{kf['lidarseg_path']}: {exc}") from None
+            if len(seg) != len(points):
+                raise Rejected("lidarseg", f"{len(seg)} labels for {len(points)} points")
+            out["lidarseg.npy"] = npy_bytes(seg)
+        return out
+
+    # ---- schema ------------------------------------------------------------------------
+    def fields(self, sample: dict[str, bytes]) -> dict[str, FieldSpec]:
+        n_cams = len(CAMERAS)
+        if "cams.json" in sample:
+            try:
+                n_cams = len(json.loads(sample["cams.json"]))
+            except ValueError:
+                pass
+        specs = {
+            "lidar.npy": FieldSpec("float32 (N,4) x,y,z,intensity", check=_check_lidar),
+            "cams.json": FieldSpec("camera records", check=_check_cams),
+            "pairs.npy": FieldSpec("int32 (M,4) point,cam,row,col", check=_check_pairs),
+            "pairs_uvd.npy": FieldSpec("float32 (M,3) u,v,depth", check=_check_uvd),
+            "lidarseg.npy": FieldSpec("uint8 (N,) lidarseg class", required=False, check=_check_seg),
+        }
+        for i in range(n_cams):
+            specs[f"cam{i}.jpg"] = FieldSpec("original JPEG", check=_check_jpeg)
+            specs[f"cam{i}.sp.png"] = FieldSpec("superpixel labels PNG", check=_sp_checker(i))
+        return specs
+
+    # ---- statistics --------------------------------------------------------------------
+    def sample_stats(self, sample: dict[str, bytes]) -> dict[str, float]:
+        lidar = load_npy(sample["lidar.npy"])
+        pairs = load_npy(sample["pairs.npy"])
+        n_cams = len(json.loads(sample["cams.json"]))
+        n_sp = sum(int(decode_png_labels(sample[f"cam{i}.sp.png"]).max()) + 1 for i in range(n_cams))
+        inten = lidar[:, 3].astype(np.float64)
+        return {
+            "samples": 1,
+            "points": len(lidar),
+            "pairs": len(pairs),
+            "images": n_cams,
+            "superpixels": n_sp,
+            "intensity_sum": float(inten.sum()),
+            "intensity_sqsum": float((inten**2).sum()),
+        }
+
+    def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        n = totals.get("samples", 0.0)
+        if not n:
+            return {}
+        pts = totals["points"]
+        mean = totals["intensity_sum"] / pts if pts else 0.0
+        var = totals["intensity_sqsum"] / pts - mean**2 if pts else 0.0
+        return {
+            "samples": n,
+            "points_per_sample": pts / n,
+            "pairs_per_sample": totals["pairs"] / n,
+            "superpixels_per_image": totals["superpixels"] / totals["images"],
+            "intensity_mean": mean,
+            "intensity_std": float(np.sqrt(max(var, 0.0))),
+        }
+
+    # ---- picture -----------------------------------------------------------------------
+    def render(self, sample: dict[str, bytes]) -> Any:
+        from pipelines.render_slidr import render_slidr
+
+        return render_slidr(sample)
+
+
+def _check_lidar(data: bytes, sample: dict[str, bytes]) -> None:
+    expect_array(load_npy(data), "float32", 2, 4)
+
+
+def _check_cams(data: bytes, sample: dict[str, bytes]) -> None:
+    cams = json.loads(data)
+    if not isinstance(cams, list) or not cams:
+        raise ValueError("expected a non-empty list")
+    for c in cams:
+        if np.asarray(c["K"]).shape != (3, 3) or np.asarray(c["T_cam_lidar"]).shape != (4, 4):
+            raise ValueError(f"{c.get('channel')}: K must be 3x3 and T_cam_lidar 4x4")
+
+
+def _check_pairs(data: bytes, sample: dict[str, bytes]) -> None:
+    pairs = load_npy(data)
+    expect_array(pairs, "int32", 2, 4)
+    n_points = len(load_npy(sample["lidar.npy"]))
+    cams = json.loads(sample["cams.json"])
+    if len(pairs) == 0:
+        return
+    if pairs[:, 0].min() < 0 or pairs[:, 0].max() >= n_points:
+        raise ValueError("point index out of range")
+    if pairs[:, 1].min() < 0 or pairs[:, 1].max() >= len(cams):
+        raise ValueError("camera index out of range")
+    h = np.array([c["height"] for c in cams])[pairs[:, 1]]
+    w = np.array([c["width"] for c in cams])[pairs[:, 1]]
+    rows, cols = pairs[:, 2], pairs[:, 3]
+    if (rows < 0).any() or (rows >= h).any() or (cols < 0).any() or (cols >= w).any():
+        raise ValueError("pixel outside its image")
+    order = pairs[:, 1].astype(np.int64) * (n_points + 1) + pairs[:, 0]
+    if (np.diff(order) < 0).any():
+        raise ValueError("pairs not sorted by camera then point")
+
+
+def _check_uvd(data: bytes, sample: dict[str, bytes]) -> None:
+    uvd = load_npy(data)
+    expect_array(uvd, "float32", 2, 3)
+    if len(uvd) != len(load_npy(sample["pairs.npy"])):
+        raise ValueError("row count differs from pairs.npy")
+
+
+def _check_seg(data: bytes, sample: dict[str, bytes]) -> None:
+    seg = load_npy(data)
+    expect_array(seg, "uint8", 1)
+    if len(seg) != len(load_npy(sample["lidar.npy"])):
+        raise ValueError("length differs from lidar.npy")
+
+
+def _check_jpeg(data: bytes, sample: dict[str, bytes]) -> None:
+    if not data.startswith(b"\xff\xd8"):
+        raise ValueError("not a JPEG")
+
+
+def _sp_checker(i: int):
+    def check(data: bytes, sample: dict[str, bytes]) -> None:
+        labels = decode_png_labels(data)
+        cam = json.loads(sample["cams.json"])[i]
+        if labels.shape != (cam["height"], cam["width"]):
+            raise ValueError(f"shape {labels.shape}, image is {cam['height']}x{cam['width']}")
+        present = np.bincount(labels.ravel()) > 0
+        if not present.all():
+            raise ValueError("labels are not contiguous from 0")
+
+    return check

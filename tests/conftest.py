@@ -1,0 +1,54 @@
+"""Shared fixtures: one synthetic nuScenes dataset and one shard build per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_MANIFEST = ROOT / "manifests" / "demo-slidr.toml"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synth_nuscenes(tmp_path_factory) -> Path:
+    """Synthetic nuScenes (small, seed 0), read-only for tests: copy it before mutating."""
+    from sensors.synth_nuscenes import make_nuscenes
+
+    return make_nuscenes(tmp_path_factory.mktemp("synth") / "nuscenes", seed=0, size="small")
+
+
+def slidr_manifest(dataroot: Path, out: Path, *extra: str):
+    from pipelines.manifest import load_manifest
+
+    return load_manifest(DEMO_MANIFEST, [f"source.dataroot={dataroot}", f"output.dir={out}", *extra])
+
+
+@pytest.fixture(scope="session")
+def slidr_shards(synth_nuscenes, tmp_path_factory) -> Path:
+    """Shards built from ``synth_nuscenes`` by the real runner on a 2-worker LocalCluster."""
+    from pipelines.runner import build
+
+    out = tmp_path_factory.mktemp("shards") / "slidr"
+    build(slidr_manifest(synth_nuscenes, out, "cluster.workers=2"), progress=False)
+    return out
+
+
+@pytest.fixture
+def nuscenes_copy(synth_nuscenes, tmp_path) -> Path:
+    """A private copy of the synthetic dataset that a test may break."""
+    dst = tmp_path / "nuscenes"
+    shutil.copytree(synth_nuscenes, dst)
+    return dst
