@@ -58,6 +58,11 @@ class FieldSpec:
 
 class Pipeline(Protocol):
     name: str
+    schema: dict[str, Any]  # manifest sections beyond the common ones (pipelines.manifest.Key)
+
+    def check_manifest(self, m: Manifest) -> None:
+        """Cross-key checks after type validation; raises ``ManifestError``."""
+        ...
 
     def fields(self, sample: dict[str, bytes]) -> dict[str, FieldSpec]:
         """The schema of one sample (field name -> spec); may depend on e.g. camera count."""
@@ -77,5 +82,9 @@ class Pipeline(Protocol):
         ...
 
     def sample_stats(self, sample: dict[str, bytes]) -> dict[str, float]:
-        """Additive per-sample statistics (sums and counts) for ``index.json``."""
+        """Additive per-sample statistics (sums and counts), summed per shard and run."""
+        ...
+
+    def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        """Dataset statistics for ``index.json`` (means, stds) from the summed totals."""
         ...
