@@ -69,7 +69,7 @@ def broken_build(synth_nuscenes, tmp_path_factory):
     refs, _ = plan_keyframes(load_nuscenes(root, "v1.0-mini"))
     assert len(refs) > len(CASES)
     victims = {}
-    for kf, (case, (mutate, _, _)) in zip(refs, CASES.items()):
+    for kf, (case, (mutate, _, _)) in zip(refs, CASES.items(), strict=False):
         mutate(root, kf)
         victims[case] = kf.sample_token
     out = root.parent / "shards"

@@ -1,0 +1,107 @@
+"""Training loop: resume gives bit-identical weights to an uninterrupted run; weights_only checkpoints."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.test_train_streaming import write_shards
+from train.checkpoint import load_checkpoint
+from train.loop import LoopConfig, cosine_lambda, train_loop
+from train.streaming import ShardStream, make_loader
+
+
+class Tiny(nn.Module):
+    """Regression with dropout (uses the torch RNG) and a numpy/python-random term (uses those RNGs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+    def loss(self, batch):
+        x, y = batch
+        jitter = float(np.random.uniform(0, 1e-3)) + random.uniform(0, 1e-3)
+        return ((self.net(x).squeeze(1) - y) ** 2).mean() + jitter * self.net[0].weight.sum()
+
+
+def _transform(sample, rng, gen):
+    n = sample["x.json"]["n"]
+    x = torch.tensor([n / 10, (n % 3) / 3, rng.normal(), 1.0], dtype=torch.float32)  # rng: augmentation noise
+    return x, torch.tensor(float(n % 5))
+
+
+def _collate(items):
+    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    model = Tiny()
+    stream = ShardStream(shards, seed=7, shuffle_buffer=4, transform=_transform)
+
+    def batches():
+        dl = make_loader(stream, 3, _collate, num_workers=num_workers, timeout=60)
+        for i, b in enumerate(dl):
+            if crash_after is not None and i == crash_after:
+                raise Crash
+            yield b
+
+    cfg = LoopConfig(
+        max_steps=max_steps,
+        optimizer="sgd",
+        lr=0.05,
+        warmup_steps=2,
+        ckpt_every=4,
+        out=out,
+        resume=resume,
+        log_every=0,
+    )
+    metrics = train_loop(model, batches, cfg, batch_size=lambda b: len(b[0]))
+    return model, metrics
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_matches_uninterrupted(tmp_path, num_workers):
+    shards = write_shards(tmp_path / "shards", [5, 4, 6])  # 15 samples: epochs end mid-batch
+    full, m = _run(shards, tmp_path / "a", 14, num_workers=num_workers)
+    with pytest.raises(Crash):
+        _run(shards, tmp_path / "b", 14, crash_after=10, num_workers=num_workers)  # checkpoint at step 8
+    assert load_checkpoint(tmp_path / "b" / "latest.pt")["step"] == 8
+    resumed, m2 = _run(shards, tmp_path / "b", 14, resume=True, num_workers=num_workers)
+    assert m2["step"] == 14
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert m["loss"] == m2["loss"]
+
+
+def test_checkpoint_is_weights_only(tmp_path):
+    shards = write_shards(tmp_path / "shards", [6])
+    _, m = _run(shards, tmp_path / "c", 3)
+    st = torch.load(m["checkpoint"], weights_only=True)
+    assert set(st) == {"model", "optimizer", "scheduler", "step", "rng"} and st["step"] == 3
+    assert 0 <= m["data_wait_fraction"] <= 1 and m["samples_per_s"] > 0
+
+
+def test_cosine_schedule():
+    f = cosine_lambda(10, 2, 0.0)
+    assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0 and abs(f(10)) < 1e-12 and 0 < f(6) < 1
+
+
+def test_stream_with_only_bad_samples_stops_with_a_message(tmp_path):
+    shards = write_shards(tmp_path / "shards", [2, 2])
+    model = Tiny()
+    stream = ShardStream(shards, seed=0, required=["absent.npy"], transform=_transform)  # every sample bad
+    cfg = LoopConfig(max_steps=2, optimizer="sgd", lr=0.1, log_every=0)
+    with pytest.raises(RuntimeError, match="yields no batch"):
+        train_loop(model, lambda: make_loader(stream, 2, _collate), cfg)
+    assert stream.bad_samples > 0

@@ -1,0 +1,202 @@
+"""The training loop shared by every trainer.
+
+A *method* is an ``nn.Module`` with ``loss(batch) -> Tensor`` (a scalar); its trainable
+parameters are those with ``requires_grad``. The loop owns device placement (non-blocking copies
+of pinned batches), bf16 autocast (CUDA only; CPU runs in float32), gradient clipping, SGD/AdamW,
+a cosine LR schedule over ``max_steps`` with optional linear warmup, logging (loss, samples/s,
+fraction of step time spent waiting for data) and checkpoints.
+
+Resume semantics (exact on CPU): checkpoints hold the method/optimizer/scheduler state dicts,
+the step and the torch/numpy/python RNG states. The data stream is a pure function of its seed
+(see ``train.streaming``), so on resume the loop rebuilds the loader from scratch and *skips the
+``step`` batches already consumed* (they are read and collated but not trained on). Skipping costs
+data-loading time proportional to the step, which is acceptable for the dataset sizes here; it is
+correct for any number of loader workers as long as it is the same as in the interrupted run.
+The RNG states are restored *after* the fast-forward, because in-process loading (num_workers=0)
+draws from the global RNGs (webdataset does) and those draws are already in the saved state;
+the DataLoader gets a private generator so creating its iterator draws nothing global.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.streaming import to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and bookkeeping settings; lr is the peak learning rate of the cosine schedule."""
+
+    max_steps: int = 100
+    device: str = "cpu"
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 0.5
+    momentum: float = 0.9
+    dampening: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 10.0
+    log_every: int = 10
+    ckpt_every: int = 0  # 0: only at the end
+    out: Path | None = None
+    resume: bool = False
+    bf16: bool = True  # only honoured on CUDA
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd | adamw)")
+
+
+def cosine_lambda(max_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def train_loop(
+    method: nn.Module,
+    make_batches: Callable[[], Iterable[Any]],
+    cfg: LoopConfig,
+    batch_size: Callable[[Any], int] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` for ``cfg.max_steps`` steps on batches from ``make_batches()``.
+
+    ``make_batches`` returns a fresh iterable (e.g. a DataLoader over an infinite ShardStream);
+    if it runs out, it is called again. ``batch_size(batch)`` counts samples for samples/s.
+    Returns the final metrics (loss, samples_per_s, data_wait_fraction, step, checkpoint).
+    """
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    method.to(device)
+    opt = make_optimizer(method.parameters(), cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+    step = 0
+    st: dict[str, Any] = {}
+    ckpt_path = Path(cfg.out) / "latest.pt" if cfg.out else None
+    if cfg.resume and cfg.out and (found := latest_checkpoint(cfg.out)) is not None:
+        st = load_checkpoint(found, map_location=device)
+        method.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = int(st["step"])
+        log.info("resumed from %s at step %d", found, step)
+
+    def save() -> None:
+        if ckpt_path is not None:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "model": method.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "rng": rng_state(),
+                },
+            )
+
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
+    )
+    it = iter(make_batches())
+
+    def next_batch() -> Any:
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(make_batches())
+        try:
+            return next(it)
+        except StopIteration:
+            raise RuntimeError(
+                "the data stream yields no batch: every sample was bad, or this rank has no shard "
+                "(fewer shards than ranks)"
+            ) from None
+
+    for _ in range(step):  # fast-forward the deterministic stream past consumed batches
+        next_batch()
+    if step:
+        # After the fast-forward: in-process data loading (num_workers=0) may draw from the global
+        # RNGs (webdataset does), and those draws are already contained in the saved state.
+        set_rng_state(st["rng"])
+
+    method.train()
+    win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
+    tot_wait, tot_time, tot_samples = 0.0, 0.0, 0
+    last_loss = float("nan")
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        batch = next_batch()
+        batch = to_device(batch, device)
+        t1 = time.perf_counter()
+        with amp:
+            loss = method.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.float().backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        last_loss = float(loss.detach())  # syncs the device, so step time below is honest
+        t2 = time.perf_counter()
+        n = batch_size(batch) if batch_size else 1
+        win_loss += last_loss
+        win_n += 1
+        win_wait += t1 - t0
+        win_time += t2 - t0
+        win_samples += n
+        tot_wait += t1 - t0
+        tot_time += t2 - t0
+        tot_samples += n
+        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            log.info(
+                "step %d loss %.4f lr %.3g samples/s %.2f data-wait %.0f%%",
+                step,
+                win_loss / win_n,
+                sched.get_last_lr()[0],
+                win_samples / max(win_time, 1e-9),
+                100 * win_wait / max(win_time, 1e-9),
+            )
+            win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+            save()
+    save()
+    return {
+        "loss": last_loss,
+        "step": step,
+        "samples_per_s": tot_samples / max(tot_time, 1e-9),
+        "data_wait_fraction": tot_wait / max(tot_time, 1e-9),
+        "checkpoint": str(ckpt_path) if ckpt_path else None,
+    }

@@ -1,0 +1,286 @@
+"""Shard streaming shared by every trainer: index.json -> WebDataset -> decoded, checked samples.
+
+Determinism and splitting
+-------------------------
+The stream runs epoch after epoch (``epochs=None`` means forever). In epoch ``e`` the shard list
+from ``index.json`` is shuffled with ``Random((seed, e))``, then split by rank
+(``shards[rank::world_size]``) and by DataLoader worker (``[worker::num_workers]``). So, within
+an epoch, every shard is read by exactly one (rank, worker) and every sample appears exactly
+once. A worker that gets no shard simply stops (``empty_check=False``: no hang, no error); the
+DataLoader carries on with the others. The sample shuffle buffer is seeded from
+``(seed, epoch, rank, worker)``, and a per-sample transform gets numpy/torch generators seeded from
+``(seed, epoch, crc32(key))``, so augmentations do not depend on worker layout or on where a run
+was resumed. With a fixed ``num_workers`` and ``world_size`` the batch sequence is a pure function
+of the seed: the training loop resumes by skipping the batches already consumed.
+
+Safety
+------
+Decoding only accepts ``.npy`` (``allow_pickle=False``), ``.json``, ``.jpg``/``.jpeg`` and ``.png``
+(other extensions, e.g. ``.flac``, stay raw bytes). A ``.pth``/``.pt``/``.pyd``/``.pickle``/``.pkl``
+field raises :class:`UnsafeFieldError` naming shard and key, always: reading a shard never executes
+code. A bad sample (missing field, failed check, undecodable bytes, truncated tar) is logged with
+its shard (``__url__``) and key, counted in ``bad_samples`` (in-process) and skipped, or raised
+with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+UNSAFE_EXTENSIONS = (".pth", ".pt", ".pyd", ".pickle", ".pkl", ".pyc", ".so")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; the message names shard and key."""
+
+
+class UnsafeFieldError(BadSample):
+    """A field whose decoding could execute code (pickle, .pth, .pyd): always fatal."""
+
+
+def shard_files(shard_dir: Path | str) -> list[str]:
+    """Absolute paths of the shards listed in ``shard_dir/index.json`` (in index order)."""
+    shard_dir = Path(shard_dir)
+    index_path = shard_dir / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no index.json (not a distillkit shard directory)")
+    index = json.loads(index_path.read_text())
+    files = [str(shard_dir / s["file"]) for s in index.get("shards", [])]
+    if not files:
+        raise ValueError(f"{index_path}: lists no shards")
+    return files
+
+
+def decode_field(name: str, data: bytes) -> Any:
+    """Decode one field by extension. Raises ``UnsafeFieldError`` for code-carrying formats."""
+    low = name.lower()
+    if low.endswith(UNSAFE_EXTENSIONS):
+        raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
+    if low.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if low.endswith(".json"):
+        return json.loads(data)
+    if low.endswith((".jpg", ".jpeg")):
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"field {name!r}: undecodable JPEG")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # (H, W, 3) uint8 RGB
+    if low.endswith(".png"):
+        # UNCHANGED keeps 16-bit label images (superpixels with > 256 labels) intact.
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"field {name!r}: undecodable PNG")
+        return img
+    return data
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode every field of a raw WebDataset sample; errors name shard and key."""
+    url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+    out: dict[str, Any] = {"__key__": key, "__url__": url}
+    for name, value in raw.items():
+        if name.startswith("__"):
+            continue
+        try:
+            out[name] = decode_field(name, value)
+        except UnsafeFieldError as e:
+            raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
+            raise BadSample(f"{url}: sample {key}: field {name!r}: {e}") from e
+    return out
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def worker_split() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker, (0, 1) in-process."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def sample_rngs(seed: int, epoch: int, key: str) -> tuple[np.random.Generator, torch.Generator]:
+    """Generators for one sample's augmentation, independent of worker layout and resume point."""
+    h = zlib.crc32(key.encode())
+    rng = np.random.default_rng([seed, epoch, h])
+    g = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    return rng, g
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples from the shards of ``shard_dir``, split by rank and worker.
+
+    ``required``: fields every sample must have. ``check(sample)`` raises ``ValueError`` for a
+    bad sample. ``transform(sample, rng, gen)`` (numpy Generator, torch Generator) turns a decoded
+    sample into a training example.
+    """
+
+    def __init__(
+        self,
+        shard_dir: Path | str,
+        *,
+        seed: int = 0,
+        epochs: int | None = None,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        required: Sequence[str] = (),
+        check: Callable[[dict[str, Any]], None] | None = None,
+        transform: Callable[[dict[str, Any], np.random.Generator, torch.Generator], Any] | None = None,
+        strict: bool = False,
+        shards: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.shards = list(shards) if shards is not None else shard_files(shard_dir)
+        self.seed, self.epochs = seed, epochs
+        self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.required, self.check, self.transform = tuple(required), check, transform
+        self.strict = strict
+        self.bad_samples = 0  # counted in the process that iterates (per worker with workers > 0)
+
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        """This rank's and worker's shards in ``epoch`` (possibly empty)."""
+        order = list(self.shards)
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def _bad(self, msg: str, exc: BaseException | None = None) -> None:
+        self.bad_samples += 1
+        if self.strict:
+            raise BadSample(msg) from exc
+        log.warning("skipping bad sample (%d so far): %s", self.bad_samples, msg)
+
+    def _tar_error(self, exn: BaseException) -> bool:
+        """WebDataset handler: a truncated/corrupt tar names its shard; skip it (or raise if strict)."""
+        where = " ".join(str(a) for a in exn.args[1:] if isinstance(a, str)) or "?"
+        self._bad(f"{where}: unreadable shard data: {exn.args[0] if exn.args else exn!r}", exn)
+        return True
+
+    def _samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        ds = wds.WebDataset(
+            shards,
+            shardshuffle=False,
+            nodesplitter=_identity,
+            workersplitter=_identity,
+            empty_check=False,
+            handler=self._tar_error,
+        )
+        for raw in ds:
+            url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+            missing = [f for f in self.required if f not in raw]
+            if missing:
+                self._bad(f"{url}: sample {key}: missing field(s) {missing}")
+                continue
+            try:
+                sample = decode_sample(raw)
+                if self.check is not None:
+                    self.check(sample)
+            except UnsafeFieldError:
+                raise
+            except (BadSample, ValueError, KeyError, IndexError) as e:
+                msg = str(e) if str(e).startswith(url) else f"{url}: sample {key}: {e}"
+                self._bad(msg, e)
+                continue
+            yield sample
+
+    def __iter__(self) -> Iterator[Any]:
+        worker, num_workers = worker_split()
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            shards = self.shards_for(epoch, worker, num_workers)
+            if not shards:
+                return  # more workers than shards: this worker has nothing to do
+            buf_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            good = 0
+            for sample in _buffer_shuffle(self._samples(shards), self.shuffle_buffer, buf_rng):
+                if self.transform is None:
+                    good += 1
+                    yield sample
+                    continue
+                rng, gen = sample_rngs(self.seed, epoch, sample["__key__"])
+                try:
+                    out = self.transform(sample, rng, gen)
+                except (BadSample, ValueError) as e:
+                    self._bad(f"{sample['__url__']}: sample {sample['__key__']}: {e}", e)
+                    continue
+                good += 1
+                yield out
+            if not good:
+                # The same shards hold the same bad samples next epoch: stop instead of spinning.
+                log.error("no usable sample in %d shard(s) of this worker: stopping the stream", len(shards))
+                return
+            epoch += 1
+
+
+def _buffer_shuffle(it: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Classic reservoir-style shuffle buffer: deterministic for a given rng."""
+    if size <= 1:
+        yield from it
+        return
+    buf: list[Any] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def make_loader(
+    dataset: IterableDataset,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    num_workers: int = 0,
+    device: str = "cpu",
+    timeout: float = 0,
+    prefetch_factor: int = 2,
+    drop_last: bool = True,
+) -> DataLoader:
+    """DataLoader for a ShardStream: pinned memory on CUDA, persistent workers when there are any."""
+    kw: dict[str, Any] = {}
+    if num_workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor, timeout=timeout)
+    # A private generator: creating the loader's iterator must not draw from the global torch RNG,
+    # otherwise a resumed run (which creates it after restoring RNG state) would diverge.
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda") and torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor of a (nested) batch to ``device`` with non-blocking copies."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
