@@ -153,7 +153,9 @@ def train(method: str, shards: Path, device: str, max_steps: int, out: Path, res
     metrics = trainer.train_main(shards=shards, out=out, device=device, max_steps=max_steps, resume=resume,
                                  strict=strict, size=size, seed=seed, batch_size=batch_size,
                                  num_workers=num_workers, teacher_checkpoint=teacher_checkpoint)
-    click.echo(" ".join(f"{k}={v}" for k, v in metrics.items()))
+    from train.loop import format_metrics
+
+    click.echo(format_metrics(metrics))
 
 
 @main.command(name="eval")
@@ -165,14 +167,16 @@ def train(method: str, shards: Path, device: str, max_steps: int, out: Path, res
 @click.option("--seed", default=0, type=int)
 def evaluate(method: str, checkpoint: Path, shards: Path, device: str, size: str, seed: int) -> None:
     """Linear probe: distilled features against the same network at random init."""
+    from train.probe import format_probe
+
     trainer = _trainer(method)
     result = trainer.eval_main(checkpoint=checkpoint, shards=shards, device=device, size=size, seed=seed)
-    click.echo(" ".join(f"{k}={v}" for k, v in result.items()))
+    click.echo(format_probe(result))
 
 
 @main.command()
 @click.option("--out", default=Path("demo-out"), type=click.Path(path_type=Path))
-@click.option("--steps", default=30, type=int, help="training steps per method")
+@click.option("--steps", default=120, type=int, help="training steps per method")
 def demo(out: Path, steps: int) -> None:
     """Synthetic data -> shards on an embedded dask cluster -> verify -> picture -> train."""
     from pipelines.demo import run_demo

@@ -9,7 +9,7 @@ import click
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 
 
-def run_demo(out: Path, steps: int = 30, workers: int = 2) -> dict[str, object]:
+def run_demo(out: Path, steps: int = 120, workers: int = 2) -> dict[str, object]:
     """synth -> build (embedded LocalCluster) -> verify -> show -> train -> eval, for slidr.
 
     Returns what each step produced, so tests can check the demo as a user would.
@@ -18,6 +18,8 @@ def run_demo(out: Path, steps: int = 30, workers: int = 2) -> dict[str, object]:
     from pipelines.manifest import load_manifest
     from pipelines.runner import build
     from sensors.synth_nuscenes import make_nuscenes
+    from train.loop import format_metrics
+    from train.probe import format_probe
     from train.registry import TRAINERS
 
     out = Path(out)
@@ -43,6 +45,6 @@ def run_demo(out: Path, steps: int = 30, workers: int = 2) -> dict[str, object]:
     trainer = TRAINERS["slidr"]
     metrics = trainer.train_main(shards=shards, out=out / "runs" / "slidr", device="cpu", max_steps=steps)
     probe = trainer.eval_main(checkpoint=Path(metrics["checkpoint"]), shards=shards, device="cpu")
-    click.echo("  train: " + " ".join(f"{k}={v}" for k, v in metrics.items()))
-    click.echo("  probe: " + " ".join(f"{k}={v}" for k, v in probe.items()))
+    click.echo("  train: " + format_metrics(metrics))
+    click.echo(format_probe(probe))
     return {"build": result, "verify": report, "picture": picture, "train": metrics, "probe": probe}

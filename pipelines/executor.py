@@ -33,6 +33,11 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
         finally:
             client.close()
         return
+    # The embedded scheduler lives in this process: its INFO chatter (and the tracebacks it
+    # logs for connections closed during an orderly shutdown) would bury our output.
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads_per_worker,
@@ -48,6 +53,7 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
     finally:
         client.close()
         cluster.close()
+        quiet.setLevel(level)
 
 
 def map_tasks(

@@ -22,7 +22,7 @@ def test_demo_runs_every_stage(tmp_path):
     picture = np.asarray(Image.open(out / "slidr-sample.png").convert("RGB"))
     assert picture.shape[0] > 300 and picture.shape[1] > 600 and picture.std() > 20
     assert (out / "runs" / "slidr" / "latest.pt").is_file()
-    assert "miou_distilled=" in result.output and "miou_random=" in result.output
+    assert "linear probe mIoU distilled" in result.output and "linear probe mIoU    random" in result.output
 
 
 def test_stats_and_show_cli(slidr_shards, tmp_path):

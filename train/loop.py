@@ -200,3 +200,8 @@ def train_loop(
         "data_wait_fraction": tot_wait / max(tot_time, 1e-9),
         "checkpoint": str(ckpt_path) if ckpt_path else None,
     }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One line ``key=value`` of a run's final metrics (floats to 4 significant digits)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

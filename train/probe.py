@@ -8,6 +8,7 @@ present in the test labels (or in either split's predictions/labels, whichever i
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,3 +96,20 @@ def linear_probe(
     classes = sorted(int(c) for c in torch.unique(y_test[mt]))
     score, per_class = miou(pred, y_test[mt], classes)
     return {"miou": score, "per_class": per_class, "n_train": int(m.sum()), "n_test": int(mt.sum())}
+
+
+def format_probe(result: dict[str, Any]) -> str:
+    """A readable report of ``eval_main``'s result: mIoU of both networks, then IoU per class."""
+    lines = []
+    runs = [name for name in ("distilled", "random") if isinstance(result.get(name), dict)]
+    for name in runs:
+        r = result[name]
+        lines.append(f"linear probe mIoU {name:>9}: {r['miou']:.3f}  (train points {r['n_train']}, "
+                     f"test points {r['n_test']})")
+    classes = sorted({c for name in runs for c in result[name]["per_class"]})
+    if classes:
+        lines.append(f"  {'class':<20}" + "".join(f"{name:>11}" for name in runs))
+        for c in classes:
+            row = "".join(f"{result[name]['per_class'].get(c, float('nan')):>11.3f}" for name in runs)
+            lines.append(f"  {NUSCENES_16_NAMES[c]:<20}{row}")
+    return "\n".join(lines)
