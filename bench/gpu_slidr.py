@@ -3,9 +3,10 @@
     python bench/gpu_slidr.py --shards DIR [--device cuda] [--steps 50] [--size paper] [--workers 8]
 
 Reports samples/s, the fraction of step time spent waiting for data and peak GPU memory for
-(a) the real ShardStream + DataLoader and (b) the same step repeated on one pre-loaded batch
-(the compute-bound ceiling). JPEG decoding uses ``torchvision.io.decode_jpeg(device="cuda")``
-when torchvision is importable and the device is CUDA, else the CPU (cv2) path of the loader.
+(a) the real ShardStream + DataLoader decoding JPEGs on the CPU, (a') the same loader passing
+JPEG bytes that nvJPEG decodes on the GPU (``torchvision.io.decode_jpeg(device="cuda")``, when
+torchvision is importable and the device is CUDA) and (b) the same step repeated on one
+pre-loaded batch (the compute-bound ceiling).
 ``--device cpu --steps 2`` is a smoke check.
 """
 
@@ -99,22 +100,28 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     method = build_method(args.size, 0).to(args.device).train()
-    stream = make_stream(args.shards, args.size, seed=0, strict=False)
-    loader = make_loader(
-        stream,
-        args.batch_size,
-        slidr_collate,
-        num_workers=args.workers,
-        device=args.device,
-        timeout=600 if args.workers else 0,
-    )
     result = {
         "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "size": args.size,
         "batch_size": args.batch_size,
         "workers": args.workers,
-        "loader": run(method, loader, args.steps, args.device),
     }
+    modes = {"loader": False}  # JPEG decode + crop in the DataLoader workers (CPU)
+    if gpu_jpeg_decode_available(args.device):
+        modes["loader_nvjpeg"] = True  # workers pass JPEG bytes; nvJPEG decodes on the GPU
+    for name, deferred in modes.items():
+        stream = make_stream(args.shards, args.size, seed=0, strict=False, decode_on_device=deferred)
+        loader = make_loader(
+            stream,
+            args.batch_size,
+            slidr_collate,
+            num_workers=args.workers,
+            device=args.device,
+            timeout=600 if args.workers else 0,
+        )
+        result[name] = run(method, loader, args.steps, args.device)
+    stream = make_stream(args.shards, args.size, seed=0, strict=False)
     one = next(iter(make_loader(stream, args.batch_size, slidr_collate, device=args.device)))
     one = to_device(one, args.device)
 

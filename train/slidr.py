@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.checkpoint import load_checkpoint
+from train.image_decode import decode_crops, nvjpeg_available
 from train.loop import LoopConfig, train_loop
 from train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
 from train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig, cylindrical_voxelize
@@ -96,7 +97,10 @@ class SLidR(nn.Module):
 
     def loss(self, batch: dict[str, Any]) -> Tensor:
         f3 = self.point_net(batch["coords"], batch["feats"])
-        f2 = self.image_features(batch["images"])
+        images = batch.get("images")
+        if images is None:  # deferred decoding: JPEG bytes -> crops on the training device
+            images = decode_crops(batch["jpegs"], batch["boxes"], batch["flips"], self.crop, f3.device)
+        f2 = self.image_features(images)
         return superpixel_nce_loss(
             f3[batch["pairing_points"]], f2, batch["superpixels"], batch["pairing_images"], self.temperature
         )
@@ -125,7 +129,10 @@ def make_stream(
     augment: bool = True,
     epochs: int | None = None,
     shuffle_buffer: int = 16,
+    decode_on_device: bool = False,
 ) -> ShardStream:
+    """The training stream. ``decode_on_device`` leaves JPEGs undecoded in the loader; the model
+    decodes and crops them where the batch is (nvJPEG on CUDA, see ``train.image_decode``)."""
     cfg = SIZES[size]
     tf = functools.partial(slidr_train_transform, crop=cfg.crop, min_pairs=cfg.min_pairs, augment=augment)
     return ShardStream(
@@ -139,6 +146,7 @@ def make_stream(
         check=check_slidr,
         transform=tf,
         strict=strict,
+        keep_raw=(".jpg",) if decode_on_device else (),
     )
 
 
@@ -155,14 +163,21 @@ def train_main(
     num_workers: int = 0,
     teacher_checkpoint: Path | None = None,
     log_every: int = 10,
+    decode_on_device: bool | None = None,
 ) -> dict:
-    """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics."""
+    """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics.
+
+    ``decode_on_device=None`` decodes JPEGs with nvJPEG on the GPU when training on CUDA with
+    torchvision importable, else in the loader on the CPU."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} ({' | '.join(SIZES)})")
+    if decode_on_device is None:
+        decode_on_device = str(device).startswith("cuda") and nvjpeg_available()
+    log.info("JPEG decoding: %s", "on the training device" if decode_on_device else "in the data loader (CPU)")
     torch.manual_seed(seed)
     np.random.seed(seed)
     method = build_method(size, seed, teacher_checkpoint)
-    stream = make_stream(Path(shards), size, seed, strict)
+    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device)
 
     def batches() -> Any:
         return make_loader(
@@ -179,7 +194,7 @@ def train_main(
         **SIZES[size].loop,
     )
     metrics = train_loop(method, batches, cfg, batch_size=lambda b: len(b["keys"]))
-    metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples)
+    metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics
 
 

@@ -162,10 +162,15 @@ def slidr_train_transform(
         keep, pairs = drop_cuboid(xyz, pairs, rng, n_cams, min_pairs)
         xyz = xyz[keep]
     images, sps, pair_pts, pair_pix = [], [], [], []
+    jpegs, boxes, flips = [], [], []  # deferred decoding: JPEG bytes stay undecoded (train.image_decode)
     for slot, cam in enumerate(cam_order):
         img = sample[f"cam{cam}.jpg"]
         sp = sample[f"cam{cam}.sp.png"]
-        hi, wi = img.shape[:2]
+        deferred = isinstance(img, bytes)
+        if deferred:
+            hi, wi = sample["cams.json"][cam]["height"], sample["cams.json"][cam]["width"]
+        else:
+            hi, wi = img.shape[:2]
         sel = pairs[:, 1] == cam
         pts, pix = pairs[sel, 0], pairs[sel, 2:4]
         if augment:
@@ -183,30 +188,41 @@ def slidr_train_transform(
             p, ok = remap_pixels(pix, i, j, h, w, crop)
             p = np.minimum(p, np.array([crop[0] - 1, crop[1] - 1]))
             ok = np.ones(len(p), dtype=bool)
-        im_t = crop_resize_image(img, i, j, h, w, crop)
+        im_t = None if deferred else crop_resize_image(img, i, j, h, w, crop)
         sp_t = crop_resize_labels(sp, i, j, h, w, crop)
         p, pts = p[ok], pts[ok]
-        if augment and rng.random() < 0.5:
-            im_t, sp_t = im_t.flip(-1), sp_t.flip(-1)
+        flip = bool(augment and rng.random() < 0.5)
+        if flip:
+            sp_t = sp_t.flip(-1)
+            im_t = None if im_t is None else im_t.flip(-1)
             p = p.copy()
             p[:, 1] = crop[1] - 1 - p[:, 1]
-        images.append(im_t)
+        if deferred:
+            jpegs.append(img)
+            boxes.append((i, j, h, w))
+            flips.append(flip)
+        else:
+            images.append(im_t)
         sps.append(sp_t)
         pair_pts.append(pts)
         pair_pix.append(np.column_stack([np.full(len(p), slot), p]))
     coords, first, inverse = cylindrical_voxelize(torch.from_numpy(xyz))
     feats = torch.from_numpy(lidar[keep][:, 3:4]).index_select(0, first)  # raw intensity of the first point
     pts_all = torch.from_numpy(np.concatenate(pair_pts)).long()
-    return {
+    example = {
         "key": sample["__key__"],
         "coords": coords,
         "feats": feats.float(),
         "pairing_points": inverse[pts_all],
         "pairing_images": torch.from_numpy(np.concatenate(pair_pix)).long(),
-        "images": torch.stack(images),
         "superpixels": torch.stack(sps),
         "inverse": inverse,
     }
+    if jpegs:
+        example.update(jpegs=jpegs, boxes=torch.tensor(boxes, dtype=torch.long), flips=torch.tensor(flips))
+    else:
+        example["images"] = torch.stack(images)
+    return example
 
 
 def slidr_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,21 +236,28 @@ def slidr_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         feats.append(ex["feats"])
         pp.append(ex["pairing_points"] + v_off)
         q = ex["pairing_images"].clone()
-        q[:, 0] += b * ex["images"].shape[0]
+        q[:, 0] += b * ex["superpixels"].shape[0]
         pi.append(q)
-        imgs.append(ex["images"])
+        if "images" in ex:
+            imgs.append(ex["images"])
         sps.append(ex["superpixels"])
         inv.append(ex["inverse"])
         n_pairs.append(len(ex["pairing_points"]))
         v_off += c.shape[0]
-    return {
+    batch = {
         "coords": torch.cat(coords),
         "feats": torch.cat(feats),
         "pairing_points": torch.cat(pp),
         "pairing_images": torch.cat(pi),
-        "images": torch.cat(imgs),
         "superpixels": torch.cat(sps),
         "inverse_indexes": inv,
         "batch_n_pairings": torch.tensor(n_pairs),
         "keys": [ex["key"] for ex in examples],
     }
+    if imgs:
+        batch["images"] = torch.cat(imgs)
+    else:  # deferred decoding: decoded on the training device by train.image_decode.decode_crops
+        batch["jpegs"] = [jpeg for ex in examples for jpeg in ex["jpegs"]]
+        batch["boxes"] = torch.cat([ex["boxes"] for ex in examples])
+        batch["flips"] = torch.cat([ex["flips"] for ex in examples])
+    return batch

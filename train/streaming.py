@@ -89,14 +89,22 @@ def decode_field(name: str, data: bytes) -> Any:
     return data
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Decode every field of a raw WebDataset sample; errors name shard and key."""
+def decode_sample(raw: dict[str, Any], keep_raw: Sequence[str] = ()) -> dict[str, Any]:
+    """Decode every field of a raw WebDataset sample; errors name shard and key.
+
+    Fields ending in one of ``keep_raw`` (e.g. ``(".jpg",)`` for decoding on the GPU later) stay
+    bytes; the refusal of code-executing formats applies to them too."""
     url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
     out: dict[str, Any] = {"__key__": key, "__url__": url}
     for name, value in raw.items():
         if name.startswith("__"):
             continue
         try:
+            if keep_raw and name.lower().endswith(tuple(keep_raw)):
+                if name.lower().endswith(UNSAFE_EXTENSIONS):
+                    raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
+                out[name] = bytes(value)
+                continue
             out[name] = decode_field(name, value)
         except UnsafeFieldError as e:
             raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
@@ -146,6 +154,7 @@ class ShardStream(IterableDataset):
         transform: Callable[[dict[str, Any], np.random.Generator, torch.Generator], Any] | None = None,
         strict: bool = False,
         shards: Sequence[str] | None = None,
+        keep_raw: Sequence[str] = (),
     ):
         super().__init__()
         self.shards = list(shards) if shards is not None else shard_files(shard_dir)
@@ -154,6 +163,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.required, self.check, self.transform = tuple(required), check, transform
         self.strict = strict
+        self.keep_raw = tuple(keep_raw)
         self.bad_samples = 0  # counted in the process that iterates (per worker with workers > 0)
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -191,7 +201,7 @@ class ShardStream(IterableDataset):
                 self._bad(f"{url}: sample {key}: missing field(s) {missing}")
                 continue
             try:
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, self.keep_raw)
                 if self.check is not None:
                     self.check(sample)
             except UnsafeFieldError:
