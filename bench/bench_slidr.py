@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 from pipelines.manifest import load_manifest  # noqa: E402
 from pipelines.runner import build  # noqa: E402
 from pipelines.shards import iter_samples, load_index  # noqa: E402
-from pipelines.slidr import decode_jpeg  # noqa: E402
 from preprocess.projection import project_points  # noqa: E402
 from preprocess.superpixels import slic_superpixels  # noqa: E402
+from sensors.images import decode_rgb  # noqa: E402
 from sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin  # noqa: E402
 
 
@@ -77,8 +77,8 @@ def main() -> None:
     res["projection_devkit_ms"] = 1e3 * best_of(devkit) / len(kfs)
 
     # --- SLIC per image: skimage reference (what the stage runs) and decode cost beside it
-    images = [decode_jpeg(Path(c.path).read_bytes()) for c in kfs[0].cameras[:3]]
-    res["jpeg_decode_ms"] = 1e3 * best_of(lambda: [decode_jpeg(Path(c.path).read_bytes())
+    images = [decode_rgb(Path(c.path).read_bytes()) for c in kfs[0].cameras[:3]]
+    res["jpeg_decode_ms"] = 1e3 * best_of(lambda: [decode_rgb(Path(c.path).read_bytes())
                                                     for c in kfs[0].cameras[:3]]) / 3
     from skimage.segmentation import slic
 

@@ -19,7 +19,7 @@ def render_slidr(sample: dict[str, bytes], max_depth: float = 50.0) -> Any:
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
 
-    from pipelines.slidr import decode_jpeg, decode_png_labels
+    from sensors.images import decode_labels, decode_rgb
 
     cams = json.loads(sample["cams.json"])
     pairs = load_npy(sample["pairs.npy"])
@@ -32,8 +32,8 @@ def render_slidr(sample: dict[str, bytes], max_depth: float = 50.0) -> Any:
     scatter = None
     for i, cam in enumerate(cams):
         ax = axes.flat[i]
-        image = decode_jpeg(sample[f"cam{i}.jpg"]).astype(np.float32) / 255
-        labels = decode_png_labels(sample[f"cam{i}.sp.png"])
+        image = decode_rgb(sample[f"cam{i}.jpg"]).astype(np.float32) / 255
+        labels = decode_labels(sample[f"cam{i}.sp.png"])
         image[find_boundaries(labels, mode="inner")] = 1.0
         ax.imshow(image)
         sel = pairs[:, 1] == i

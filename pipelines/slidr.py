@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import cv2
 import numpy as np
 
 from pipelines.base import FieldSpec, Rejected, SampleRef
@@ -18,6 +17,7 @@ from pipelines.manifest import Key, Manifest, ManifestError, check_output_outsid
 from pipelines.schema import expect_array, json_bytes, load_npy, npy_bytes
 from preprocess.projection import project_points
 from preprocess.superpixels import slic_superpixels
+from sensors.images import decode_labels, decode_rgb, encode_labels_png
 from sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
 
 SCHEMA = {
@@ -37,30 +37,6 @@ SCHEMA = {
         },
     },
 }
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 RGB; raises ``ValueError`` if undecodable."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError("not a decodable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def decode_png_labels(data: bytes) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.ndim != 2:
-        raise ValueError("not a single-channel PNG")
-    return img
-
-
-def encode_labels_png(labels: np.ndarray) -> bytes:
-    """8-bit PNG when the labels fit (S <= 256), else 16-bit."""
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    ok, buf = cv2.imencode(".png", labels.astype(dtype))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 class SlidrPipeline:
@@ -102,7 +78,7 @@ class SlidrPipeline:
             try:
                 with open(cam["path"], "rb") as f:
                     jpeg = f.read()
-                image = decode_jpeg(jpeg)
+                image = decode_rgb(jpeg)
             except (OSError, ValueError) as exc:
                 raise Rejected("image", f"{cam['channel']} {cam['path']}: {exc}") from None
             if image.shape[:2] != (cam["height"], cam["width"]):
@@ -159,7 +135,7 @@ class SlidrPipeline:
         lidar = load_npy(sample["lidar.npy"])
         pairs = load_npy(sample["pairs.npy"])
         n_cams = len(json.loads(sample["cams.json"]))
-        n_sp = sum(int(decode_png_labels(sample[f"cam{i}.sp.png"]).max()) + 1 for i in range(n_cams))
+        n_sp = sum(int(decode_labels(sample[f"cam{i}.sp.png"]).max()) + 1 for i in range(n_cams))
         inten = lidar[:, 3].astype(np.float64)
         return {
             "samples": 1,
@@ -249,7 +225,7 @@ def _check_jpeg(data: bytes, sample: dict[str, bytes]) -> None:
 
 def _sp_checker(i: int):
     def check(data: bytes, sample: dict[str, bytes]) -> None:
-        labels = decode_png_labels(data)
+        labels = decode_labels(data)
         cam = json.loads(sample["cams.json"])[i]
         if labels.shape != (cam["height"], cam["width"]):
             raise ValueError(f"shape {labels.shape}, image is {cam['height']}x{cam['width']}")

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sensors.images import decode_rgb
 
 
 @functools.cache
@@ -40,14 +40,7 @@ def decode_jpegs(jpegs: list[bytes], device: torch.device | str) -> list[Tensor]
 
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    out = []
-    for b in jpegs:
-        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError("undecodable JPEG in batch")
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        out.append(torch.from_numpy(rgb).permute(2, 0, 1).to(device, non_blocking=True))
-    return out
+    return [torch.from_numpy(decode_rgb(b)).permute(2, 0, 1).to(device, non_blocking=True) for b in jpegs]
 
 
 def decode_crops(

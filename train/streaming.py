@@ -34,11 +34,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sensors.images import decode_labels, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +77,9 @@ def decode_field(name: str, data: bytes) -> Any:
     if low.endswith(".json"):
         return json.loads(data)
     if low.endswith((".jpg", ".jpeg")):
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"field {name!r}: undecodable JPEG")
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # (H, W, 3) uint8 RGB
+        return decode_rgb(data)  # (H, W, 3) uint8 RGB
     if low.endswith(".png"):
-        # UNCHANGED keeps 16-bit label images (superpixels with > 256 labels) intact.
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError(f"field {name!r}: undecodable PNG")
-        return img
+        return decode_labels(data)  # keeps 16-bit label images (superpixels with > 256 labels) intact
     return data
 
 
