@@ -73,6 +73,10 @@ class Pipeline(Protocol):
         inputs already rejected while planning (``{source, stage, reason}``)."""
         ...
 
+    def input_files(self, ref: SampleRef) -> list[str]:
+        """The files ``build`` reads for ``ref``; their sizes and mtimes decide shard reuse."""
+        ...
+
     def build(self, ref: SampleRef, m: Manifest) -> dict[str, bytes]:
         """Pure, on a worker: one sample's fields; raises ``Rejected`` on bad input."""
         ...

@@ -2,9 +2,9 @@
 
 A shard task builds its samples, writes the tar under a temporary name, renames it and
 writes a per-shard record ``{stem}.json``. On a rerun a task whose record, tar size and
-sha256 still match (and whose inputs and manifest fingerprint are unchanged) returns the
-record without rebuilding, so an interrupted build resumes where it stopped and produces
-the same bytes as an uninterrupted one.
+sha256 still match, whose plan and manifest fingerprint are unchanged and whose input files
+have the same sizes and mtimes returns the record without rebuilding, so an interrupted
+build resumes where it stopped and produces the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import traceback
 from dataclasses import dataclass
@@ -62,7 +63,20 @@ def refs_fingerprint(refs: list[SampleRef], content_hash: str) -> str:
     return h.hexdigest()
 
 
-def _existing_record(out_dir: Path, task: ShardTask) -> ShardRecord | None:
+def inputs_stamp(paths: list[str]) -> str:
+    """sha256 over (path, size, mtime) of a shard's input files: a rerun rebuilds a shard whose
+    inputs were replaced or touched since it was written, not only one whose plan changed."""
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _existing_record(out_dir: Path, task: ShardTask, stamp: str) -> ShardRecord | None:
     tar = out_dir / shard_filename(task.manifest.name, task.index)
     rec_path = tar.with_suffix(".json")
     if not (tar.is_file() and rec_path.is_file()):
@@ -71,7 +85,7 @@ def _existing_record(out_dir: Path, task: ShardTask) -> ShardRecord | None:
         rec = ShardRecord(**json.loads(rec_path.read_text()))
     except (ValueError, TypeError):
         return None
-    if rec.task_fingerprint != task.fingerprint or rec.bytes != tar.stat().st_size:
+    if rec.task_fingerprint != task.fingerprint or rec.inputs_stamp != stamp or rec.bytes != tar.stat().st_size:
         return None
     if sha256_file(tar) != rec.sha256:
         return None
@@ -82,10 +96,12 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
     m = task.manifest
     out_dir = m.output_dir
-    reused = _existing_record(out_dir, task)
+    pipeline = get_pipeline(m.pipeline)
+    # stamped before building: inputs changed during the build make the next run rebuild
+    stamp = inputs_stamp([p for ref in task.refs for p in pipeline.input_files(ref)])
+    reused = _existing_record(out_dir, task, stamp)
     if reused is not None:
         return task.index, reused, True
-    pipeline = get_pipeline(m.pipeline)
     rejected: list[dict[str, str]] = []
     stats: dict[str, float] = {}
     kept: list[tuple[str, dict[str, bytes]]] = []
@@ -114,6 +130,7 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
         first_key=kept[0][0] if kept else None,
         last_key=kept[-1][0] if kept else None,
         task_fingerprint=task.fingerprint,
+        inputs_stamp=stamp,
         rejected=rejected,
         stats=stats,
     )
@@ -206,7 +223,7 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         "input_fingerprint": fingerprint,
         "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
         "shards": [
-            {k: v for k, v in r.to_json().items() if k not in ("rejected", "stats", "task_fingerprint")}
+            {k: v for k, v in r.to_json().items() if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp")}
             for r in shard_records
         ],
         "rejected": rejected,

@@ -33,6 +33,7 @@ class ShardRecord:
     first_key: str | None
     last_key: str | None
     task_fingerprint: str = ""
+    inputs_stamp: str = ""
     rejected: list[dict[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 

@@ -64,6 +64,11 @@ class SlidrPipeline:
         return refs, rejected
 
     # ---- build (worker) ----------------------------------------------------------------
+    def input_files(self, ref: SampleRef) -> list[str]:
+        kf = ref.payload
+        files = [kf["lidar_path"], *(c["path"] for c in kf["cameras"])]
+        return files + ([kf["lidarseg_path"]] if kf.get("lidarseg_path") else [])
+
     def build(self, ref: SampleRef, m: Manifest) -> dict[str, bytes]:
         kf = ref.payload
         stages = m.data["stages"]
