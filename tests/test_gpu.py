@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,18 @@ def test_gpu_bench_script_runs_on_cpu(slidr_shards, tmp_path):
     result = json.loads(out.read_text())
     assert result["loader"]["samples_per_s"] > 0 and 0 <= result["loader"]["data_wait_fraction"] <= 1
     assert result["preloaded"]["data_wait_fraction"] < 0.05  # a pre-loaded batch never waits for data
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_on_cpu(tmp_path):
+    """bench/device_check.sh is the one prepared GPU call: keep it working (its CPU smoke mode)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "WHEELS": "none",
+           "PY": sys.executable, "DEVICE": "cpu", "SIZE": "small", "SYNTH": "small", "STEPS": "1",
+           "TRAIN_STEPS": "4", "WORKERS": "0"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert proc.returncode == 0 and "== done" in log, log[-3000:]
+    assert all(f"== {s}: rc=0" in log for s in ("env", "synth", "build", "bench", "train", "eval")), log[-3000:]
+    assert json.loads((tmp_path / "out" / "gpu_slidr.json").read_text())["loader"]["timed_steps"] == 1
+    assert "mIoU" in (tmp_path / "out" / "eval.txt").read_text()

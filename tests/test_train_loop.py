@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +106,15 @@ def test_stream_with_only_bad_samples_stops_with_a_message(tmp_path):
     with pytest.raises(RuntimeError, match="yields no batch"):
         train_loop(model, lambda: make_loader(stream, 2, _collate), cfg)
     assert stream.bad_samples > 0
+
+
+def test_first_step_is_left_out_of_throughput_figures():
+    def batches():
+        time.sleep(0.5)  # loader start-up: only the first batch waits
+        while True:
+            yield torch.randn(4, 4), torch.randn(4)
+
+    cfg = LoopConfig(max_steps=5, optimizer="sgd", lr=0.01, log_every=0)
+    m = train_loop(Tiny(), batches, cfg, batch_size=lambda b: len(b[0]))
+    assert m["timed_steps"] == 4 and m["data_wait_fraction"] < 0.5
+    assert m["samples_per_s"] > 4 / 0.5  # the 0.5 s start-up is not in the rate

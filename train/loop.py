@@ -91,7 +91,10 @@ def train_loop(
 
     ``make_batches`` returns a fresh iterable (e.g. a DataLoader over an infinite ShardStream);
     if it runs out, it is called again. ``batch_size(batch)`` counts samples for samples/s.
-    Returns the final metrics (loss, samples_per_s, data_wait_fraction, step, checkpoint).
+    Returns the final metrics (loss, samples_per_s, data_wait_fraction, step, timed_steps, checkpoint).
+    The first step of a run of more than one step is left out of samples_per_s and
+    data_wait_fraction (``timed_steps`` says how many were counted): it pays for loader start-up and
+    CUDA/cuDNN warm-up once, which would otherwise dominate a short benchmark run.
     """
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -153,7 +156,8 @@ def train_loop(
 
     method.train()
     win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
-    tot_wait, tot_time, tot_samples = 0.0, 0.0, 0
+    tot_wait, tot_time, tot_samples, timed = 0.0, 0.0, 0, 0
+    first_step = step + 1 if cfg.max_steps - step > 1 else -1
     last_loss = float("nan")
     while step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -177,9 +181,11 @@ def train_loop(
         win_wait += t1 - t0
         win_time += t2 - t0
         win_samples += n
-        tot_wait += t1 - t0
-        tot_time += t2 - t0
-        tot_samples += n
+        if step != first_step:
+            tot_wait += t1 - t0
+            tot_time += t2 - t0
+            tot_samples += n
+            timed += 1
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
             log.info(
                 "step %d loss %.4f lr %.3g samples/s %.2f data-wait %.0f%%",
@@ -198,6 +204,7 @@ def train_loop(
         "step": step,
         "samples_per_s": tot_samples / max(tot_time, 1e-9),
         "data_wait_fraction": tot_wait / max(tot_time, 1e-9),
+        "timed_steps": timed,
         "checkpoint": str(ckpt_path) if ckpt_path else None,
     }
 

@@ -150,6 +150,26 @@ def make_stream(
     )
 
 
+def loop_config(
+    size: str, max_steps: int, device: str, out: Path | None, resume: bool = False, log_every: int = 10
+) -> LoopConfig:
+    """The training-loop settings of ``size`` (optimiser, lr, schedule), checkpointing 4 times a run."""
+    return LoopConfig(
+        max_steps=max_steps,
+        device=device,
+        out=out,
+        resume=resume,
+        log_every=log_every,
+        ckpt_every=max(1, max_steps // 4) if max_steps >= 8 else 0,
+        **SIZES[size].loop,
+    )
+
+
+def batch_samples(batch: dict[str, Any]) -> int:
+    """Number of samples (keyframes) in a collated SLidR batch."""
+    return len(batch["keys"])
+
+
 def train_main(
     shards: Path,
     out: Path,
@@ -184,16 +204,8 @@ def train_main(
             stream, batch_size, slidr_collate, num_workers=num_workers, device=device, timeout=600
         )
 
-    cfg = LoopConfig(
-        max_steps=max_steps,
-        device=device,
-        out=Path(out),
-        resume=resume,
-        log_every=log_every,
-        ckpt_every=max(1, max_steps // 4) if max_steps >= 8 else 0,
-        **SIZES[size].loop,
-    )
-    metrics = train_loop(method, batches, cfg, batch_size=lambda b: len(b["keys"]))
+    cfg = loop_config(size, max_steps, device, Path(out), resume=resume, log_every=log_every)
+    metrics = train_loop(method, batches, cfg, batch_size=batch_samples)
     metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics
 
