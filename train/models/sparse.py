@@ -105,6 +105,12 @@ def _down_map(coords: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # --------------------------------------------------------------------------- layers
 
 
+def _accumulator(x: Tensor, rows: int, cols: int) -> Tensor:
+    """Zeros to sum per-offset products into: at least float32, because under bf16 autocast the
+    products come out in bf16 and summing up to 27 of them in bf16 loses precision."""
+    return x.new_zeros(rows, cols, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 class SubMConv3d(nn.Module):
     """Submanifold 3x3x3 sparse convolution; weight (27, Cin, Cout), offset order (dx, dy, dz) row-major."""
 
@@ -115,11 +121,11 @@ class SubMConv3d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
 
     def forward(self, x: Tensor, kmap: KernelMap) -> Tensor:
-        out = x.new_zeros(x.shape[0], self.weight.shape[2])
+        out = _accumulator(x, x.shape[0], self.weight.shape[2])
         w = self.weight.to(x.dtype)
         for k, (src, dst) in enumerate(kmap.pairs):
             if dst.numel():
-                out.index_add_(0, dst, x[src] @ w[k])
+                out.index_add_(0, dst, (x[src] @ w[k]).to(out.dtype))
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
@@ -131,12 +137,12 @@ class DownConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(8, cin, cout) / math.sqrt(8 * cin))
 
     def forward(self, x: Tensor, n_parent: int, inv: Tensor, off_id: Tensor) -> Tensor:
-        out = x.new_zeros(n_parent, self.weight.shape[2])
+        out = _accumulator(x, n_parent, self.weight.shape[2])
         w = self.weight.to(x.dtype)
         for k in range(8):
             sel = torch.nonzero(off_id == k).squeeze(1)
             if sel.numel():
-                out.index_add_(0, inv[sel], x[sel] @ w[k])
+                out.index_add_(0, inv[sel], (x[sel] @ w[k]).to(out.dtype))
         return out
 
 
