@@ -70,3 +70,22 @@ def test_aligned_features_give_lower_loss():
     # 3D features equal to their pixel's 2D feature should beat random ones.
     aligned = imf[pairs[:, 0], :, pairs[:, 1], pairs[:, 2]]
     assert superpixel_nce_loss(aligned, imf, sp, pairs) < superpixel_nce_loss(pf, imf, sp, pairs)
+
+
+def test_bf16_inputs_are_pooled_in_float32():
+    """Under bf16 autocast (CUDA training) the pooled sums and logits stay float32: on aligned features,
+    where sums grow linearly with superpixel size, bf16 pooling was off by ~4e-3; float32 is ~1e-6."""
+    torch.manual_seed(0)
+    n_img, h, w, n_sp, c, p = 6, 56, 104, 30, 64, 4000
+    sp = torch.randint(0, n_sp, (n_img, h // 8, w // 8)).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    base = F.normalize(torch.randn(n_img, n_sp, c), dim=2) + 3.0  # a shared offset: no cancellation in sums
+    img_feats = base[torch.arange(n_img)[:, None, None], sp].permute(0, 3, 1, 2)
+    img_feats = F.normalize(img_feats + 0.05 * torch.randn(n_img, c, h, w), dim=1)
+    pairs = torch.stack([torch.randint(0, n_img, (p,)), torch.randint(0, h, (p,)), torch.randint(0, w, (p,))], 1)
+    pt_feats = F.normalize(base[pairs[:, 0], sp[pairs[:, 0], pairs[:, 1], pairs[:, 2]]] + 0.05 * torch.randn(p, c),
+                           dim=1)
+    ref = superpixel_nce_loss(pt_feats, img_feats, sp, pairs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = superpixel_nce_loss(pt_feats.bfloat16(), img_feats.bfloat16(), sp, pairs)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 1e-4

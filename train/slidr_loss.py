@@ -23,6 +23,9 @@ def superpixel_nce_loss(
     re-normalisation; superpixels without points are dropped; CE((k q^T) / T, arange), points -> pixels.
     Sums use ``index_add_`` (O(P + I*H*W)), never a dense one-hot matrix.
     """
+    # Pool in float32 whatever autocast produced: a superpixel sums hundreds to thousands of pixels,
+    # and bf16 accumulation (8-bit mantissa) would round most of the later additions away.
+    point_feats, image_feats = point_feats.float(), image_feats.float()
     n_img, c, h, w = image_feats.shape
     sp = superpixels.long()
     s = int(sp.max()) + 1
@@ -39,5 +42,6 @@ def superpixel_nce_loss(
     keep = torch.nonzero(k_cnt > 0).squeeze(1)
     k = k_sum[keep] / k_cnt[keep, None].to(k_sum.dtype)
     q = q_sum[keep] / q_cnt[keep, None].to(q_sum.dtype)
-    logits = (k.float() @ q.float().T) / temperature
-    return F.cross_entropy(logits, torch.arange(len(keep), device=logits.device))
+    with torch.autocast(k.device.type, enabled=False):  # float32 logits: 1/T = 14 magnifies bf16 rounding
+        logits = (k @ q.T) / temperature
+        return F.cross_entropy(logits, torch.arange(len(keep), device=logits.device))
