@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,8 @@ def test_load_moco_v2_and_frozen_teacher(tmp_path, caplog):
     torch.testing.assert_close(dst.layer4[0].conv3.weight, src.layer4[0].conv3.weight)
     assert not load_moco_v2(ResNet((1, 1, 1, 1), 8), None)
     assert "RANDOMLY INITIALISED" in caplog.text
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+        load_moco_v2(ResNet((1, 1, 1, 1), 8), tmp_path / "typo.pt")  # never a silent random teacher
     t = FrozenTeacher(dst).train()
     assert not t.net.training and not any(p.requires_grad for p in t.parameters())
 

@@ -2,7 +2,8 @@
 
 Features are standardised with the training split's mean/std, then a linear layer is trained with
 full-batch L-BFGS on cross-entropy (deterministic for a seed). mIoU is averaged over the classes
-present in the test labels (or in either split's predictions/labels, whichever is larger).
+present in the test labels; a predicted class absent from them counts against the present
+classes' IoUs (as false positives), not as a class of its own.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from train.image_decode import decode_crops, nvjpeg_available
 from train.loop import LoopConfig, train_loop
 from train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
 from train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig, cylindrical_voxelize
-from train.probe import NUSCENES_16, linear_probe, split_keys
+from train.probe import NUSCENES_16, NUSCENES_16_NAMES, linear_probe, split_keys
 from train.slidr_aug import check_slidr, slidr_collate, slidr_required, slidr_train_transform
 from train.slidr_loss import superpixel_nce_loss
 from train.streaming import ShardStream, make_loader
@@ -252,12 +252,10 @@ def probe(point_net: SparseUNet, shards: Path, device: str, seed: int) -> dict[s
 
     xtr, ytr = cat(train_keys)
     xte, yte = cat(test_keys)
-    res = linear_probe(xtr, ytr, xte, yte, n_classes=len(NUSCENES_16_CLASSES), seed=seed)
+    res = linear_probe(xtr, ytr, xte, yte, n_classes=len(NUSCENES_16_NAMES), seed=seed)
     res.update(train_samples=len(train_keys), test_samples=len(test_keys))
     return res
 
-
-NUSCENES_16_CLASSES = range(17)
 
 
 def eval_main(

@@ -62,7 +62,8 @@ def drop_cuboid(
     """Remove points strictly inside a random cuboid; returns (kept point mask (N,), re-indexed pairs).
 
     Half-size = range_xyz * U[0, 0.2) / 2 centred on a random point. Reverted (all points kept) if any
-    camera that had pairs would keep fewer than ``min_pairs`` of them.
+    of the ``n_cams`` cameras would keep fewer than ``min_pairs`` pairs (so never when one has fewer
+    to begin with), as reference/slidr.md §3 states it.
     """
     n = xyz.shape[0]
     half = (xyz.max(0) - xyz.min(0)) * rng.uniform(0, 0.2) / 2

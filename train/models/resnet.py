@@ -105,15 +105,16 @@ class ResNet(nn.Module):
 def load_moco_v2(model: ResNet, path: Path | str | None) -> bool:
     """Load MoCo v2 ``encoder_q`` weights (keys ``module.encoder_q.*``, fc dropped) from a local file.
 
-    Returns True when weights were loaded. With no file a warning says the teacher is random.
-    Always ``torch.load(weights_only=True)``: a checkpoint never executes code.
+    Returns True when weights were loaded. ``path=None`` keeps the random initialisation and
+    says so in a warning; a path that is not a file raises, so a typo never silently trains
+    against a random teacher. Always ``torch.load(weights_only=True)``: a checkpoint never
+    executes code.
     """
-    if path is None or not Path(path).is_file():
-        log.warning(
-            "no teacher checkpoint%s: using a RANDOMLY INITIALISED image teacher",
-            f" at {path}" if path else "",
-        )
+    if path is None:
+        log.warning("no teacher checkpoint: using a RANDOMLY INITIALISED image teacher")
         return False
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: teacher checkpoint not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     pref = "module.encoder_q."
