@@ -2,8 +2,8 @@
 
 Features are standardised with the training split's mean/std, then a linear layer is trained with
 full-batch L-BFGS on cross-entropy (deterministic for a seed). mIoU is averaged over the classes
-present in the test labels; a predicted class absent from them counts against the present
-classes' IoUs (as false positives), not as a class of its own.
+present in the test labels; a point predicted as a class absent from them still lowers the IoU
+of its true class (a miss), but that class is not averaged in.
 """
 
 from __future__ import annotations
