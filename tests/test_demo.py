@@ -22,6 +22,8 @@ def test_demo_runs_every_stage(tmp_path):
     picture = np.asarray(Image.open(out / "slidr-sample.png").convert("RGB"))
     assert picture.shape[0] > 300 and picture.shape[1] > 600 and picture.std() > 20
     assert (out / "runs" / "slidr" / "latest.pt").is_file()
+    curves = np.asarray(Image.open(out / "runs" / "slidr" / "curves.png").convert("RGB"))
+    assert curves.shape[1] > 600 and curves.std() > 5  # the loss/lr/throughput picture of the run
     assert "linear probe mIoU distilled" in result.output and "linear probe mIoU    random" in result.output
 
 

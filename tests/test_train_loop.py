@@ -43,7 +43,7 @@ class Crash(RuntimeError):
     pass
 
 
-def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0):
+def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0, log_every=0):
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -65,7 +65,7 @@ def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0):
         ckpt_every=4,
         out=out,
         resume=resume,
-        log_every=0,
+        log_every=log_every,
     )
     metrics = train_loop(model, batches, cfg, batch_size=lambda b: len(b[0]))
     return model, metrics
@@ -118,3 +118,25 @@ def test_first_step_is_left_out_of_throughput_figures():
     m = train_loop(Tiny(), batches, cfg, batch_size=lambda b: len(b[0]))
     assert m["timed_steps"] == 4 and m["data_wait_fraction"] < 0.5
     assert m["samples_per_s"] > 4 / 0.5  # the 0.5 s start-up is not in the rate
+
+
+def test_run_log_after_resume_equals_uninterrupted_log(tmp_path):
+    """log.jsonl keeps every window; entries the crashed run wrote after its last checkpoint (step 10,
+    checkpoint at 8) are dropped on resume, so the log reads as if the run was never interrupted."""
+    from train.run_log import read_log
+
+    shards = write_shards(tmp_path / "shards", [5, 4, 6])
+    _run(shards, tmp_path / "a", 14, log_every=2)
+    with pytest.raises(Crash):
+        _run(shards, tmp_path / "b", 14, crash_after=11, log_every=2)
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 4, 6, 8, 10]
+    _run(shards, tmp_path / "b", 14, resume=True, log_every=2)
+
+    def curve(out):
+        return [(e["step"], e["loss"], e["lr"]) for e in read_log(out)]
+
+    assert [s for s, _, _ in curve(tmp_path / "a")] == [2, 4, 6, 8, 10, 12, 14]
+    assert curve(tmp_path / "b") == curve(tmp_path / "a")
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 0
+    _run(shards, tmp_path / "b", 4, log_every=2)  # a fresh run in the same directory starts a fresh log
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 4]

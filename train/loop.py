@@ -4,7 +4,8 @@ A *method* is an ``nn.Module`` with ``loss(batch) -> Tensor`` (a scalar); its tr
 parameters are those with ``requires_grad``. The loop owns device placement (non-blocking copies
 of pinned batches), bf16 autocast (CUDA only; CPU runs in float32), gradient clipping, SGD/AdamW,
 a cosine LR schedule over ``max_steps`` with optional linear warmup, logging (loss, samples/s,
-fraction of step time spent waiting for data) and checkpoints.
+fraction of step time spent waiting for data, also kept in ``OUT/log.jsonl`` and drawn in
+``OUT/curves.png``, see ``train.run_log``) and checkpoints.
 
 Resume semantics (exact on CPU): checkpoints hold the method/optimizer/scheduler state dicts,
 the step and the torch/numpy/python RNG states. The data stream is a pure function of its seed
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.run_log import append_entry, plot_curves, truncate_after
 from train.streaming import to_device
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,8 @@ def train_loop(
 
     ``make_batches`` returns a fresh iterable (e.g. a DataLoader over an infinite ShardStream);
     if it runs out, it is called again. ``batch_size(batch)`` counts samples for samples/s.
-    Returns the final metrics (loss, samples_per_s, data_wait_fraction, step, timed_steps, checkpoint).
+    Returns the final metrics (loss, samples_per_s, data_wait_fraction, step, timed_steps, checkpoint,
+    curves: the picture of ``OUT/log.jsonl``).
     The first step of a run of more than one step is left out of samples_per_s and
     data_wait_fraction (``timed_steps`` says how many were counted): it pays for loader start-up and
     CUDA/cuDNN warm-up once, which would otherwise dominate a short benchmark run.
@@ -114,6 +117,8 @@ def train_loop(
         sched.load_state_dict(st["scheduler"])
         step = int(st["step"])
         log.info("resumed from %s at step %d", found, step)
+    if cfg.out:  # a fresh run starts a fresh log; a resumed one drops what it will train again
+        truncate_after(Path(cfg.out), step)
 
     def save() -> None:
         if ckpt_path is not None:
@@ -187,18 +192,28 @@ def train_loop(
             tot_samples += n
             timed += 1
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            entry = {
+                "step": step,
+                "loss": win_loss / win_n,
+                "lr": sched.get_last_lr()[0],
+                "samples_per_s": win_samples / max(win_time, 1e-9),
+                "data_wait_fraction": win_wait / max(win_time, 1e-9),
+            }
             log.info(
                 "step %d loss %.4f lr %.3g samples/s %.2f data-wait %.0f%%",
                 step,
-                win_loss / win_n,
-                sched.get_last_lr()[0],
-                win_samples / max(win_time, 1e-9),
-                100 * win_wait / max(win_time, 1e-9),
+                entry["loss"],
+                entry["lr"],
+                entry["samples_per_s"],
+                100 * entry["data_wait_fraction"],
             )
+            if cfg.out:
+                append_entry(Path(cfg.out), entry)
             win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             save()
     save()
+    curves = plot_curves(Path(cfg.out)) if cfg.out else None
     return {
         "loss": last_loss,
         "step": step,
@@ -206,6 +221,7 @@ def train_loop(
         "data_wait_fraction": tot_wait / max(tot_time, 1e-9),
         "timed_steps": timed,
         "checkpoint": str(ckpt_path) if ckpt_path else None,
+        "curves": str(curves) if curves else None,
     }
 
 
