@@ -116,6 +116,18 @@ def test_unique_first_and_cylindrical_voxelize():
     assert first.tolist() == [0, 2, 3] and inv.tolist() == [0, 0, 1, 2]
 
 
+@pytest.mark.parametrize("spread", [50, 2**40])  # packed int64 keys, and the fallback for huge ranges
+def test_unique_first_matches_first_occurrence_dict(spread):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-3, 4, (2000, 4), generator=g) * torch.tensor([1, 1, spread, 1])
+    uniq, first, inv = unique_first(q)
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(map(tuple, q.tolist())):
+        seen.setdefault(row, i)
+    assert uniq.tolist() == [list(r) for r in seen] and first.tolist() == list(seen.values())
+    assert torch.equal(uniq[inv], q)
+
+
 def test_sparse_unet_shapes_and_grad():
     xyz = torch.randn(3000, 3) * 8
     coords, first, inv = cylindrical_voxelize(xyz)

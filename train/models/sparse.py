@@ -47,13 +47,21 @@ def unique_first(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=q.device)
         return q[:0], e, e
-    uniq, inv = torch.unique(q, dim=0, return_inverse=True)
-    first = torch.full((uniq.shape[0],), n, dtype=torch.long, device=q.device)
+    lo = q.min(0).values
+    dims = q.max(0).values - lo + 1
+    if float(dims.double().prod()) < 2**62:
+        # One int64 key per row: a 1-D unique is ~10x faster than torch.unique(dim=0) on CPU,
+        # which made voxelisation the loader's largest cost after image decoding.
+        _, inv = torch.unique(_keys(q, lo, dims), return_inverse=True)
+    else:  # coordinates too spread out to pack into one int64
+        _, inv = torch.unique(q, dim=0, return_inverse=True)
+    n_uniq = int(inv.max()) + 1
+    first = torch.full((n_uniq,), n, dtype=torch.long, device=q.device)
     first.scatter_reduce_(0, inv, torch.arange(n, device=q.device), reduce="amin")
     order = torch.argsort(first)  # sorted-unique order -> first-occurrence order
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=q.device)
-    return uniq[order], first[order], rank[inv]
+    return q[first[order]], first[order], rank[inv]
 
 
 # --------------------------------------------------------------------------- kernel maps
