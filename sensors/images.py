@@ -23,10 +23,16 @@ def decode_labels(data: bytes) -> np.ndarray:
     return img
 
 
+# zlib level 6 with adaptive filtering instead of OpenCV's default (level 1, RLE): on 1600x900
+# superpixel maps the files are 32% smaller and decode 25% faster (4.7 -> 3.6 ms), for 8 ms more
+# encoding per image. Shards are built once and decoded every epoch (docs/benchmarks.md).
+PNG_LABEL_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT]
+
+
 def encode_labels_png(labels: np.ndarray) -> bytes:
     """(H, W) non-negative integer labels -> PNG bytes: 8-bit when they fit (< 256), else 16-bit."""
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
-    ok, buf = cv2.imencode(".png", labels.astype(dtype))
+    ok, buf = cv2.imencode(".png", labels.astype(dtype), PNG_LABEL_PARAMS)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
