@@ -84,20 +84,22 @@ class KernelMap:
 
     def __init__(self, coords: Tensor):
         dev = coords.device
-        # Margin of 1 on each spatial side so every neighbour key stays inside the box (no collisions).
+        n = coords.shape[0]
+        # Margin of 1 on each spatial side so every neighbour key stays inside the box (no collisions);
+        # a neighbour's key is then the voxel's key plus a constant per offset, and all 27 x V
+        # lookups are one searchsorted and one nonzero (few kernels, which a GPU needs).
         lo = coords.min(0).values - torch.tensor([0, 1, 1, 1], device=dev)
         dims = coords.max(0).values - lo + torch.tensor([1, 2, 2, 2], device=dev)
         keys = _keys(coords, lo, dims)
+        delta = _OFFSETS3.to(dev) @ torch.stack([dims[2] * dims[3], dims[3], torch.ones_like(dims[3])])
         sorted_keys, perm = torch.sort(keys)
-        self.pairs: list[tuple[Tensor, Tensor]] = []  # per offset: (src, dst) voxel indices
-        for off in _OFFSETS3.to(dev):
-            nb = coords.clone()
-            nb[:, 1:] += off
-            nk = _keys(nb, lo, dims)
-            pos = torch.searchsorted(sorted_keys, nk).clamp_(max=max(keys.numel() - 1, 0))
-            hit = sorted_keys[pos] == nk
-            dst = torch.nonzero(hit).squeeze(1)
-            self.pairs.append((perm[pos[dst]], dst))
+        nk = delta[:, None] + keys[None, :]  # (27, V)
+        pos = torch.searchsorted(sorted_keys, nk).clamp_(max=max(n - 1, 0))
+        k_idx, dst = torch.nonzero(sorted_keys[pos] == nk, as_tuple=True)  # ordered by offset, then voxel
+        src = perm[pos[k_idx, dst]]
+        counts = torch.bincount(k_idx, minlength=27).tolist()
+        # per offset: (src, dst) voxel indices
+        self.pairs: list[tuple[Tensor, Tensor]] = list(zip(src.split(counts), dst.split(counts), strict=True))
 
 
 def _down_map(coords: Tensor) -> tuple[Tensor, Tensor, Tensor]:
