@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,32 +92,31 @@ def main() -> None:
     if args.device.startswith("cuda") and nvjpeg_available():
         modes["loader_nvjpeg"] = True
     peak_memory(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, on_device in modes.items():
-            m = train_main(
-                args.shards,
-                Path(tmp) / name,
-                device=args.device,
-                max_steps=args.steps + 1,  # + the untimed first step
-                size=args.size,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                log_every=0,
-                decode_on_device=on_device,
-            )
-            result[name] = summary(m, args.device)
+    for name, on_device in modes.items():
+        m = train_main(
+            args.shards,
+            None,  # no checkpoints: their writes would let the workers refill between timed steps
+            device=args.device,
+            max_steps=args.steps + 1,  # + the untimed first step
+            size=args.size,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            log_every=0,
+            decode_on_device=on_device,
+        )
+        result[name] = summary(m, args.device)
 
-        stream = make_stream(args.shards, args.size, seed=0, strict=False)
-        one = to_device(next(iter(make_loader(stream, args.batch_size, slidr_collate, device=args.device))),
-                        args.device)
+    stream = make_stream(args.shards, args.size, seed=0, strict=False)
+    one = to_device(next(iter(make_loader(stream, args.batch_size, slidr_collate, device=args.device))),
+                    args.device)
 
-        def repeat() -> Iterator[dict[str, Any]]:
-            while True:
-                yield one
+    def repeat() -> Iterator[dict[str, Any]]:
+        while True:
+            yield one
 
-        cfg = loop_config(args.size, args.steps + 1, args.device, out=None, log_every=0)
-        m = train_loop(build_method(args.size, 0), repeat, cfg, batch_size=batch_samples)
-        result["preloaded"] = summary(m, args.device)
+    cfg = loop_config(args.size, args.steps + 1, args.device, out=None, log_every=0)
+    m = train_loop(build_method(args.size, 0), repeat, cfg, batch_size=batch_samples)
+    result["preloaded"] = summary(m, args.device)
     result["nvjpeg_images_per_s"] = nvjpeg_throughput(args.shards, args.device)
     text = json.dumps(result, indent=2)
     print(text)

@@ -172,7 +172,7 @@ def batch_samples(batch: dict[str, Any]) -> int:
 
 def train_main(
     shards: Path,
-    out: Path,
+    out: Path | None,
     device: str = "cpu",
     max_steps: int = 100,
     resume: bool = False,
@@ -186,6 +186,9 @@ def train_main(
     decode_on_device: bool | None = None,
 ) -> dict:
     """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics.
+
+    ``out=None`` writes nothing (no checkpoint, no run log): for benchmarks, where checkpoint
+    writes would let the loader workers refill their queues between timed steps.
 
     ``decode_on_device=None`` decodes JPEGs with nvJPEG on the GPU when training on CUDA with
     torchvision importable, else in the loader on the CPU."""
@@ -204,7 +207,8 @@ def train_main(
             stream, batch_size, slidr_collate, num_workers=num_workers, device=device, timeout=600
         )
 
-    cfg = loop_config(size, max_steps, device, Path(out), resume=resume, log_every=log_every)
+    cfg = loop_config(size, max_steps, device, Path(out) if out is not None else None, resume=resume,
+                      log_every=log_every)
     metrics = train_loop(method, batches, cfg, batch_size=batch_samples)
     metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics

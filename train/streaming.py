@@ -67,11 +67,16 @@ def shard_files(shard_dir: Path | str) -> list[str]:
     return files
 
 
+def refuse_unsafe(name: str) -> None:
+    """Raise ``UnsafeFieldError`` for a field whose format could execute code when decoded."""
+    if name.lower().endswith(UNSAFE_EXTENSIONS):
+        raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
+
+
 def decode_field(name: str, data: bytes) -> Any:
     """Decode one field by extension. Raises ``UnsafeFieldError`` for code-carrying formats."""
+    refuse_unsafe(name)
     low = name.lower()
-    if low.endswith(UNSAFE_EXTENSIONS):
-        raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
     if low.endswith(".npy"):
         return np.load(io.BytesIO(data), allow_pickle=False)
     if low.endswith(".json"):
@@ -95,8 +100,7 @@ def decode_sample(raw: dict[str, Any], keep_raw: Sequence[str] = ()) -> dict[str
             continue
         try:
             if keep_raw and name.lower().endswith(tuple(keep_raw)):
-                if name.lower().endswith(UNSAFE_EXTENSIONS):
-                    raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
+                refuse_unsafe(name)
                 out[name] = bytes(value)
                 continue
             out[name] = decode_field(name, value)
