@@ -24,13 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.manifest import load_manifest  # noqa: E402
-from pipelines.runner import build  # noqa: E402
-from pipelines.shards import iter_samples, load_index  # noqa: E402
-from preprocess.projection import project_points  # noqa: E402
-from preprocess.superpixels import slic_superpixels  # noqa: E402
-from sensors.images import decode_rgb  # noqa: E402
-from sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin  # noqa: E402
+from distillkit.pipelines.catalog import load_manifest  # noqa: E402
+from distillkit.pipelines.runner import build  # noqa: E402
+from distillkit.pipelines.shards import iter_samples, load_index  # noqa: E402
+from distillkit.preprocess.projection import project_points  # noqa: E402
+from distillkit.preprocess.superpixels import slic_superpixels  # noqa: E402
+from distillkit.sensors.images import decode_rgb  # noqa: E402
+from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin  # noqa: E402
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "bench_slidr.json")
     args = ap.parse_args()
     if not (args.data / "v1.0-mini").is_dir():
-        from sensors.synth_nuscenes import make_nuscenes
+        from distillkit.sensors.synth.nuscenes import make_nuscenes
 
         make_nuscenes(args.data, seed=0, size="medium")
     from nuscenes.nuscenes import NuScenesExplorer

@@ -31,7 +31,6 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, report its exit code and time
   local name=$1 limit=$2 t0 rc
@@ -47,8 +46,8 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, report its e
 stage env 60 $PY -c "import torch, numpy, webdataset, distributed, nuscenes; print('torch', torch.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU',
 'numpy', numpy.__version__)" || exit 1
-stage synth 150 $PY -m pipelines.cli synth nuscenes "$WORK/nus" --size "$SYNTH" || exit 1
-stage build 180 $PY -m pipelines.cli build manifests/demo-slidr.toml --quiet --workers 16 \
+stage synth 150 $PY -m distillkit synth nuscenes "$WORK/nus" --size "$SYNTH" || exit 1
+stage build 180 $PY -m distillkit build manifests/demo-slidr.toml --quiet --workers 16 \
   --set "source.dataroot=$WORK/nus" --set "output.dir=$WORK/shards" --set output.samples_per_shard=1 || exit 1
 if [ "$DEVICE" = cuda ]; then
   stage pytest-gpu 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py
@@ -56,12 +55,12 @@ fi
 stage bench 240 $PY bench/gpu_slidr.py --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
   --steps "$STEPS" --workers "$WORKERS" --out "$OUT/gpu_slidr.json"
 # A train stage cut off by its limit still leaves the checkpoint it wrote last (4 per run): probe that one.
-stage train 210 $PY -m pipelines.cli train slidr --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
+stage train 210 $PY -m distillkit train slidr --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
   --max-steps "$TRAIN_STEPS" --batch-size 4 --num-workers "$WORKERS" --out "$WORK/run"
 if [ -f "$WORK/run/latest.pt" ]; then
   $PY -c "import sys, torch; print('probing the checkpoint of step', torch.load(sys.argv[1], weights_only=True,
 map_location='cpu')['step'])" "$WORK/run/latest.pt" | tee "$OUT/eval.txt"
-  stage eval 90 $PY -m pipelines.cli eval slidr --checkpoint "$WORK/run/latest.pt" --shards "$WORK/shards" \
-    --device "$DEVICE" --size "$SIZE" | tee -a "$OUT/eval.txt"
+  stage eval 90 $PY -m distillkit eval slidr --checkpoint "$WORK/run/latest.pt" --shards "$WORK/shards" \
+    --device "$DEVICE" | tee -a "$OUT/eval.txt"
 fi
 echo "== done"

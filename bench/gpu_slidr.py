@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from train.image_decode import nvjpeg_available
-from train.loop import train_loop
-from train.slidr import SIZES, batch_samples, build_method, loop_config, make_stream, train_main
-from train.slidr_aug import slidr_collate
-from train.streaming import make_loader, shard_files, to_device
+from distillkit.train.image_decode import nvjpeg_available
+from distillkit.train.loop import train_loop
+from distillkit.train.slidr import SIZES, batch_samples, build_method, loop_config, make_stream, train_main
+from distillkit.train.slidr_aug import slidr_collate
+from distillkit.train.streaming import make_loader, shard_files, to_device
 
 
 def nvjpeg_throughput(shards: Path, device: str, n: int = 60) -> float | None:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import webdataset as wds  # noqa: E402
 
-from train.slidr import SIZES, make_stream  # noqa: E402
-from train.streaming import shard_files  # noqa: E402
+from distillkit.train.slidr import SIZES, make_stream  # noqa: E402
+from distillkit.train.streaming import shard_files  # noqa: E402
 
 TEACHER_SAMPLES_PER_S = 130
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from pipelines.manifest import ManifestError
+from distillkit.pipelines.manifest import ManifestError
+from distillkit.pipelines.registry import PluginError
+from distillkit.pipelines.train_cli import TrainGroup, run_eval
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -20,54 +22,100 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _version() -> str:
+    from distillkit.build_info import build_info
+
+    info = build_info()
+    commit = f", commit {info['commit'][:12]}{' (dirty)' if info['dirty'] else ''}" if info["commit"] else ""
+    return f"distillkit {info['version']}{commit}"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="print the version and commit, then exit")
 def main() -> None:
     """Build, check and train on WebDataset shards for cross-modal self-distillation."""
     # Our loggers talk at INFO; dask's chatter (nannies closing, ...) stays at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("pipelines", "sensors", "preprocess", "train"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("distillkit").setLevel(logging.INFO)
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["nuscenes"]))
+@click.argument("kind")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, type=int)
-@click.option("--size", default="small", type=click.Choice(["small", "medium"]))
+@click.option("--size", default="small", help="small | medium (what the kind offers)")
 def synth(kind: str, out: Path, seed: int, size: str) -> None:
-    """Write synthetic data in its native format (nuScenes tables, .pcd.bin, JPEGs)."""
-    from sensors.synth_nuscenes import make_nuscenes
+    """Write synthetic data of KIND in its native formats (kinds: distillkit synth --help)."""
+    from distillkit.pipelines.registry import SYNTH
 
-    make_nuscenes(out, seed=seed, size=size)
+    try:
+        make = SYNTH.get(kind)
+        make(out, seed=seed, size=size)
+    except PluginError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(f"synth {kind}: {exc}")
     click.echo(f"wrote synthetic {kind} ({size}, seed {seed}) to {out}")
 
 
+@main.command(name="manifests")
+def list_manifests() -> None:
+    """List the packaged manifests (use a name with build or init)."""
+    from distillkit.pipelines.catalog import manifest_summary, packaged_manifests
+
+    for name, path in packaged_manifests().items():
+        click.echo(f"{name:<24} {manifest_summary(path)}")
+
+
 @main.command()
-@click.argument("manifest", type=click.Path(path_type=Path))
+@click.argument("name")
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+def init(name: str, out: Path | None) -> None:
+    """Copy the packaged manifest NAME to OUT (default ./NAME.toml) to edit."""
+    from distillkit.pipelines.catalog import init_manifest
+
+    try:
+        path = init_manifest(name, out)
+    except ManifestError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("manifest")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a manifest key")
-@click.option("--scheduler", default=None, help="tcp://HOST:PORT of an existing dask scheduler")
+@click.option("--scheduler", default=None,
+              help='"serial" (in-process), "" (embedded LocalCluster) or tcp://HOST:PORT of a dask scheduler')
 @click.option("--workers", default=None, type=int, help="workers of the embedded LocalCluster")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def build(manifest: Path, overrides: tuple[str, ...], scheduler: str | None, workers: int | None,
-          quiet: bool) -> None:
-    """Build the shards a manifest describes (resumes a partial build)."""
-    from pipelines.executor import ClusterError
-    from pipelines.manifest import load_manifest
-    from pipelines.runner import build as run_build
+@click.option("--raise-errors", is_flag=True,
+              help="stop at the first unexpected error with its traceback instead of rejecting the input")
+def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, workers: int | None,
+          quiet: bool, raise_errors: bool) -> None:
+    """Build the shards MANIFEST describes (a path or a packaged name; resumes a partial build)."""
+    from distillkit.pipelines.catalog import load_manifest
+    from distillkit.pipelines.executor import ClusterError
+    from distillkit.pipelines.runner import build as run_build
 
     try:
         m = load_manifest(manifest, list(overrides))
         if workers is not None and workers < 1:
             raise ManifestError(manifest, "--workers", "must be >= 1")
-        result = run_build(m, scheduler=scheduler, workers=workers, progress=not quiet)
+        result = run_build(m, scheduler=scheduler, workers=workers, progress=not quiet, raise_errors=raise_errors)
     except ManifestError as exc:
         _fail(str(exc))
     except ClusterError as exc:
         _fail(str(exc))
     click.echo(
         f"{result.written} samples in {result.built_shards + result.reused_shards} shards "
-        f"({result.reused_shards} reused), {len(result.rejected)} rejected of {result.planned}: "
-        f"{result.index_path}"
+        f"({result.reused_shards} reused), {len(result.rejected)} rejected of {result.planned}: {result.index_path}"
     )
     for r in result.rejected[:20]:
         click.echo(f"  rejected [{r['stage']}] {r['source']}: {r['reason']}", err=True)
@@ -80,11 +128,11 @@ def build(manifest: Path, overrides: tuple[str, ...], scheduler: str | None, wor
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 def verify(shard_dir: Path) -> None:
     """Re-hash every shard and check every sample's schema."""
-    from pipelines.inspect import verify as run_verify
+    from distillkit.pipelines.inspect import verify as run_verify
 
     try:
         report = run_verify(shard_dir, progress=sys.stderr.isatty())
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, PluginError) as exc:
         _fail(str(exc))
     for problem in report.problems:
         click.echo(f"FAULT {problem}")
@@ -97,7 +145,7 @@ def verify(shard_dir: Path) -> None:
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 def stats(shard_dir: Path) -> None:
     """Counts, sizes, rejected inputs and dataset statistics of a shard directory."""
-    from pipelines.inspect import stats_text
+    from distillkit.pipelines.inspect import stats_text
 
     try:
         click.echo(stats_text(shard_dir))
@@ -111,51 +159,18 @@ def stats(shard_dir: Path) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write")
 def show(shard_dir: Path, key: str | None, out: Path) -> None:
     """Render one sample as a picture."""
-    from pipelines.inspect import show as run_show
+    from distillkit.pipelines.inspect import show as run_show
 
     try:
         k = run_show(shard_dir, out, key)
+    except PluginError as exc:
+        _fail(str(exc))
     except (FileNotFoundError, KeyError) as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))
     click.echo(f"{k} -> {out}")
 
 
-def _trainer(method: str):
-    from train.registry import TRAINERS
-
-    if method not in TRAINERS:
-        _fail(f"unknown method {method!r} (known: {', '.join(sorted(TRAINERS))})")
-    return TRAINERS[method]
-
-
-@main.command()
-@click.argument("method")
-@click.option("--shards", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-@click.option("--max-steps", default=100, type=int)
-@click.option("--out", default=Path("runs/train"), type=click.Path(path_type=Path))
-@click.option("--resume", is_flag=True, help="continue from the last checkpoint in --out")
-@click.option("--strict", is_flag=True, help="stop at the first bad sample instead of skipping it")
-@click.option("--size", default="small", type=click.Choice(["small", "paper"]), help="network sizes")
-@click.option("--batch-size", default=2, type=int)
-@click.option("--num-workers", default=0, type=int)
-@click.option("--seed", default=0, type=int)
-@click.option("--teacher-checkpoint", default=None, type=click.Path(path_type=Path, exists=True))
-def train(method: str, shards: Path, device: str, max_steps: int, out: Path, resume: bool, strict: bool,
-          size: str, batch_size: int, num_workers: int, seed: int, teacher_checkpoint: Path | None) -> None:
-    """Train METHOD on a shard directory."""
-    trainer = _trainer(method)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail("--device cuda but no CUDA device is available")
-    metrics = trainer.train_main(shards=shards, out=out, device=device, max_steps=max_steps, resume=resume,
-                                 strict=strict, size=size, seed=seed, batch_size=batch_size,
-                                 num_workers=num_workers, teacher_checkpoint=teacher_checkpoint)
-    from train.loop import format_metrics
-
-    click.echo(format_metrics(metrics))
+main.add_command(TrainGroup(name="train", help="Train METHOD on a shard directory (distillkit train METHOD --help)."))
 
 
 @main.command(name="eval")
@@ -163,25 +178,28 @@ def train(method: str, shards: Path, device: str, max_steps: int, out: Path, res
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--shards", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-@click.option("--size", default="small", type=click.Choice(["small", "paper"]))
-@click.option("--seed", default=0, type=int)
-def evaluate(method: str, checkpoint: Path, shards: Path, device: str, size: str, seed: int) -> None:
-    """Linear probe: distilled features against the same network at random init."""
-    from train.probe import format_probe
-
-    trainer = _trainer(method)
-    result = trainer.eval_main(checkpoint=checkpoint, shards=shards, device=device, size=size, seed=seed)
-    click.echo(format_probe(result))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a key of the checkpoint's stored configuration")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="a TOML file of configuration keys")
+def evaluate(method: str, checkpoint: Path, shards: Path, device: str, overrides: tuple[str, ...],
+             config_file: Path | None) -> None:
+    """The method's evaluation (linear probe): distilled features against the same network at random init."""
+    run_eval(method, checkpoint, shards, device, list(overrides), config_file)
 
 
 @main.command()
 @click.option("--out", default=Path("demo-out"), type=click.Path(path_type=Path))
 @click.option("--steps", default=120, type=int, help="training steps per method")
-def demo(out: Path, steps: int) -> None:
-    """Synthetic data -> shards on an embedded dask cluster -> verify -> picture -> train."""
-    from pipelines.demo import run_demo
+@click.option("--only", "only", multiple=True, help="run only these pipelines (default: every one with a demo)")
+def demo(out: Path, steps: int, only: tuple[str, ...]) -> None:
+    """Synthetic data -> shards on an embedded dask cluster -> verify -> picture -> train -> evaluate."""
+    from distillkit.pipelines.demo import run_demo
 
-    run_demo(out, steps=steps)
+    try:
+        run_demo(out, steps=steps, only=list(only) or None)
+    except PluginError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -1,50 +1,89 @@
-"""``distillkit demo``: every stage of the toolkit on synthetic data, end to end."""
+"""``distillkit demo``: every stage of the toolkit on synthetic data, end to end, for every
+registered pipeline that declares a ``Demo`` (and the trainers that read its shards)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+from distillkit.pipelines.base import Pipeline
+from distillkit.pipelines.manifest import Manifest
 
 
-def run_demo(out: Path, steps: int = 120, workers: int = 2) -> dict[str, object]:
-    """synth -> build (embedded LocalCluster) -> verify -> show -> train -> eval, for slidr.
+def demo_manifest(pipeline: Pipeline, data: Path, shards: Path, *extra: str) -> Manifest:
+    """The pipeline's packaged demo manifest pointed at ``data`` (its synthetic source) and
+    writing to ``shards``. Shared by the demo and the conformance tests."""
+    from distillkit.pipelines.catalog import load_manifest
 
-    Returns what each step produced, so tests can check the demo as a user would.
+    if pipeline.demo is None:
+        raise ValueError(f"pipeline {pipeline.name!r} declares no demo")
+    return load_manifest(pipeline.demo.manifest, [f"{pipeline.source_key}={data}", f"output.dir={shards}", *extra])
+
+
+def make_demo_data(pipeline: Pipeline, root: Path, seed: int = 0) -> Path:
+    """Write the pipeline's synthetic demo source under ``root`` once (reused when present)."""
+    from distillkit.pipelines.registry import SYNTH
+
+    assert pipeline.demo is not None
+    data = root / pipeline.demo.synth
+    marker = data / ".distillkit-synth-complete"
+    if not marker.is_file():
+        SYNTH.get(pipeline.demo.synth)(data, seed=seed, size=pipeline.demo.size)
+        marker.write_text(f"seed={seed} size={pipeline.demo.size}\n")
+    return data
+
+
+def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | None = None) -> dict[str, Any]:
+    """synth -> build (embedded LocalCluster) -> verify -> show -> train -> evaluate, per pipeline.
+
+    Args:
+        out: everything goes under it: ``data/``, ``shards/NAME``, ``NAME-sample.png``, ``runs/METHOD``.
+        steps: training steps per method.
+        workers: LocalCluster worker processes.
+        only: pipeline names to run (default: every registered pipeline with a demo).
+
+    Returns:
+        Per pipeline name, what each step produced, so tests can check the demo as a user would.
     """
-    from pipelines.inspect import show, stats_text, verify
-    from pipelines.manifest import load_manifest
-    from pipelines.runner import build
-    from sensors.synth_nuscenes import make_nuscenes
-    from train.loop import format_metrics
-    from train.probe import format_probe
-    from train.registry import TRAINERS
+    from distillkit.pipelines.inspect import show, stats_text, verify
+    from distillkit.pipelines.registry import PIPELINES
+    from distillkit.pipelines.runner import build
+    from distillkit.train.loop import format_metrics
+    from distillkit.train.registry import TRAINERS
 
     out = Path(out)
-    data = out / "data" / "nuscenes"
-    shards = out / "shards" / "slidr"
-    click.echo(f"[1/5] synthetic nuScenes -> {data}")
-    if not (data / "v1.0-mini").is_dir():
-        make_nuscenes(data, seed=0, size="small")
-    click.echo(f"[2/5] build slidr shards on a LocalCluster of {workers} workers -> {shards}")
-    m = load_manifest(MANIFESTS / "demo-slidr.toml",
-                      [f"source.dataroot={data}", f"output.dir={shards}", f"cluster.workers={workers}"])
-    result = build(m)
-    click.echo(stats_text(shards))
-    click.echo("[3/5] verify")
-    report = verify(shards)
-    click.echo(f"  {report.shards} shards, {report.samples} samples, {len(report.problems)} faults")
-    if not report.ok:
-        raise click.ClickException("verify found faults: " + "; ".join(report.problems[:5]))
-    picture = out / "slidr-sample.png"
-    key = show(shards, picture)
-    click.echo(f"[4/5] picture of sample {key} -> {picture}")
-    click.echo(f"[5/5] train slidr for {steps} steps, then the linear probe")
-    trainer = TRAINERS["slidr"]
-    metrics = trainer.train_main(shards=shards, out=out / "runs" / "slidr", device="cpu", max_steps=steps)
-    probe = trainer.eval_main(checkpoint=Path(metrics["checkpoint"]), shards=shards, device="cpu")
-    click.echo("  train: " + format_metrics(metrics))
-    click.echo(format_probe(probe))
-    return {"build": result, "verify": report, "picture": picture, "train": metrics, "probe": probe}
+    names = only or [n for n in PIPELINES.names() if PIPELINES.get(n).demo is not None]
+    trainers = {n: TRAINERS.get(n) for n in TRAINERS.names()}
+    results: dict[str, Any] = {}
+    for name in names:
+        pipeline = PIPELINES.get(name)
+        shards = out / "shards" / name
+        click.echo(f"== {name}")
+        click.echo(f"[1/5] synthetic {pipeline.demo.synth if pipeline.demo else '?'} -> {out / 'data'}")
+        data = make_demo_data(pipeline, out / "data")
+        click.echo(f"[2/5] build {name} shards on a LocalCluster of {workers} workers -> {shards}")
+        result = build(demo_manifest(pipeline, data, shards, f"cluster.workers={workers}"))
+        click.echo(stats_text(shards))
+        click.echo("[3/5] verify")
+        report = verify(shards)
+        click.echo(f"  {report.shards} shards, {report.samples} samples, {len(report.problems)} faults")
+        if not report.ok:
+            raise click.ClickException("verify found faults: " + "; ".join(report.problems[:5]))
+        picture = out / f"{name}-sample.png"
+        key = show(shards, picture)
+        click.echo(f"[4/5] picture of sample {key} -> {picture}")
+        entry: dict[str, Any] = {"build": result, "verify": report, "picture": picture, "train": {}}
+        for method, trainer in trainers.items():
+            if trainer.pipeline != name:
+                continue
+            click.echo(f"[5/5] train {method} for {steps} steps, then its evaluation")
+            config = trainer.resolve_config({"max_steps": steps})
+            metrics = trainer.train(shards, out / "runs" / method, config, device="cpu")
+            evaluation = trainer.evaluate(Path(metrics["checkpoint"]), shards, config, device="cpu")
+            click.echo("  train: " + format_metrics(metrics))
+            click.echo(trainer.format_eval(evaluation))
+            entry["train"][method] = {"metrics": metrics, "eval": evaluation}
+        results[name] = entry
+    return results

@@ -1,7 +1,9 @@
-"""Where shard tasks run: an embedded dask LocalCluster or an existing scheduler.
+"""Where shard tasks run: an embedded dask LocalCluster, an existing scheduler, or in-process.
 
-The runner only sees ``map_tasks(fn, tasks, keys)`` yielding results as they complete,
-so pipelines never know which cluster (if any) runs them.
+The runner only sees ``open_executor(...)`` yielding an object whose ``map(fn, tasks, keys)``
+yields results as they complete, so pipelines never know which executor (if any) runs them.
+``scheduler="serial"`` runs every task in this process, in order: the same bytes as dask, and
+a failing stage shows a plain traceback (with ``build --raise-errors``) that ``pdb`` can enter.
 """
 
 from __future__ import annotations
@@ -9,11 +11,55 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
+
+SERIAL = "serial"
 
 
 class ClusterError(Exception):
     """The scheduler could not be reached or the cluster failed to start."""
+
+
+class Executor(Protocol):
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
+        """Run ``fn`` on every task; yield the results as tasks finish (in any order)."""
+        ...
+
+
+class SerialExecutor:
+    """Every task in this process, in order; exceptions propagate with their traceback."""
+
+    description = "in-process (serial)"
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
+        for task in tasks:
+            yield fn(task)
+
+
+class DaskExecutor:
+    """Tasks on a dask ``distributed`` cluster through ``client``."""
+
+    def __init__(self, client: Any, description: str):
+        self.client, self.description = client, description
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
+        return map_tasks(self.client, fn, tasks, keys)
+
+
+@contextmanager
+def open_executor(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Executor]:
+    """An executor for ``scheduler``: ``"serial"`` (in-process), ``""`` (an embedded LocalCluster
+    of ``workers`` processes) or a dask scheduler address (``tcp://host:8786``).
+
+    Raises:
+        ClusterError: the scheduler cannot be reached or the cluster does not start.
+    """
+    if scheduler == SERIAL:
+        yield SerialExecutor()
+        return
+    where = scheduler or f"LocalCluster({workers} workers)"
+    with dask_client(scheduler, workers, threads_per_worker) as client:
+        yield DaskExecutor(client, f"dask {where}")
 
 
 @contextmanager

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.registry import get_pipeline
-from pipelines.schema import SchemaError, validate_sample
-from pipelines.shards import iter_samples, load_index, sha256_file
+from distillkit.pipelines.codecs import SampleView
+from distillkit.pipelines.registry import get_pipeline
+from distillkit.pipelines.schema import SchemaError, validate_sample
+from distillkit.pipelines.shards import iter_samples, load_index, sha256_file
 
 
 @dataclass
@@ -117,7 +118,7 @@ def show(shard_dir: Path, out: Path, key: str | None = None) -> str:
     import matplotlib.pyplot as plt
 
     k, sample, pipeline_name = find_sample(shard_dir, key)
-    fig: Any = get_pipeline(pipeline_name).render(sample)
+    fig: Any = get_pipeline(pipeline_name).render(SampleView(sample, k))
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return k

@@ -1,8 +1,11 @@
-"""TOML manifests: load, apply ``--set`` overrides, validate against a schema, hash.
+"""TOML manifests: read, apply ``--set`` overrides, validate against a schema, hash.
 
 Every key a manifest may hold is declared in a schema (``Section`` of ``Key`` entries), so
 unknown keys, wrong types and missing input paths are reported before any work starts, as
-one line naming the file, the dotted key and the reason.
+one line naming the file, the dotted key and the reason. This module is a leaf: it knows no
+pipeline and validates against the schema it is given (``pipelines.catalog.load_manifest``
+looks the pipeline up and hands its schema over). Trainer configurations use the same
+``Key`` machinery.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ COMMON_SCHEMA: Section = {
         "max_rejected": Key(float, 0.01, doc="fraction of planned inputs; above it build exits 1"),
     },
     "cluster": {
-        "scheduler": Key(str, "", doc='"" = embedded LocalCluster, else "tcp://host:8786"'),
+        "scheduler": Key(str, "", doc='"" = embedded LocalCluster, "serial" = in-process, else "tcp://host:8786"'),
         "workers": Key(int, 2),
         "threads_per_worker": Key(int, 1),
     },
@@ -118,6 +121,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 def _check_value(file: Path, dotted: str, spec: Key, value: Any) -> Any:
     kind = spec.kind
+    if value is None and spec.default is None and not spec.required:
+        return None  # "unset" (TOML has no null; a stored trainer configuration does)
     if kind in ("path", "existing_path"):
         if not isinstance(value, str) or not value:
             raise ManifestError(file, dotted, f"expected a path string, got {value!r}")
@@ -170,10 +175,12 @@ def merge_schema(base: Section, extra: Section) -> Section:
     return merged
 
 
-def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Manifest:
-    """Read, override, validate. Raises ``ManifestError`` for any user error."""
-    from pipelines.registry import get_pipeline  # late: registry imports pipelines
+def read_manifest(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a TOML manifest and apply ``--set`` overrides (not yet validated).
 
+    Raises:
+        ManifestError: a missing file, invalid TOML or an override that crosses a value.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, "", "manifest file not found")
@@ -181,24 +188,34 @@ def load_manifest(path: str | Path, overrides: list[str] | None = None) -> Manif
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(path, "", f"not valid TOML: {exc}") from None
-    overrides = list(overrides or [])
+    apply_overrides(data, overrides or [], path)
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], file: str | Path) -> None:
+    """Set each ``KEY=VALUE`` of ``overrides`` into ``data`` by dotted path (in place)."""
     for text in overrides:
-        key, value = parse_override(text, path)
+        key, value = parse_override(text, file)
         try:
             _set_dotted(data, key, value)
         except KeyError:
-            raise ManifestError(path, key, "--set path crosses a non-table value") from None
-    pipeline_name = data.get("pipeline")
-    if not isinstance(pipeline_name, str):
-        raise ManifestError(path, "pipeline", "missing required key")
-    try:
-        pipeline = get_pipeline(pipeline_name)
-    except KeyError as exc:
-        raise ManifestError(path, "pipeline", str(exc.args[0])) from None
-    resolved = _validate(path, merge_schema(COMMON_SCHEMA, pipeline.schema), data)
-    manifest = Manifest(path=path, data=resolved, overrides=overrides)
+            raise ManifestError(file, key, "--set path crosses a non-table value") from None
+
+
+def validate(file: str | Path, schema: Section, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked against ``schema``, defaults filled in; raises a one-line ``ManifestError``
+    (unknown key, wrong type, bad choice, missing path) naming ``file`` and the dotted key."""
+    return _validate(Path(file), schema, data)
+
+
+def validate_manifest(path: str | Path, data: dict[str, Any], schema: Section,
+                      overrides: list[str] | None = None) -> Manifest:
+    """A ``Manifest`` from raw ``data``, validated against the common schema merged with a
+    pipeline's ``schema``. This module knows no pipeline: the caller hands it the schema."""
+    path = Path(path)
+    resolved = _validate(path, merge_schema(COMMON_SCHEMA, schema), data)
+    manifest = Manifest(path=path, data=resolved, overrides=list(overrides or []))
     _check_common(manifest)
-    pipeline.check_manifest(manifest)
     return manifest
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
-from pipelines.schema import load_npy
+from distillkit.pipelines.codecs import SampleView
 
 
-def render_slidr(sample: dict[str, bytes], max_depth: float = 50.0) -> Any:
+def render_slidr(sample: SampleView, max_depth: float = 50.0) -> Any:
     """A 2x3 matplotlib figure, one panel per camera: the JPEG, SLIC boundaries in white and
     the projected lidar points coloured by depth (metres, turbo colour map)."""
     import matplotlib
@@ -19,12 +18,10 @@ def render_slidr(sample: dict[str, bytes], max_depth: float = 50.0) -> Any:
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
 
-    from sensors.images import decode_labels, decode_rgb
-
-    cams = json.loads(sample["cams.json"])
-    pairs = load_npy(sample["pairs.npy"])
-    uvd = load_npy(sample["pairs_uvd.npy"])
-    n_points = len(load_npy(sample["lidar.npy"]))
+    cams = sample["cams.json"]
+    pairs = sample["pairs.npy"]
+    uvd = sample["pairs_uvd.npy"]
+    n_points = len(sample["lidar.npy"])
     cols = 3
     rows = (len(cams) + cols - 1) // cols
     w0, h0 = cams[0]["width"], cams[0]["height"]
@@ -32,8 +29,8 @@ def render_slidr(sample: dict[str, bytes], max_depth: float = 50.0) -> Any:
     scatter = None
     for i, cam in enumerate(cams):
         ax = axes.flat[i]
-        image = decode_rgb(sample[f"cam{i}.jpg"]).astype(np.float32) / 255
-        labels = decode_labels(sample[f"cam{i}.sp.png"])
+        image = sample.image(f"cam{i}.jpg").astype(np.float32) / 255
+        labels = sample[f"cam{i}.sp.png"]
         image[find_boundaries(labels, mode="inner")] = 1.0
         ax.imshow(image)
         sel = pairs[:, 1] == i

@@ -1,10 +1,12 @@
-"""Build shards: plan on the client, one dask task per shard, ``index.json`` last.
+"""Build shards: plan on the client, one task per shard on an executor, ``index.json`` last.
 
-A shard task builds its samples, writes the tar under a temporary name, renames it and
-writes a per-shard record ``{stem}.json``. On a rerun a task whose record, tar size and
-sha256 still match, whose plan and manifest fingerprint are unchanged and whose input files
-have the same sizes and mtimes returns the record without rebuilding, so an interrupted
-build resumes where it stopped and produces the same bytes as an uninterrupted one.
+A shard task sets its pipeline up once per worker process, streams the shard's samples from
+``Pipeline.build_refs`` through the schema check into the tar (one sample in memory at a time,
+each field decoded at most once for checks and statistics), renames the tar into place and
+writes a per-shard record ``{stem}.json``. On a rerun a task whose record, tar size and sha256
+still match, whose plan and manifest fingerprint are unchanged and whose input files have the
+same sizes and mtimes returns the record without rebuilding, so an interrupted build resumes
+where it stopped and produces the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,20 +15,20 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
-import traceback
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from pipelines.base import Rejected, SampleRef
-from pipelines.executor import dask_client, map_tasks
-from pipelines.manifest import Manifest
-from pipelines.registry import get_pipeline
-from pipelines.schema import validate_sample
-from pipelines.shards import ShardRecord, sha256_file, shard_filename, write_json_atomic, write_shard
+from distillkit.build_info import build_info
+from distillkit.pipelines.base import Pipeline, Rejection, SampleRef
+from distillkit.pipelines.executor import open_executor
+from distillkit.pipelines.manifest import Manifest
+from distillkit.pipelines.registry import get_pipeline
+from distillkit.pipelines.schema import SchemaError, validate_sample
+from distillkit.pipelines.shards import ShardRecord, sha256_file, shard_filename, write_json_atomic, write_shard
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT_VERSION = 1
@@ -34,12 +36,13 @@ INDEX_FORMAT_VERSION = 1
 
 @dataclass
 class ShardTask:
-    """One unit of dask work: the samples of one output shard."""
+    """One unit of work: the refs of one output shard."""
 
     index: int
     refs: list[SampleRef]
     manifest: Manifest
     fingerprint: str
+    raise_errors: bool = False
 
 
 @dataclass
@@ -53,7 +56,10 @@ class BuildResult:
 
     @property
     def rejected_fraction(self) -> float:
-        return len(self.rejected) / self.planned if self.planned else 0.0
+        """Rejected over written + rejected: the units are samples (or windows) and inputs
+        rejected whole, which is the planned inputs for one-sample-per-input pipelines."""
+        total = self.written + len(self.rejected)
+        return len(self.rejected) / total if total else 0.0
 
 
 def refs_fingerprint(refs: list[SampleRef], content_hash: str) -> str:
@@ -92,6 +98,23 @@ def _existing_record(out_dir: Path, task: ShardTask, stamp: str) -> ShardRecord 
     return rec
 
 
+# Pipelines set up in this worker process, by (pipeline, manifest content): ``setup`` loads
+# models once per process, however many shard tasks the process runs.
+_READY: dict[tuple[str, str], Pipeline] = {}
+_READY_LOCK = threading.Lock()
+
+
+def worker_pipeline(m: Manifest) -> Pipeline:
+    """The manifest's pipeline, ``setup`` run once in this process for this manifest."""
+    key = (m.pipeline, m.content_hash())
+    with _READY_LOCK:
+        if key not in _READY:
+            pipeline = type(get_pipeline(m.pipeline))()  # a private instance: setup may hold state
+            pipeline.setup(m)
+            _READY[key] = pipeline
+        return _READY[key]
+
+
 def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
     m = task.manifest
@@ -102,33 +125,40 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     reused = _existing_record(out_dir, task, stamp)
     if reused is not None:
         return task.index, reused, True
+    pipeline = worker_pipeline(m)
     rejected: list[dict[str, str]] = []
     stats: dict[str, float] = {}
-    kept: list[tuple[str, dict[str, bytes]]] = []
-    for ref in task.refs:
-        try:
-            sample = pipeline.build(ref, m)
-            validate_sample(pipeline, ref.key, sample)
-        except Rejected as exc:
-            rejected.append({"source": ref.source, "stage": exc.stage, "reason": exc.reason})
-            continue
-        except Exception as exc:  # an unexpected failure loses one sample, not the build
-            last = traceback.extract_tb(exc.__traceback__)[-1]
-            reason = f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
-            rejected.append({"source": ref.source, "stage": "build", "reason": reason})
-            continue
-        for k, v in pipeline.sample_stats(sample).items():
-            stats[k] = stats.get(k, 0.0) + float(v)
-        kept.append((ref.key, sample))
+    keys: list[str] = []
+
+    def checked() -> Iterator[tuple[str, dict[str, bytes]]]:
+        seen: set[str] = set()
+        for item in pipeline.build_refs(task.refs, m, raise_errors=task.raise_errors):
+            if isinstance(item, Rejection):
+                rejected.append(item.to_json())
+                continue
+            if item.key in seen:
+                raise ValueError(f"{m.pipeline}: build yielded the key {item.key} twice in one shard")
+            seen.add(item.key)
+            try:
+                view = validate_sample(pipeline, item.key, item.fields)
+                sample_stats = pipeline.sample_stats(view)
+            except SchemaError as exc:
+                rejected.append({"source": item.source, "stage": "schema", "reason": str(exc)})
+                continue
+            for k, v in sample_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+            keys.append(item.key)
+            yield item.key, item.fields
+
     path = out_dir / shard_filename(m.name, task.index)
-    size, digest, n = write_shard(path, kept)
+    size, digest, n = write_shard(path, checked())
     record = ShardRecord(
         file=path.name,
         samples=n,
         bytes=size,
         sha256=digest,
-        first_key=kept[0][0] if kept else None,
-        last_key=kept[-1][0] if kept else None,
+        first_key=keys[0] if keys else None,
+        last_key=keys[-1] if keys else None,
         task_fingerprint=task.fingerprint,
         inputs_stamp=stamp,
         rejected=rejected,
@@ -138,56 +168,39 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     return task.index, record, False
 
 
-def git_info() -> dict[str, Any]:
-    """Commit and dirty flag of the package's checkout (``None`` outside git)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root, capture_output=True, text=True, check=True,
-            ).stdout.strip()
-        )
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("distillkit")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def plan_tasks(m: Manifest) -> tuple[list[ShardTask], list[dict[str, str]], int, str]:
-    """Plan the build: (tasks, inputs rejected while planning, planned count, fingerprint)."""
+def plan_tasks(m: Manifest, raise_errors: bool = False) -> tuple[list[ShardTask], list[dict[str, str]], int, str]:
+    """Plan the build: (tasks, inputs rejected while planning, planned refs, fingerprint)."""
     pipeline = get_pipeline(m.pipeline)
     refs, plan_rejected = pipeline.plan(m)
     keys = [r.key for r in refs]
     if len(set(keys)) != len(keys):
         raise ValueError("pipeline plan produced duplicate sample keys")
-    per = m.data["output"]["samples_per_shard"]
+    per = pipeline.refs_per_shard(m)
     content = m.content_hash()
     tasks = []
     for i in range(0, len(refs), per):
         chunk = refs[i : i + per]
-        tasks.append(ShardTask(i // per, chunk, m, refs_fingerprint(chunk, content)))
+        tasks.append(ShardTask(i // per, chunk, m, refs_fingerprint(chunk, content), raise_errors))
     fingerprint = refs_fingerprint(refs, content)
     return tasks, plan_rejected, len(refs) + len(plan_rejected), fingerprint
 
 
 def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
-          progress: bool = True) -> BuildResult:
-    """Build every shard of manifest ``m`` on dask and write ``index.json`` last."""
+          progress: bool = True, raise_errors: bool = False) -> BuildResult:
+    """Build every shard of manifest ``m`` and write ``index.json`` last.
+
+    Args:
+        m: a validated manifest.
+        scheduler: ``"serial"``, ``""`` (embedded LocalCluster) or a dask address; default
+            the manifest's ``cluster.scheduler``.
+        workers: LocalCluster worker processes; default the manifest's ``cluster.workers``.
+        progress: show a progress bar.
+        raise_errors: stop at the first unexpected exception in a stage, with its traceback,
+            instead of rejecting that input (``Rejected`` inputs are still recorded).
+    """
     out_dir = m.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks, rejected, planned, fingerprint = plan_tasks(m)
+    tasks, rejected, planned, fingerprint = plan_tasks(m, raise_errors)
     pipeline = get_pipeline(m.pipeline)
     cluster = m.data["cluster"]
     scheduler = cluster["scheduler"] if scheduler is None else scheduler
@@ -195,10 +208,11 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
     _remove_stale(out_dir, m.name, len(tasks))
     records: dict[int, ShardRecord] = {}
     reused = 0
-    with dask_client(scheduler, workers, cluster["threads_per_worker"]) as client:
+    with open_executor(scheduler, workers, cluster["threads_per_worker"]) as executor:
+        log.debug("building %d shards on %s", len(tasks), executor.description)
         keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}" for t in tasks]
         bar = tqdm(total=len(tasks), desc=f"build {m.name}", unit="shard", disable=not progress)
-        for index, record, was_reused in map_tasks(client, build_shard, tasks, keys):
+        for index, record, was_reused in executor.map(build_shard, tasks, keys):
             records[index] = record
             reused += was_reused
             bar.update(1)
@@ -212,14 +226,15 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         for k, v in rec.stats.items():
             totals[k] = totals.get(k, 0.0) + v
     written = sum(r.samples for r in shard_records)
+    info = build_info()
     index = {
         "format_version": INDEX_FORMAT_VERSION,
         "pipeline": m.pipeline,
         "name": m.name,
         "manifest": m.data,
         "manifest_hash": m.content_hash(),
-        "package_version": package_version(),
-        "git": git_info(),
+        "package_version": info["version"],
+        "git": {"commit": info["commit"], "dirty": info["dirty"]},
         "input_fingerprint": fingerprint,
         "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
         "shards": [

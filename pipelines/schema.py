@@ -2,60 +2,58 @@
 
 from __future__ import annotations
 
-import io
-import json
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.shards import FORBIDDEN_EXTENSIONS
+from distillkit.pipelines.codecs import UNSAFE_EXTENSIONS, SampleView
+
+if TYPE_CHECKING:
+    from distillkit.pipelines.base import Pipeline
 
 
 class SchemaError(ValueError):
     """A sample breaks its schema; the message names the key and field."""
 
 
-def validate_sample(pipeline: Any, key: str, sample: dict[str, bytes]) -> None:
-    """Raise ``SchemaError`` naming ``key`` and the field if ``sample`` breaks the schema:
-    a missing required field, an unexpected field, a refused encoding or a failed check."""
-    for name in sample:
-        if any(name.endswith(ext) for ext in FORBIDDEN_EXTENSIONS):
+def validate_sample(pipeline: Pipeline, key: str, sample: Mapping[str, bytes] | SampleView) -> SampleView:
+    """Check ``sample`` against ``pipeline.fields``; return its ``SampleView`` (fields decoded
+    by the checks stay decoded for the statistics).
+
+    Raises:
+        SchemaError: naming ``key`` and the field: a missing required field, an unexpected
+            field, a code-executing encoding or a failed check.
+    """
+    view = sample if isinstance(sample, SampleView) else SampleView(sample, key)
+    for name in view:
+        if name.lower().endswith(UNSAFE_EXTENSIONS):
             raise SchemaError(f"{key}: field {name!r} uses a code-executing encoding")
-    specs = pipeline.fields(sample)
+    try:
+        specs = pipeline.fields(view)
+    except Exception as exc:
+        raise SchemaError(f"{key}: {exc}") from None
     for name, spec in specs.items():
-        if spec.required and name not in sample:
+        if spec.required and name not in view:
             raise SchemaError(f"{key}: missing field {name!r}")
-    for name in sample:
+    for name in view:
         if name not in specs:
             raise SchemaError(f"{key}: unexpected field {name!r}")
     for name, spec in specs.items():
-        if name in sample and spec.check is not None:
+        if name in view and spec.check is not None:
             try:
-                spec.check(sample[name], sample)
+                spec.check(view[name], view)
             except SchemaError:
                 raise
             except Exception as exc:
                 raise SchemaError(f"{key}: field {name!r}: {exc}") from None
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """Decode ``.npy`` bytes without ever unpickling (object arrays are refused)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    if array.dtype == object:
-        raise ValueError("object arrays cannot be stored (they would need pickle)")
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return view
 
 
 def expect_array(arr: np.ndarray, dtype: str, ndim: int, cols: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``arr`` has ``dtype``, ``ndim`` dimensions and ``cols`` columns."""
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"expected an array, got {type(arr).__name__}")
     if arr.dtype != np.dtype(dtype):
         raise ValueError(f"dtype {arr.dtype}, expected {dtype}")
     if arr.ndim != ndim:

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Extensions whose decoders execute code (pickle, torch.load): never written, never read.
-FORBIDDEN_EXTENSIONS = (".pth", ".pyd", ".pickle", ".pkl", ".pt", ".ten")
+from distillkit.pipelines.codecs import UNSAFE_EXTENSIONS
+
 FIXED_MTIME = 0  # 1970-01-01: content, not build time, decides the bytes
 
 
@@ -75,7 +75,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
             for key, fields in samples:
                 check_key(key)
                 for fname in sorted(fields):
-                    if any(fname.endswith(ext) for ext in FORBIDDEN_EXTENSIONS):
+                    if fname.lower().endswith(UNSAFE_EXTENSIONS):
                         raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
                     data = fields[fname]
                     tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))

@@ -7,18 +7,18 @@ Schema and picture: ``fields`` and ``render``; see SPEC.md "slidr" for the field
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
-from pipelines.base import FieldSpec, Rejected, SampleRef
-from pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
-from pipelines.schema import expect_array, json_bytes, load_npy, npy_bytes
-from preprocess.projection import project_points
-from preprocess.superpixels import slic_superpixels
-from sensors.images import decode_labels, decode_rgb, encode_labels_png
-from sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
+from distillkit.pipelines.base import Demo, FieldSpec, Pipeline, Rejected, SampleRef
+from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
+from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.schema import expect_array
+from distillkit.preprocess.projection import project_points
+from distillkit.preprocess.superpixels import slic_superpixels
+from distillkit.sensors.images import decode_rgb, encode_labels_png
+from distillkit.sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
 
 SCHEMA = {
     "source": {
@@ -39,9 +39,11 @@ SCHEMA = {
 }
 
 
-class SlidrPipeline:
+class SlidrPipeline(Pipeline):
     name = "slidr"
     schema = SCHEMA
+    source_key = "source.dataroot"
+    demo = Demo(synth="nuscenes", manifest="demo-slidr")
 
     # ---- manifest and plan (client) -------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -116,12 +118,12 @@ class SlidrPipeline:
         return out
 
     # ---- schema ------------------------------------------------------------------------
-    def fields(self, sample: dict[str, bytes]) -> dict[str, FieldSpec]:
+    def fields(self, sample: SampleView) -> dict[str, FieldSpec]:
         n_cams = len(CAMERAS)
         if "cams.json" in sample:
             try:
-                n_cams = len(json.loads(sample["cams.json"]))
-            except ValueError:
+                n_cams = len(sample["cams.json"])
+            except (ValueError, TypeError):
                 pass
         specs = {
             "lidar.npy": FieldSpec("float32 (N,4) x,y,z,intensity", check=_check_lidar),
@@ -136,11 +138,11 @@ class SlidrPipeline:
         return specs
 
     # ---- statistics --------------------------------------------------------------------
-    def sample_stats(self, sample: dict[str, bytes]) -> dict[str, float]:
-        lidar = load_npy(sample["lidar.npy"])
-        pairs = load_npy(sample["pairs.npy"])
-        n_cams = len(json.loads(sample["cams.json"]))
-        n_sp = sum(int(decode_labels(sample[f"cam{i}.sp.png"]).max()) + 1 for i in range(n_cams))
+    def sample_stats(self, sample: SampleView) -> dict[str, float]:
+        lidar = sample["lidar.npy"]
+        pairs = sample["pairs.npy"]
+        n_cams = len(sample["cams.json"])
+        n_sp = sum(int(sample[f"cam{i}.sp.png"].max()) + 1 for i in range(n_cams))
         inten = lidar[:, 3].astype(np.float64)
         return {
             "samples": 1,
@@ -169,18 +171,17 @@ class SlidrPipeline:
         }
 
     # ---- picture -----------------------------------------------------------------------
-    def render(self, sample: dict[str, bytes]) -> Any:
-        from pipelines.render_slidr import render_slidr
+    def render(self, sample: SampleView) -> Any:
+        from distillkit.pipelines.render_slidr import render_slidr
 
         return render_slidr(sample)
 
 
-def _check_lidar(data: bytes, sample: dict[str, bytes]) -> None:
-    expect_array(load_npy(data), "float32", 2, 4)
+def _check_lidar(lidar: np.ndarray, sample: SampleView) -> None:
+    expect_array(lidar, "float32", 2, 4)
 
 
-def _check_cams(data: bytes, sample: dict[str, bytes]) -> None:
-    cams = json.loads(data)
+def _check_cams(cams: Any, sample: SampleView) -> None:
     if not isinstance(cams, list) or not cams:
         raise ValueError("expected a non-empty list")
     for c in cams:
@@ -188,11 +189,10 @@ def _check_cams(data: bytes, sample: dict[str, bytes]) -> None:
             raise ValueError(f"{c.get('channel')}: K must be 3x3 and T_cam_lidar 4x4")
 
 
-def _check_pairs(data: bytes, sample: dict[str, bytes]) -> None:
-    pairs = load_npy(data)
+def _check_pairs(pairs: np.ndarray, sample: SampleView) -> None:
     expect_array(pairs, "int32", 2, 4)
-    n_points = len(load_npy(sample["lidar.npy"]))
-    cams = json.loads(sample["cams.json"])
+    n_points = len(sample["lidar.npy"])
+    cams = sample["cams.json"]
     if len(pairs) == 0:
         return
     if pairs[:, 0].min() < 0 or pairs[:, 0].max() >= n_points:
@@ -209,29 +209,26 @@ def _check_pairs(data: bytes, sample: dict[str, bytes]) -> None:
         raise ValueError("pairs not sorted by camera then point")
 
 
-def _check_uvd(data: bytes, sample: dict[str, bytes]) -> None:
-    uvd = load_npy(data)
+def _check_uvd(uvd: np.ndarray, sample: SampleView) -> None:
     expect_array(uvd, "float32", 2, 3)
-    if len(uvd) != len(load_npy(sample["pairs.npy"])):
+    if len(uvd) != len(sample["pairs.npy"]):
         raise ValueError("row count differs from pairs.npy")
 
 
-def _check_seg(data: bytes, sample: dict[str, bytes]) -> None:
-    seg = load_npy(data)
+def _check_seg(seg: np.ndarray, sample: SampleView) -> None:
     expect_array(seg, "uint8", 1)
-    if len(seg) != len(load_npy(sample["lidar.npy"])):
+    if len(seg) != len(sample["lidar.npy"]):
         raise ValueError("length differs from lidar.npy")
 
 
-def _check_jpeg(data: bytes, sample: dict[str, bytes]) -> None:
+def _check_jpeg(data: bytes, sample: SampleView) -> None:
     if not data.startswith(b"\xff\xd8"):
         raise ValueError("not a JPEG")
 
 
 def _sp_checker(i: int):
-    def check(data: bytes, sample: dict[str, bytes]) -> None:
-        labels = decode_labels(data)
-        cam = json.loads(sample["cams.json"])[i]
+    def check(labels: np.ndarray, sample: SampleView) -> None:
+        cam = sample["cams.json"][i]
         if labels.shape != (cam["height"], cam["width"]):
             raise ValueError(f"shape {labels.shape}, image is {cam['height']}x{cam['width']}")
         present = np.bincount(labels.ravel()) > 0

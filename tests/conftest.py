@@ -25,13 +25,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def synth_nuscenes(tmp_path_factory) -> Path:
     """Synthetic nuScenes (small, seed 0), read-only for tests: copy it before mutating."""
-    from sensors.synth_nuscenes import make_nuscenes
+    from distillkit.sensors.synth.nuscenes import make_nuscenes
 
     return make_nuscenes(tmp_path_factory.mktemp("synth") / "nuscenes", seed=0, size="small")
 
 
 def slidr_manifest(dataroot: Path, out: Path, *extra: str):
-    from pipelines.manifest import load_manifest
+    from distillkit.pipelines.catalog import load_manifest
 
     return load_manifest(DEMO_MANIFEST, [f"source.dataroot={dataroot}", f"output.dir={out}", *extra])
 
@@ -39,7 +39,7 @@ def slidr_manifest(dataroot: Path, out: Path, *extra: str):
 @pytest.fixture(scope="session")
 def slidr_shards(synth_nuscenes, tmp_path_factory) -> Path:
     """Shards built from ``synth_nuscenes`` by the real runner on a 2-worker LocalCluster."""
-    from pipelines.runner import build
+    from distillkit.pipelines.runner import build
 
     out = tmp_path_factory.mktemp("shards") / "slidr"
     build(slidr_manifest(synth_nuscenes, out, "cluster.workers=2"), progress=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import main
-from pipelines.runner import build
-from pipelines.shards import load_index
-from sensors.nuscenes_reader import load_nuscenes, plan_keyframes
+from distillkit.pipelines.cli import main
+from distillkit.pipelines.runner import build
+from distillkit.pipelines.shards import load_index
+from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes
 
 from .conftest import DEMO_MANIFEST, slidr_manifest
 

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipelines.cli import main
-from pipelines.shards import load_index
+from distillkit.pipelines.cli import main
+from distillkit.pipelines.shards import load_index
 
 
 @pytest.mark.slow

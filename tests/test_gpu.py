@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.gpu
 def test_train_slidr_on_cuda_bf16(slidr_shards, tmp_path):
-    from train.slidr import train_main
+    from distillkit.train.slidr import train_main
 
     m = train_main(slidr_shards, tmp_path / "cuda", device="cuda", max_steps=3, log_every=1)
     assert m["step"] == 3 and np.isfinite(m["loss"])
@@ -27,9 +27,9 @@ def test_train_slidr_on_cuda_bf16(slidr_shards, tmp_path):
 
 @pytest.mark.gpu
 def test_device_decode_matches_cpu_decode_on_cuda(slidr_shards):
-    from train.image_decode import decode_crops
-    from train.slidr import SIZES, make_stream
-    from train.slidr_aug import slidr_collate
+    from distillkit.train.image_decode import decode_crops
+    from distillkit.train.slidr import SIZES, make_stream
+    from distillkit.train.slidr_aug import slidr_collate
 
     it = iter(make_stream(slidr_shards, "small", seed=3, strict=True, decode_on_device=True))
     batch = slidr_collate([next(it)])
@@ -41,8 +41,8 @@ def test_device_decode_matches_cpu_decode_on_cuda(slidr_shards):
 
 @pytest.mark.gpu
 def test_projection_torch_cuda_matches_numpy(slidr_shards, synth_nuscenes):
-    from preprocess.projection import project_points
-    from sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
+    from distillkit.preprocess.projection import project_points
+    from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
 
     kf = plan_keyframes(load_nuscenes(synth_nuscenes, "v1.0-mini"))[0][0]
     args = (read_lidar_bin(kf.lidar_path), np.array([c.T_cam_lidar for c in kf.cameras]),

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import main
-from pipelines.manifest import ManifestError, load_manifest, parse_override
+from distillkit.pipelines.cli import main
+from distillkit.pipelines.catalog import load_manifest
+from distillkit.pipelines.manifest import ManifestError, parse_override
 
 from .conftest import DEMO_MANIFEST
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.projection import project_points
-from sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
+from distillkit.preprocess.projection import project_points
+from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
 
 
 @pytest.fixture(scope="module")

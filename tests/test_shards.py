@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines.schema import load_npy, npy_bytes
-from pipelines.shards import iter_samples, sha256_file, write_shard
+from distillkit.pipelines.codecs import load_npy, npy_bytes
+from distillkit.pipelines.shards import iter_samples, sha256_file, write_shard
 
 
 def _samples(n=3):

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipelines.inspect import verify
-from pipelines.runner import build
-from pipelines.schema import load_npy
-from pipelines.shards import load_index
-from sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
+from distillkit.pipelines.codecs import load_npy
+from distillkit.pipelines.inspect import verify
+from distillkit.pipelines.runner import build
+from distillkit.pipelines.shards import load_index
+from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
 
 from .conftest import DEMO_MANIFEST, slidr_manifest
 
-DISTILLKIT = [sys.executable, "-m", "pipelines.cli"]
+DISTILLKIT = [sys.executable, "-m", "distillkit"]
 
 
 def _shas(shard_dir: Path) -> list[tuple[str, str]]:
@@ -157,8 +157,8 @@ def test_verify_names_shard_of_flipped_byte(broken_copy):
 
 
 def test_verify_names_key_of_schema_fault(broken_copy):
-    from pipelines.schema import npy_bytes
-    from pipelines.shards import iter_samples, write_json_atomic, write_shard
+    from distillkit.pipelines.codecs import npy_bytes
+    from distillkit.pipelines.shards import iter_samples, write_json_atomic, write_shard
 
     index = load_index(broken_copy)
     entry = index["shards"][0]

@@ -11,8 +11,8 @@ from nuscenes.nuscenes import NuScenes, NuScenesExplorer
 from nuscenes.utils.data_classes import LidarPointCloud
 from pyquaternion import Quaternion
 
-from sensors.synth_nuscenes import CAMERAS, SIZES, make_nuscenes
-from sensors.synth_scene import CLASS_PALETTE, LIDARSEG_NAMES
+from distillkit.sensors.synth.nuscenes import CAMERAS, SIZES, make_nuscenes
+from distillkit.sensors.synth.scene import CLASS_PALETTE, LIDARSEG_NAMES
 
 CHANNELS = ["LIDAR_TOP", *[c.channel for c in CAMERAS]]
 SMALL = SIZES["small"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train.slidr_aug import (
+from distillkit.train.slidr_aug import (
     crop_resize_image,
     crop_resize_labels,
     drop_cuboid,

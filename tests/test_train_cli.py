@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipelines.cli import main
-from pipelines.schema import npy_bytes
-from pipelines.shards import iter_samples, load_index, write_shard
-from train.slidr import make_stream
-from train.streaming import BadSample
+from distillkit.pipelines.cli import main
+from distillkit.pipelines.codecs import npy_bytes
+from distillkit.pipelines.shards import iter_samples, load_index, write_shard
+from distillkit.train.slidr import make_stream
+from distillkit.train.streaming import BadSample
 
 
 def test_train_resume_eval_cli(slidr_shards, tmp_path):
@@ -60,7 +60,7 @@ def bad_shards(slidr_shards, tmp_path):
 def test_bad_samples_named_counted_skipped(bad_shards, caplog):
     out, shard0, keys, shard1 = bad_shards
     stream = make_stream(out, "small", seed=0, strict=False, epochs=1)
-    with caplog.at_level(logging.WARNING, logger="train.streaming"):
+    with caplog.at_level(logging.WARNING, logger="distillkit.train.streaming"):
         good = [ex["key"] for ex in stream]
     text = caplog.text
     assert f"{shard0}: sample {keys[0]}" in text and "zero point-pixel pairs" in text

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from train.image_decode import decode_crops
-from train.slidr import SIZES, build_method, make_stream
-from train.slidr_aug import slidr_collate
+from distillkit.train.image_decode import decode_crops
+from distillkit.train.slidr import SIZES, build_method, make_stream
+from distillkit.train.slidr_aug import slidr_collate
 
 
 def _batch(shards, deferred: bool):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from distillkit.train.checkpoint import load_checkpoint
+from distillkit.train.loop import LoopConfig, cosine_lambda, train_loop
+from distillkit.train.streaming import ShardStream, make_loader
 from tests.test_train_streaming import write_shards
-from train.checkpoint import load_checkpoint
-from train.loop import LoopConfig, cosine_lambda, train_loop
-from train.streaming import ShardStream, make_loader
 
 
 class Tiny(nn.Module):
@@ -89,7 +89,7 @@ def test_checkpoint_is_weights_only(tmp_path):
     shards = write_shards(tmp_path / "shards", [6])
     _, m = _run(shards, tmp_path / "c", 3)
     st = torch.load(m["checkpoint"], weights_only=True)
-    assert set(st) == {"model", "optimizer", "scheduler", "step", "rng"} and st["step"] == 3
+    assert set(st) == {"model", "optimizer", "scheduler", "step", "rng", "config"} and st["step"] == 3
     assert 0 <= m["data_wait_fraction"] <= 1 and m["samples_per_s"] > 0
 
 
@@ -123,7 +123,7 @@ def test_first_step_is_left_out_of_throughput_figures():
 def test_run_log_after_resume_equals_uninterrupted_log(tmp_path):
     """log.jsonl keeps every window; entries the crashed run wrote after its last checkpoint (step 10,
     checkpoint at 8) are dropped on resume, so the log reads as if the run was never interrupted."""
-    from train.run_log import read_log
+    from distillkit.train.run_log import read_log
 
     shards = write_shards(tmp_path / "shards", [5, 4, 6])
     _run(shards, tmp_path / "a", 14, log_every=2)

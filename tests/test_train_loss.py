@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.slidr_loss import superpixel_nce_loss
+from distillkit.train.slidr_loss import superpixel_nce_loss
 
 
 def dense_reference(point_feats, image_feats, superpixels, pairing_images, temperature=0.07):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
-from train.models.sparse import (
+from distillkit.train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
+from distillkit.train.models.sparse import (
     DownConv,
     KernelMap,
     SparseUNet,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillkit.train.registry import get_trainer
+from distillkit.train.slidr import SlidrTrainer, eval_main, train_main
 from tests.test_train_streaming import fake_slidr_sample, write_shards
-from train.registry import TRAINERS
-from train.slidr import eval_main, train_main
 
 
 def test_train_and_eval_smoke(tmp_path):
@@ -18,7 +18,7 @@ def test_train_and_eval_smoke(tmp_path):
     assert again["step"] == 3
     r = eval_main(tmp_path / "out" / "latest.pt", shards)
     assert 0 <= r["miou_random"] <= 1 and 0 <= r["miou_distilled"] <= 1
-    assert TRAINERS["slidr"].train_main is train_main
+    assert isinstance(get_trainer("slidr"), SlidrTrainer)
 
 
 @pytest.mark.slow
@@ -37,8 +37,8 @@ def test_distilled_beats_random_init(slidr_shards, tmp_path):
 def test_loss_under_bf16_autocast_matches_float32(tmp_path, deferred):
     """CUDA trains under bf16 autocast; CPU autocast exercises the same dtype mixing (sparse convs,
     teacher, decoder, pooled InfoNCE) here, so a dtype clash cannot wait for a GPU to show up."""
-    from train.slidr import build_method, make_stream
-    from train.slidr_aug import slidr_collate
+    from distillkit.train.slidr import build_method, make_stream
+    from distillkit.train.slidr_aug import slidr_collate
 
     shards = write_shards(tmp_path / "shards", [2], make=fake_slidr_sample)
     batch = slidr_collate(list(make_stream(shards, "small", seed=0, strict=True, epochs=1, decode_on_device=deferred)))

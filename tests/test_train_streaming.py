@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from train.streaming import BadSample, ShardStream, UnsafeFieldError, make_loader, to_device
+from distillkit.train.streaming import BadSample, ShardStream, UnsafeFieldError, make_loader, to_device
 
 
 def _npy(a: np.ndarray) -> bytes:

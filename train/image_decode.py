@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sensors.images import decode_rgb
+from distillkit.sensors.images import decode_rgb
 
 
 @functools.cache

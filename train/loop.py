@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.run_log import append_entry, plot_curves, truncate_after
-from train.streaming import to_device
+from distillkit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distillkit.train.run_log import append_entry, plot_curves, truncate_after
+from distillkit.train.streaming import to_device
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class LoopConfig:
     out: Path | None = None
     resume: bool = False
     bf16: bool = True  # only honoured on CUDA
+    run_config: dict[str, Any] | None = None  # the trainer's resolved configuration: checkpoint + log
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
@@ -119,6 +120,8 @@ def train_loop(
         log.info("resumed from %s at step %d", found, step)
     if cfg.out:  # a fresh run starts a fresh log; a resumed one drops what it will train again
         truncate_after(Path(cfg.out), step)
+        if step == 0 and cfg.run_config is not None:
+            append_entry(Path(cfg.out), {"step": 0, "config": cfg.run_config})
 
     def save() -> None:
         if ckpt_path is not None:
@@ -130,6 +133,7 @@ def train_loop(
                     "scheduler": sched.state_dict(),
                     "step": step,
                     "rng": rng_state(),
+                    "config": cfg.run_config,
                 },
             )
 

@@ -1,9 +1,23 @@
-"""Method name -> trainer module (each exposes ``train_main`` and ``eval_main``)."""
+"""Method name -> trainer, from the ``distillkit.trainers`` entry points (imported on demand)."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
-from train import slidr
+from distillkit.pipelines.registry import TRAINERS_GROUP, PluginError, Registry
+from distillkit.train.base import Trainer
 
-TRAINERS: dict[str, ModuleType] = {"slidr": slidr}
+
+def _make_trainer(obj: Any) -> Trainer:
+    trainer = obj() if isinstance(obj, type) else obj
+    if not isinstance(trainer, Trainer):
+        raise PluginError(f"{obj!r} is not a distillkit.train.base.Trainer")
+    return trainer
+
+
+TRAINERS: Registry[Trainer] = Registry(TRAINERS_GROUP, "method", _make_trainer)
+
+
+def get_trainer(name: str) -> Trainer:
+    """The registered trainer called ``name``; raises ``PluginError`` for an unknown name."""
+    return TRAINERS.get(name)

@@ -1,4 +1,5 @@
-"""The record of a training run: ``OUT/log.jsonl`` (one JSON line per logging window) and its
+"""The record of a training run: ``OUT/log.jsonl`` (a first line ``{"step": 0, "config": ...}``
+with the trainer's resolved configuration, then one JSON line per logging window) and its
 picture ``OUT/curves.png`` (loss, learning rate, samples/s and data-wait fraction over steps).
 
 Console logs scroll away; this file is what a researcher compares runs with. On ``--resume`` the
@@ -51,7 +52,7 @@ def truncate_after(out: Path, step: int) -> None:
 
 def plot_curves(out: Path) -> Path | None:
     """Draw ``out/curves.png`` from ``out/log.jsonl``: 4 panels over steps. None without entries."""
-    entries = read_log(out)
+    entries = [e for e in read_log(out) if "loss" in e]  # the config line holds no metrics
     if not entries:
         return None
     import matplotlib

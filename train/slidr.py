@@ -24,15 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.checkpoint import load_checkpoint
-from train.image_decode import decode_crops, nvjpeg_available
-from train.loop import LoopConfig, train_loop
-from train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
-from train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig, cylindrical_voxelize
-from train.probe import NUSCENES_16, NUSCENES_16_NAMES, linear_probe, split_keys
-from train.slidr_aug import check_slidr, slidr_collate, slidr_required, slidr_train_transform
-from train.slidr_loss import superpixel_nce_loss
-from train.streaming import ShardStream, make_loader
+from distillkit.pipelines.manifest import Key
+from distillkit.train.base import ConfigError, Trainer
+from distillkit.train.checkpoint import load_checkpoint
+from distillkit.train.image_decode import decode_crops, nvjpeg_available
+from distillkit.train.loop import LoopConfig, train_loop
+from distillkit.train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
+from distillkit.train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig, cylindrical_voxelize
+from distillkit.train.probe import NUSCENES_16, NUSCENES_16_NAMES, format_probe, linear_probe, split_keys
+from distillkit.train.slidr_aug import check_slidr, slidr_collate, slidr_required, slidr_train_transform
+from distillkit.train.slidr_loss import superpixel_nce_loss
+from distillkit.train.streaming import ShardStream, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,8 @@ def make_stream(
 
 
 def loop_config(
-    size: str, max_steps: int, device: str, out: Path | None, resume: bool = False, log_every: int = 10
+    size: str, max_steps: int, device: str, out: Path | None, resume: bool = False, log_every: int = 10,
+    run_config: dict[str, Any] | None = None,
 ) -> LoopConfig:
     """The training-loop settings of ``size`` (optimiser, lr, schedule), checkpointing 4 times a run."""
     return LoopConfig(
@@ -161,6 +164,7 @@ def loop_config(
         resume=resume,
         log_every=log_every,
         ckpt_every=max(1, max_steps // 4) if max_steps >= 8 else 0,
+        run_config=run_config,
         **SIZES[size].loop,
     )
 
@@ -207,8 +211,11 @@ def train_main(
             stream, batch_size, slidr_collate, num_workers=num_workers, device=device, timeout=600
         )
 
+    run_config = {"max_steps": max_steps, "batch_size": batch_size, "num_workers": num_workers, "seed": seed,
+                  "log_every": log_every, "size": size,
+                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None}
     cfg = loop_config(size, max_steps, device, Path(out) if out is not None else None, resume=resume,
-                      log_every=log_every)
+                      log_every=log_every, run_config=run_config)
     metrics = train_loop(method, batches, cfg, batch_size=batch_samples)
     metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics
@@ -278,3 +285,40 @@ def eval_main(
     result["miou_random"] = result["random"]["miou"]
     result["miou_distilled"] = result["distilled"]["miou"] if "distilled" in result else None
     return result
+
+
+class SlidrTrainer(Trainer):
+    """``distillkit train slidr``: the keys below plus the common ones (``train.base``)."""
+
+    name = "slidr"
+    pipeline = "slidr"
+    summary = "SLidR image-to-lidar distillation (superpixel-pooled InfoNCE)"
+    schema = {
+        "size": Key(str, "small", choices=tuple(SIZES), doc="network sizes: small (CPU, tests) or paper"),
+        "teacher_checkpoint": Key("existing_path", None,
+                                  doc="MoCo v2 ResNet-50 checkpoint for the frozen teacher (none: random)"),
+    }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
+        super().check_config(config, where)
+        path = config.get("teacher_checkpoint")
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(where, "teacher_checkpoint", f"not a file: {path}")
+
+    def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
+              resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        teacher = config.get("teacher_checkpoint")
+        return train_main(
+            shards=shards, out=out, device=device, resume=resume, strict=strict,
+            max_steps=config["max_steps"], size=config["size"], seed=config["seed"],
+            batch_size=config["batch_size"], num_workers=config["num_workers"], log_every=config["log_every"],
+            teacher_checkpoint=Path(teacher) if teacher else None,
+        )
+
+    def evaluate(self, checkpoint: Path | None, shards: Path, config: dict[str, Any],
+                 device: str = "cpu") -> dict[str, Any]:
+        return eval_main(checkpoint, shards, device=device, size=config["size"], seed=config["seed"])
+
+    def format_eval(self, result: dict[str, Any]) -> str:
+        return format_probe(result)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.models.sparse import cylindrical_voxelize
+from distillkit.train.models.sparse import cylindrical_voxelize
 
 N_CAMS = 6
 

@@ -15,17 +15,16 @@ of the seed: the training loop resumes by skipping the batches already consumed.
 
 Safety
 ------
-Decoding only accepts ``.npy`` (``allow_pickle=False``), ``.json``, ``.jpg``/``.jpeg`` and ``.png``
-(other extensions, e.g. ``.flac``, stay raw bytes). A ``.pth``/``.pt``/``.pyd``/``.pickle``/``.pkl``
-field raises :class:`UnsafeFieldError` naming shard and key, always: reading a shard never executes
-code. A bad sample (missing field, failed check, undecodable bytes, truncated tar) is logged with
-its shard (``__url__``) and key, counted in ``bad_samples`` (in-process) and skipped, or raised
-with ``strict=True``.
+Fields decode by ``distillkit.pipelines.codecs`` (``.npy`` with ``allow_pickle=False``, ``.json``,
+label PNGs such as ``.sp.png`` as label arrays, photographs as RGB, anything else as bytes). A
+``.pth``/``.pt``/``.pyd``/``.pickle``/``.pkl`` field raises ``UnsafeFieldError`` naming shard and
+key, always: reading a shard never executes code. A bad sample (missing field, failed check,
+undecodable bytes, truncated tar) is logged with its shard (``__url__``) and key, counted in
+``bad_samples`` (in-process) and skipped, or raised with ``strict=True``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -39,19 +38,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sensors.images import decode_labels, decode_rgb
+from distillkit.pipelines.codecs import UnsafeFieldError, decode_field, refuse_unsafe
 
 log = logging.getLogger(__name__)
-
-UNSAFE_EXTENSIONS = (".pth", ".pt", ".pyd", ".pickle", ".pkl", ".pyc", ".so")
+__all__ = ["BadSample", "ShardStream", "UnsafeFieldError", "decode_field", "make_loader", "shard_files", "to_device"]
 
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message names shard and key."""
-
-
-class UnsafeFieldError(BadSample):
-    """A field whose decoding could execute code (pickle, .pth, .pyd): always fatal."""
 
 
 def shard_files(shard_dir: Path | str) -> list[str]:
@@ -65,27 +59,6 @@ def shard_files(shard_dir: Path | str) -> list[str]:
     if not files:
         raise ValueError(f"{index_path}: lists no shards")
     return files
-
-
-def refuse_unsafe(name: str) -> None:
-    """Raise ``UnsafeFieldError`` for a field whose format could execute code when decoded."""
-    if name.lower().endswith(UNSAFE_EXTENSIONS):
-        raise UnsafeFieldError(f"field {name!r} has a refused (code-executing) format")
-
-
-def decode_field(name: str, data: bytes) -> Any:
-    """Decode one field by extension. Raises ``UnsafeFieldError`` for code-carrying formats."""
-    refuse_unsafe(name)
-    low = name.lower()
-    if low.endswith(".npy"):
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    if low.endswith(".json"):
-        return json.loads(data)
-    if low.endswith((".jpg", ".jpeg")):
-        return decode_rgb(data)  # (H, W, 3) uint8 RGB
-    if low.endswith(".png"):
-        return decode_labels(data)  # keeps 16-bit label images (superpixels with > 256 labels) intact
-    return data
 
 
 def decode_sample(raw: dict[str, Any], keep_raw: Sequence[str] = ()) -> dict[str, Any]:

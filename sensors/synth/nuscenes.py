@@ -1,9 +1,9 @@
 """Synthetic nuScenes dataset in the native on-disk format (tables, JPEGs, ``.pcd.bin``, lidarseg).
 
 :func:`make_nuscenes` writes a small dataset that ``nuscenes.nuscenes.NuScenes(version="v1.0-mini")``
-loads unmodified. Each scene is one static 3-D street world (:mod:`sensors.synth_scene`) through which
+loads unmodified. Each scene is one static 3-D street world (:mod:`sensors.synth.scene`) through which
 the ego car drives along a curve at constant speed; the six cameras and the top lidar are rendered from
-that world by one ray caster (:mod:`sensors.raycast`), each from the ego pose at its own timestamp.
+that world by one ray caster (:mod:`sensors.synth.raycast`), each from the ego pose at its own timestamp.
 Cameras fire as the (instantaneous) lidar sweep passes their heading, 0..50 ms after the lidar, as in
 nuScenes, so projecting lidar points into a camera needs the full chain
 lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera.
@@ -29,8 +29,8 @@ from PIL import Image
 from pyquaternion import Quaternion
 from tqdm import tqdm
 
-from sensors.raycast import Primitive, cast
-from sensors.synth_scene import LIDARSEG_NAMES, Road, World, make_world, shade
+from distillkit.sensors.synth.raycast import Primitive, cast
+from distillkit.sensors.synth.scene import LIDARSEG_NAMES, Road, World, make_world, shade
 
 VERSION = "v1.0-mini"
 KEYFRAME_US = 500_000  # nuScenes keyframes are ~2 Hz
@@ -166,7 +166,7 @@ def _clip_near(pc: np.ndarray) -> np.ndarray:
 
 
 def _camera_rect(k: np.ndarray, width: int, height: int, r_world_cam: np.ndarray, origin: np.ndarray):
-    """Culling callback for :func:`sensors.raycast.cast`: the pixel rectangle a primitive can cover."""
+    """Culling callback for :func:`sensors.synth.raycast.cast`: the pixel rectangle a primitive can cover."""
 
     def rect(p: Primitive) -> tuple[int, int, int, int] | None:
         pc = (p.corners() - origin) @ r_world_cam  # corners in the camera frame, (8, 3)

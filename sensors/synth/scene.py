@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sensors.raycast import BOX, CYLINDER, ELLIPSOID, GROUND_ID, SKY_ID, Hits, Primitive
+from distillkit.sensors.synth.raycast import BOX, CYLINDER, ELLIPSOID, GROUND_ID, SKY_ID, Hits, Primitive
 
 # nuScenes-lidarseg class indices (category.json "index"), the ones this world uses.
 NOISE, PEDESTRIAN, BARRIER, CAR = 0, 2, 9, 17
@@ -325,7 +325,7 @@ def shade(hits: Hits, dirs: np.ndarray, world: World,
     Parameters
     ----------
     hits : Hits
-        Output of :func:`sensors.raycast.cast` for grid shape (H, W).
+        Output of :func:`sensors.synth.raycast.cast` for grid shape (H, W).
     dirs : ndarray, (H, W, 3)
         The unit ray directions that were cast (world frame).
     world : World

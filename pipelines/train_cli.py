@@ -1,0 +1,147 @@
+"""``distillkit train METHOD`` and ``distillkit eval METHOD``: options made from each trainer's schema.
+
+Every top-level key of a trainer's configuration schema becomes an option (``batch_size`` ->
+``--batch-size``), so ``distillkit train slidr --help`` lists exactly SLidR's keys with their
+defaults and docs, and another method shows its own. Configuration layers, later winning:
+defaults < the checkpoint's stored configuration (``--resume``; ``eval``) < ``--config FILE.toml``
+< ``--set KEY=VALUE`` < explicit options.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from distillkit.pipelines.manifest import Key, ManifestError
+
+RUN_OPTIONS = ("shards", "device", "out", "resume", "strict", "overrides", "config_file")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _trainer(name: str) -> Any:
+    from distillkit.pipelines.registry import PluginError
+    from distillkit.train.registry import get_trainer
+
+    try:
+        return get_trainer(name)
+    except PluginError as exc:
+        _fail(str(exc))
+
+
+def _key_option(name: str, key: Key) -> click.Option:
+    flag = "--" + name.replace("_", "-")
+    help_text = f"{key.doc} [default: {key.default}]" if key.doc else f"[default: {key.default}]"
+    if key.kind is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    if key.choices is not None:
+        kind: Any = click.Choice([str(c) for c in key.choices])
+    elif key.kind in ("path", "existing_path"):
+        kind = click.Path()
+    elif key.kind in (int, float, str):
+        kind = key.kind
+    else:  # lists and tables: only through --set / --config
+        return None  # type: ignore[return-value]
+    return click.Option([flag, name], type=kind, default=None, help=help_text)
+
+
+def _read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"{path}: cannot read configuration: {exc}")
+    return {}
+
+
+def _device_ok(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda but no CUDA device is available")
+
+
+def make_train_command(name: str) -> click.Command:
+    """The ``train NAME`` subcommand, its options read from the trainer's schema."""
+    trainer = _trainer(name)
+    params: list[click.Parameter] = [
+        click.Option(["--shards"], required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help=f"a {trainer.pipeline} shard directory"),
+        click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
+        click.Option(["--out"], default=Path("runs/train"), type=click.Path(path_type=Path), show_default=True,
+                     help="run directory: latest.pt, log.jsonl, curves.png"),
+        click.Option(["--resume"], is_flag=True, help="continue from OUT/latest.pt with its stored configuration"),
+        click.Option(["--strict"], is_flag=True, help="stop at the first bad sample instead of skipping it"),
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE", help="set a configuration key"),
+        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="a TOML file of configuration keys"),
+    ]
+    for key_name, key in trainer.config_schema().items():
+        if isinstance(key, Key) and (opt := _key_option(key_name, key)) is not None:
+            params.append(opt)
+
+    def run(**kw: Any) -> None:
+        from distillkit.train.base import ConfigError, checkpoint_config
+        from distillkit.train.loop import format_metrics
+
+        explicit = {k: v for k, v in kw.items() if k not in RUN_OPTIONS and v is not None}
+        stored: dict[str, Any] = {}
+        ckpt = kw["out"] / "latest.pt"
+        if kw["resume"] and ckpt.is_file():
+            stored = checkpoint_config(ckpt) or {}
+        try:
+            config = trainer.resolve_config(stored, _read_config_file(kw["config_file"]), {},
+                                            overrides=list(kw["overrides"]))
+            config = trainer.resolve_config(config, explicit)
+        except (ConfigError, ManifestError) as exc:
+            _fail(str(exc))
+        _device_ok(kw["device"])
+        metrics = trainer.train(kw["shards"], kw["out"], config, device=kw["device"], resume=kw["resume"],
+                                strict=kw["strict"])
+        click.echo(format_metrics(metrics))
+
+    return click.Command(
+        name, params=params, callback=run,
+        help=f"{trainer.summary or 'Train ' + name}. Reads {trainer.pipeline} shards.",
+        context_settings={"show_default": True},
+    )
+
+
+class TrainGroup(click.Group):
+    """``distillkit train METHOD``: one subcommand per registered trainer, built on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from distillkit.train.registry import TRAINERS
+
+        return TRAINERS.names()
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return make_train_command(cmd_name)
+
+
+def run_eval(method: str, checkpoint: Path, shards: Path, device: str, overrides: list[str],
+             config_file: Path | None) -> None:
+    """``distillkit eval METHOD``: the configuration comes from the checkpoint (overridable)."""
+    from distillkit.train.base import ConfigError, checkpoint_config
+
+    trainer = _trainer(method)
+    stored = checkpoint_config(checkpoint)
+    if stored is None:
+        click.echo(f"note: {checkpoint} holds no configuration (an older checkpoint): using the defaults "
+                   "and --set", err=True)
+    try:
+        config = trainer.resolve_config(stored or {}, _read_config_file(config_file), overrides=overrides,
+                                        where=f"eval {method}")
+    except (ConfigError, ManifestError) as exc:
+        _fail(str(exc))
+    _device_ok(device)
+    click.echo(trainer.format_eval(trainer.evaluate(checkpoint, shards, config, device=device)))

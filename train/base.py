@@ -1,0 +1,136 @@
+"""The trainer contract: a method's typed configuration, ``train`` and ``evaluate``.
+
+Each method declares its configuration as a schema of ``pipelines.manifest.Key`` entries (the
+manifest machinery: types, choices, defaults, docs, one-line errors). The keys every trainer
+shares (``max_steps``, ``batch_size``, ``num_workers``, ``seed``, ``log_every``) come from
+``COMMON_SCHEMA``. ``distillkit train METHOD`` turns each top-level key into an option
+(``--batch-size``), accepts ``--set key=value`` and ``--config FILE.toml``, and ``--help``
+lists the method's own keys with their defaults. The resolved configuration is stored in every
+checkpoint and in the run log, so ``eval`` and ``--resume`` read it back instead of asking.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from distillkit.pipelines.manifest import Key, ManifestError, Section, merge_schema, parse_override, validate
+
+COMMON_SCHEMA: Section = {
+    "max_steps": Key(int, 100, doc="optimiser steps (the cosine schedule spans them)"),
+    "batch_size": Key(int, 2, doc="samples per step"),
+    "num_workers": Key(int, 0, doc="DataLoader worker processes (0 = load in the training process)"),
+    "seed": Key(int, 0, doc="seeds weights, shuffling and augmentation"),
+    "log_every": Key(int, 10, doc="steps per logged window (log.jsonl, console)"),
+}
+
+
+class ConfigError(ManifestError):
+    """A bad training configuration value: ``where: key: reason`` in one line."""
+
+
+class Trainer(ABC):
+    """Base class of every trainer (built-in or plugin).
+
+    Class attributes: ``name`` (the METHOD of ``distillkit train``), ``pipeline`` (whose
+    shards it reads), ``schema`` (its own configuration keys) and a one-line ``summary``.
+    """
+
+    name: ClassVar[str]
+    pipeline: ClassVar[str]
+    schema: ClassVar[Section] = {}
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def config_schema(cls) -> Section:
+        """The common keys merged with the method's own."""
+        return merge_schema(COMMON_SCHEMA, cls.schema)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return validate(cls.name, cls.config_schema(), {})
+
+    @classmethod
+    def resolve_config(
+        cls,
+        *layers: dict[str, Any],
+        overrides: list[str] = (),  # type: ignore[assignment]
+        where: str | Path = "",
+    ) -> dict[str, Any]:
+        """Merge configuration ``layers`` (later wins; e.g. checkpoint, file, explicit options),
+        then ``--set KEY=VALUE`` ``overrides``, and validate against ``config_schema``.
+
+        Raises:
+            ConfigError: unknown key, wrong type, bad choice, as ``where: key: reason``.
+        """
+        where = where or f"train {cls.name}"
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            _deep_update(merged, copy.deepcopy(layer or {}))
+        for text in overrides:
+            key, value = parse_override(text, where)
+            node = merged
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        try:
+            config = validate(where, cls.config_schema(), merged)
+        except ManifestError as exc:
+            raise ConfigError(exc.file, exc.key, exc.reason) from None
+        cls.check_config(config, where)
+        return config
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
+        """Cross-key checks; raise ``ConfigError``. The default checks the common keys."""
+        for key in ("max_steps", "batch_size", "log_every"):
+            if config[key] < 1:
+                raise ConfigError(where, key, "must be >= 1")
+        if config["num_workers"] < 0:
+            raise ConfigError(where, "num_workers", "must be >= 0")
+
+    @abstractmethod
+    def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
+              resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        """Train on ``shards``; checkpoints (holding ``config``) and the run log go to ``out``.
+
+        Args:
+            shards: a shard directory of this trainer's pipeline.
+            out: run directory (``latest.pt``, ``log.jsonl``, ``curves.png``); None writes nothing.
+            config: a resolved configuration (``resolve_config``).
+            device: ``"cpu"`` or ``"cuda"``.
+            resume: continue from ``out/latest.pt``.
+            strict: stop at the first bad sample instead of skipping it.
+
+        Returns:
+            The final metrics (loss, step, samples_per_s, data_wait_fraction, checkpoint, ...).
+        """
+
+    @abstractmethod
+    def evaluate(self, checkpoint: Path | None, shards: Path, config: dict[str, Any],
+                 device: str = "cpu") -> dict[str, Any]:
+        """The method's evaluation: distilled features (``checkpoint``) against the same
+        network at random init; ``checkpoint=None`` evaluates the random init only."""
+
+    def format_eval(self, result: dict[str, Any]) -> str:
+        """A readable report of ``evaluate``'s result."""
+        return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The configuration stored in a checkpoint (None for checkpoints written without one)."""
+    from distillkit.train.checkpoint import load_checkpoint
+
+    config = load_checkpoint(path).get("config")
+    return dict(config) if isinstance(config, dict) else None
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
