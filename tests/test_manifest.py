@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from distillkit.pipelines.cli import main
 from distillkit.pipelines.catalog import load_manifest
+from distillkit.pipelines.cli import main
 from distillkit.pipelines.manifest import ManifestError, parse_override
 
 from .conftest import DEMO_MANIFEST
