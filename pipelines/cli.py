@@ -114,8 +114,8 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
     except ClusterError as exc:
         _fail(str(exc))
     click.echo(
-        f"{result.written} samples in {result.built_shards + result.reused_shards} shards "
-        f"({result.reused_shards} reused), {len(result.rejected)} rejected of {result.planned}: {result.index_path}"
+        f"{result.written} samples from {result.planned} inputs in {result.built_shards + result.reused_shards} "
+        f"shards ({result.reused_shards} reused), {len(result.rejected)} rejected: {result.index_path}"
     )
     for r in result.rejected[:20]:
         click.echo(f"  rejected [{r['stage']}] {r['source']}: {r['reason']}", err=True)

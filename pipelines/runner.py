@@ -123,7 +123,8 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     # stamped before building: inputs changed during the build make the next run rebuild
     stamp = inputs_stamp([p for ref in task.refs for p in pipeline.input_files(ref)])
     reused = _existing_record(out_dir, task, stamp)
-    if reused is not None:
+    # --raise-errors rebuilds a shard that rejected inputs on unexpected errors, so they surface
+    if reused is not None and not (task.raise_errors and any(r["stage"] == "build" for r in reused.rejected)):
         return task.index, reused, True
     pipeline = worker_pipeline(m)
     rejected: list[dict[str, str]] = []
