@@ -9,11 +9,37 @@ The repository's folders ``pipelines/``, ``sensors/``, ``preprocess/``, ``train/
 
 from __future__ import annotations
 
-from importlib import metadata
+from importlib import import_module, metadata
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = metadata.version("distillkit")
 except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# Public name -> module that defines it; imported on first attribute access (PEP 562), because
+# the reading API needs torch, webdataset and OpenCV, which a plain ``import distillkit`` must not load.
+_LAZY = {
+    "open_shards": "distillkit.reading",
+    "shard_urls": "distillkit.reading",
+    "wds_handlers": "distillkit.reading",
+    "UnsafeFieldError": "distillkit.pipelines.codecs",
+}
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real objects
+    from distillkit.pipelines.codecs import UnsafeFieldError
+    from distillkit.reading import open_shards, shard_urls, wds_handlers
+
+__all__ = ["UnsafeFieldError", "__version__", "open_shards", "shard_urls", "wds_handlers"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value  # cache: the next access skips __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

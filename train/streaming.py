@@ -31,7 +31,7 @@ import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,11 +61,15 @@ def shard_files(shard_dir: Path | str) -> list[str]:
     return files
 
 
-def decode_sample(raw: dict[str, Any], keep_raw: Sequence[str] = ()) -> dict[str, Any]:
+def decode_sample(
+    raw: dict[str, Any], keep_raw: Sequence[str] = (), images: Literal["rgb", "raw"] = "rgb"
+) -> dict[str, Any]:
     """Decode every field of a raw WebDataset sample; errors name shard and key.
 
     Fields ending in one of ``keep_raw`` (e.g. ``(".jpg",)`` for decoding on the GPU later) stay
-    bytes; the refusal of code-executing formats applies to them too."""
+    bytes; the refusal of code-executing formats applies to them too. ``images="raw"`` keeps every
+    photograph as bytes but still decodes label images (unlike ``keep_raw=(".png",)``, which
+    would also catch ``.sp.png``)."""
     url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
     out: dict[str, Any] = {"__key__": key, "__url__": url}
     for name, value in raw.items():
@@ -76,7 +80,7 @@ def decode_sample(raw: dict[str, Any], keep_raw: Sequence[str] = ()) -> dict[str
                 refuse_unsafe(name)
                 out[name] = bytes(value)
                 continue
-            out[name] = decode_field(name, value)
+            out[name] = decode_field(name, value, images=images)
         except UnsafeFieldError as e:
             raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
@@ -107,7 +111,8 @@ class ShardStream(IterableDataset):
 
     ``required``: fields every sample must have. ``check(sample)`` raises ``ValueError`` for a
     bad sample. ``transform(sample, rng, gen)`` (numpy Generator, torch Generator) turns a decoded
-    sample into a training example.
+    sample into a training example. ``images``: ``"rgb"`` decodes photographs to (H, W, 3) uint8,
+    ``"raw"`` leaves them as bytes (label images are decoded either way).
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         shards: Sequence[str] | None = None,
         keep_raw: Sequence[str] = (),
+        images: Literal["rgb", "raw"] = "rgb",
     ):
         super().__init__()
         self.shards = list(shards) if shards is not None else shard_files(shard_dir)
@@ -135,6 +141,9 @@ class ShardStream(IterableDataset):
         self.required, self.check, self.transform = tuple(required), check, transform
         self.strict = strict
         self.keep_raw = tuple(keep_raw)
+        if images not in ("rgb", "raw"):
+            raise ValueError(f"images must be 'rgb' or 'raw', not {images!r}")
+        self.images = images
         self.bad_samples = 0  # counted in the process that iterates (per worker with workers > 0)
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -172,7 +181,7 @@ class ShardStream(IterableDataset):
                 self._bad(f"{url}: sample {key}: missing field(s) {missing}")
                 continue
             try:
-                sample = decode_sample(raw, self.keep_raw)
+                sample = decode_sample(raw, self.keep_raw, self.images)
                 if self.check is not None:
                     self.check(sample)
             except UnsafeFieldError:

@@ -1,0 +1,256 @@
+"""Reading shards from your own training code (``docs/reading.md``).
+
+Two entry points, both decoding label images (``cam0.sp.png``, see
+``distillkit.pipelines.codecs.LABEL_IMAGE_SUFFIXES``) as what they are, (H, W) integer id maps
+with their bit depth kept, where a stock ``webdataset`` ``.decode("rgb")`` silently turns them into
+(H, W, 3) floats in [0, 1] and clips 16-bit ids to 255:
+
+- :func:`open_shards`: a ``torch.utils.data.IterableDataset`` of decoded samples (the same
+  ``ShardStream`` the trainers use), split by rank and DataLoader worker, optionally shuffled.
+- :func:`wds_handlers`: the handlers to pass to stock ``webdataset.WebDataset(...).decode(...)``
+  for code that builds its own WebDataset pipeline.
+
+Nothing heavy is imported at module level (torch, webdataset and OpenCV are imported by the
+functions that need them), so ``import distillkit`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from distillkit.train.streaming import ShardStream
+
+__all__ = ["open_shards", "refuse_unsafe_handler", "resolve_rank", "shard_urls", "wds_handlers"]
+
+Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+# "https://...", "s3://...", "file://..." and webdataset's "pipe:cmd" are opened by webdataset's
+# gopen, not by us: we cannot check that they exist, so they are passed through as they are.
+_URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
+DEFAULT_SHUFFLE_BUFFER = 1000
+
+
+def _is_url(s: str) -> bool:
+    return bool(_URL.match(s))
+
+
+def _index_urls(index_url: str) -> list[str]:
+    """Shard URLs listed by a remote ``.../index.json`` (opened with webdataset's gopen)."""
+    from webdataset.gopen import gopen
+
+    with gopen(index_url, "rb") as f:
+        index = json.loads(f.read())
+    base = index_url.rsplit("/", 1)[0]
+    urls = [f"{base}/{s['file']}" for s in index.get("shards", [])]
+    if not urls:
+        raise ValueError(f"{index_url}: lists no shards")
+    return urls
+
+
+def shard_urls(source: Source) -> list[str]:
+    """The shard paths/URLs that ``source`` names, in order (what ``open_shards`` reads).
+
+    Args:
+        source: a shard directory (its ``index.json`` lists the shards: a directory without one
+            is an unfinished build and is refused), a path or URL of an ``index.json``, one
+            ``.tar`` path, a WebDataset brace pattern (``"/data/slidr-{000000..000009}.tar"``),
+            a URL (``"https://..."``, ``"pipe:curl -s ..."``), or a list of any of these.
+
+    Returns:
+        A non-empty list of paths/URLs that ``webdataset.WebDataset`` accepts.
+
+    Raises:
+        FileNotFoundError: a local shard, directory or ``index.json`` that does not exist (checked
+            here so that a typo fails at once, not in a DataLoader worker).
+        ValueError: an empty source or an index that lists no shards.
+    """
+    from braceexpand import braceexpand
+
+    from distillkit.train.streaming import shard_files
+
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise ValueError("no shards given (empty source)")
+    urls: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if _is_url(s):
+            if s.endswith("/index.json") and "{" not in s:
+                urls.extend(_index_urls(s))
+            else:
+                urls.extend(braceexpand(s))
+            continue
+        p = Path(s)
+        if p.is_dir():
+            urls.extend(shard_files(p))
+        elif p.name == "index.json":
+            urls.extend(shard_files(p.parent))  # raises FileNotFoundError when absent
+        else:
+            expanded = list(braceexpand(s))
+            missing = [x for x in expanded if not Path(x).is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise FileNotFoundError(f"{missing[0]}: no such shard{more} (source {s!r})")
+            urls.extend(expanded)
+    return urls
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """This process's (rank, world size): given values win, then an initialised
+    ``torch.distributed`` process group, then the ``RANK``/``WORLD_SIZE`` variables that
+    ``torchrun`` sets, else (0, 1).
+
+    Args:
+        rank: this process's rank, or None to detect it.
+        world_size: the number of processes reading disjoint parts, or None to detect it.
+
+    Raises:
+        ValueError: when the result is not ``0 <= rank < world_size``.
+    """
+    det_rank, det_world = 0, 1
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            det_rank, det_world = dist.get_rank(), dist.get_world_size()
+        else:
+            det_rank = int(os.environ.get("RANK", "0"))
+            det_world = int(os.environ.get("WORLD_SIZE", "1"))
+    r = det_rank if rank is None else int(rank)
+    w = det_world if world_size is None else int(world_size)
+    if w < 1 or not 0 <= r < w:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={r}, world_size={w}")
+    return r, w
+
+
+def open_shards(
+    source: Source,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epochs: int | None = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    images: Literal["rgb", "raw"] = "rgb",
+    strict: bool = True,
+    required: Sequence[str] = (),
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    transform: Callable[[dict[str, Any], np.random.Generator, torch.Generator], Any] | None = None,
+) -> ShardStream:
+    """Decoded samples of distillkit shards, for your own training code.
+
+    Each sample is a dict ``{"__key__": str, "__url__": str, field: value}`` with fields decoded
+    by their name (``distillkit.pipelines.codecs``): ``.npy`` -> numpy array (never unpickled),
+    ``.json`` -> JSON value, label images (``cam0.sp.png``...) -> (H, W) uint8/uint16 ids,
+    photographs (``cam0.jpg``) -> (H, W, 3) uint8 RGB, anything else -> bytes. Pass the result
+    to a ``torch.utils.data.DataLoader``: each worker reads whole shards of its own, so within an
+    epoch every sample is yielded exactly once over all ranks and workers (docs/reading.md).
+
+    Args:
+        source: shard directory, ``index.json``, ``.tar`` path, brace pattern, URL or a list of
+            those (see :func:`shard_urls`).
+        shuffle: shuffle the shard order (per epoch, from ``seed``) and samples through a buffer
+            of ``shuffle_buffer`` samples. Off by default: then samples come in shard order.
+        seed: seed of the shard order, of the sample buffer and of ``transform``'s generators;
+            the same seed (and the same ``world_size`` and DataLoader ``num_workers``) gives the
+            same order.
+        epochs: passes over the data before the iterator ends; ``None`` repeats forever
+            (reshuffled every epoch when ``shuffle``).
+        rank: this process's rank; ``None`` takes it from ``torch.distributed`` when initialised,
+            else from ``$RANK``, else 0.
+        world_size: number of ranks splitting the shards; ``None`` as for ``rank`` (``$WORLD_SIZE``,
+            else 1). Shards, not samples, are split: give every rank at least one shard per
+            DataLoader worker or some workers idle.
+        images: ``"rgb"`` decodes photographs; ``"raw"`` keeps their bytes (e.g. to decode on the
+            GPU). Label images are decoded either way.
+        strict: raise on a bad sample (missing required field, undecodable bytes, truncated tar)
+            instead of logging it, counting it in ``.bad_samples`` and skipping it.
+        required: field names every sample must have (e.g. ``["lidar.npy", "pairs.npy"]``).
+        shuffle_buffer: samples held for shuffling when ``shuffle`` (ignored otherwise).
+        transform: optional ``transform(sample, rng, gen)`` run in the DataLoader worker, with a
+            numpy and a torch generator seeded from ``(seed, epoch, key)``: augmentations are
+            reproducible whatever the worker layout.
+
+    Returns:
+        A ``distillkit.train.streaming.ShardStream`` (an ``IterableDataset``).
+
+    Raises:
+        FileNotFoundError / ValueError: for a source that names no readable shard (at once).
+        distillkit.pipelines.codecs.UnsafeFieldError: while iterating, for a field whose format
+            could execute code (``.pth``, ``.pickle``...), always, whatever ``strict`` says.
+    """
+    from distillkit.train.streaming import ShardStream
+
+    urls = shard_urls(source)
+    r, w = resolve_rank(rank, world_size)
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    return ShardStream(
+        "",  # unused: the shard list is given
+        shards=urls,
+        seed=seed,
+        epochs=epochs,
+        shuffle_shards=shuffle,
+        shuffle_buffer=shuffle_buffer if shuffle else 0,
+        rank=r,
+        world_size=w,
+        required=required,
+        transform=transform,
+        strict=strict,
+        images=images,
+    )
+
+
+def refuse_unsafe_handler(key: str, data: bytes) -> None:
+    """A webdataset decode handler that raises ``UnsafeFieldError`` for code-executing formats
+    (``.pth``, ``.pickle``, ``.pyd``...) and declines (``None``) everything else.
+
+    Args:
+        key: the field's extension as webdataset passes it (``".cam0.sp.png"``).
+        data: the field's bytes (unused).
+    """
+    from distillkit.pipelines.codecs import refuse_unsafe
+
+    refuse_unsafe(key)
+    return None
+
+
+def wds_handlers(images: str | None = "rgb") -> list[Callable[[str, bytes], Any]]:
+    """Handlers for stock ``webdataset``: ``wds.WebDataset(urls).decode(*wds_handlers())``.
+
+    In order: a handler that refuses code-executing formats (webdataset's own decoders would
+    unpickle ``.pyd`` or ``torch.load`` ``.pth``), a label handler (``webdataset.handle_extension``
+    for every suffix in ``LABEL_IMAGE_SUFFIXES``, decoding to (H, W) uint8/uint16 with OpenCV's
+    ``IMREAD_UNCHANGED``), then webdataset's image handler for the photographs. Labels must come
+    before the image handler: webdataset tries handlers in order and the first answer wins.
+
+    Args:
+        images: a webdataset image spec for the photographs (``"rgb"``: float32 in [0, 1], as the
+            usual ``.decode("rgb")``; ``"rgb8"``: uint8; ``"torchrgb"``, ``"pil"``...), or None
+            to append your own image handler after these.
+
+    Returns:
+        A list of callables to unpack into ``.decode(...)``; all picklable, so DataLoader workers
+        started with spawn can use them.
+    """
+    import webdataset as wds
+
+    from distillkit.pipelines.codecs import LABEL_IMAGE_SUFFIXES
+    from distillkit.sensors.images import decode_labels
+
+    handlers: list[Callable[[str, bytes], Any]] = [
+        refuse_unsafe_handler,
+        wds.handle_extension(" ".join(s.lstrip(".") for s in LABEL_IMAGE_SUFFIXES), decode_labels),
+    ]
+    if images is not None:
+        handlers.append(wds.imagehandler(images))
+    return handlers
