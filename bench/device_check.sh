@@ -55,7 +55,8 @@ fi
 stage bench 240 $PY bench/gpu_slidr.py --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
   --steps "$STEPS" --workers "$WORKERS" --out "$OUT/gpu_slidr.json"
 # A train stage cut off by its limit still leaves the checkpoint it wrote last (4 per run): probe that one.
-stage train 210 $PY -m distillkit train slidr --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
+# No MoCo v2 weights can be downloaded: the paper-size run says so with --random-teacher.
+stage train 210 $PY -m distillkit train slidr --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" --random-teacher \
   --max-steps "$TRAIN_STEPS" --batch-size 4 --num-workers "$WORKERS" --out "$WORK/run"
 if [ -f "$WORK/run/latest.pt" ]; then
   $PY -c "import sys, torch; print('probing the checkpoint of step', torch.load(sys.argv[1], weights_only=True,

@@ -14,7 +14,7 @@ import click
 
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.registry import PluginError
-from distillkit.pipelines.train_cli import TrainGroup, run_eval
+from distillkit.pipelines.train_cli import EvalGroup, TrainGroup
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -173,19 +173,8 @@ def show(shard_dir: Path, key: str | None, out: Path) -> None:
 main.add_command(TrainGroup(name="train", help="Train METHOD on a shard directory (distillkit train METHOD --help)."))
 
 
-@main.command(name="eval")
-@click.argument("method")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path, exists=True))
-@click.option("--shards", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="override a key of the checkpoint's stored configuration")
-@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="a TOML file of configuration keys")
-def evaluate(method: str, checkpoint: Path, shards: Path, device: str, overrides: tuple[str, ...],
-             config_file: Path | None) -> None:
-    """The method's evaluation (linear probe): distilled features against the same network at random init."""
-    run_eval(method, checkpoint, shards, device, list(overrides), config_file)
+main.add_command(EvalGroup(name="eval", help="Evaluate METHOD's checkpoint against random init "
+                                          "(distillkit eval METHOD --help)."))
 
 
 @main.command()

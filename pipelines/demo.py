@@ -81,7 +81,8 @@ def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | No
             click.echo(f"[5/5] train {method} for {steps} steps, then its evaluation")
             config = trainer.resolve_config({"max_steps": steps})
             metrics = trainer.train(shards, out / "runs" / method, config, device="cpu")
-            evaluation = trainer.evaluate(Path(metrics["checkpoint"]), shards, config, device="cpu")
+            evaluation = trainer.evaluate(Path(metrics["checkpoint"]), [shards], config, device="cpu",
+                                          options=trainer.resolve_eval_options({}))
             click.echo("  train: " + format_metrics(metrics))
             click.echo(trainer.format_eval(evaluation))
             entry["train"][method] = {"metrics": metrics, "eval": evaluation}

@@ -1,12 +1,16 @@
 """The SLidR pipeline: one sample per nuScenes keyframe.
 
-plan: nuscenes-devkit tables -> ``KeyframeRef`` per keyframe (on the client).
+plan: nuscenes-devkit tables -> ``KeyframeRef`` per keyframe of the scenes selected by
+``source.split`` / ``source.scenes`` (on the client), then a seeded permutation of all of them
+(``output.shuffle``), so every shard is a random draw from the whole dataset.
 build: lidar ``.pcd.bin`` + six JPEGs -> projection pairs + SLIC superpixels (on workers).
-Schema and picture: ``fields`` and ``render``; see SPEC.md "slidr" for the field contract.
+Schema and picture: ``fields`` and ``render``; see SPEC.md "slidr" for the field contract and
+docs/decisions.md ("SLidR splits and shuffling") for the additions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -19,13 +23,17 @@ from distillkit.preprocess.projection import project_points
 from distillkit.preprocess.superpixels import slic_superpixels
 from distillkit.sensors.images import decode_rgb, encode_labels_png
 from distillkit.sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
+from distillkit.sensors.nuscenes_splits import SPLIT_NAMES, split_scenes
 
 SCHEMA = {
     "source": {
         "kind": Key(str, "nuscenes", choices=("nuscenes",)),
         "dataroot": Key("existing_path", required=True),
         "version": Key(str, "v1.0-mini"),
-        "scenes": Key(list, [], doc="scene names; [] = all"),
+        "split": Key(str, "all", choices=SPLIT_NAMES,
+                     doc='nuscenes-devkit split (train, val, mini_train, ...), "pretrain" (SLidR: train minus '
+                         'its 100 held-out scenes), "pretrain_val" (those 100) or "all"'),
+        "scenes": Key(list, [], doc="scene names, each in source.split; [] = every scene of the split"),
     },
     "stages": {
         "projection": {"min_dist": Key(float, 1.0)},
@@ -35,6 +43,11 @@ SCHEMA = {
             "sigma": Key(float, 3.0),
             "backend": Key(str, "skimage", choices=("skimage",)),
         },
+    },
+    "output": {
+        "shuffle": Key(bool, True, doc="shards hold keyframes in a seeded random order over the whole "
+                                       "dataset (false: scene order, then time)"),
+        "shuffle_seed": Key(int, 0, doc="seed of that order; the same seed gives the same shards"),
     },
 }
 
@@ -55,14 +68,19 @@ class SlidrPipeline(Pipeline):
             raise ManifestError(m.path, "source.scenes", "must be a list of scene names")
 
     def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
-        src = m.data["source"]
+        src, out = m.data["source"], m.data["output"]
         try:
             nusc = load_nuscenes(src["dataroot"], src["version"])
-            keyframes, rejected = plan_keyframes(nusc, src["scenes"] or None)
+            scenes = select_scenes(sorted(s["name"] for s in nusc.scene), src["split"], src["scenes"])
+            keyframes, rejected = plan_keyframes(nusc, scenes)
+        except SceneSelectionError as exc:
+            raise ManifestError(m.path, exc.key, exc.reason) from None
         except DatasetError as exc:
             raise ManifestError(m.path, "source", str(exc)) from None
         refs = [SampleRef(kf.sample_token, f"{kf.scene}/sample/{kf.sample_token}", kf.to_payload())
                 for kf in keyframes]
+        if out["shuffle"]:
+            refs = shuffle_refs(refs, out["shuffle_seed"])
         return refs, rejected
 
     # ---- build (worker) ----------------------------------------------------------------
@@ -107,6 +125,9 @@ class SlidrPipeline(Pipeline):
             {k: c[k] for k in ("channel", "sample_data_token", "width", "height", "K", "T_cam_lidar")}
             for c in cams
         ])
+        # Which scene and when: the probe splits by scene and the trainer filters by split;
+        # a sample's key (its token) alone cannot tell, and shards are no longer in scene order.
+        out["meta.json"] = json_bytes({"scene": kf["scene"], "timestamp": kf["timestamp"]})
         if kf.get("lidarseg_path"):
             try:
                 seg = np.fromfile(kf["lidarseg_path"], dtype=np.uint8)
@@ -131,6 +152,9 @@ class SlidrPipeline(Pipeline):
             "pairs.npy": FieldSpec("int32 (M,4) point,cam,row,col", check=_check_pairs),
             "pairs_uvd.npy": FieldSpec("float32 (M,3) u,v,depth", check=_check_uvd),
             "lidarseg.npy": FieldSpec("uint8 (N,) lidarseg class", required=False, check=_check_seg),
+            # Optional so that shards written before it stay valid; every build writes it.
+            "meta.json": FieldSpec('{"scene", "timestamp"}: scene name, LIDAR_TOP timestamp (us)',
+                                   required=False, check=_check_meta),
         }
         for i in range(n_cams):
             specs[f"cam{i}.jpg"] = FieldSpec("original JPEG", check=_check_jpeg)
@@ -175,6 +199,67 @@ class SlidrPipeline(Pipeline):
         from distillkit.pipelines.render_slidr import render_slidr
 
         return render_slidr(sample)
+
+
+class SceneSelectionError(ValueError):
+    """``source.split`` / ``source.scenes`` select no usable scene; ``key`` names the manifest key."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def select_scenes(available: list[str], split: str, scenes: list[str]) -> list[str]:
+    """The scenes to plan: an explicit list (each of which must lie in ``split``), else every
+    available scene of ``split``, in name order.
+
+    A listed scene outside the split is an error rather than silently dropped: the split is what
+    keeps evaluation scenes out of pretraining, and a list that contradicts it is a mistake.
+
+    Args:
+        available: the dataset's scene names.
+        split: a split name (``distillkit.sensors.nuscenes_splits``); ``"all"`` selects every scene.
+        scenes: the manifest's ``source.scenes`` ([] = the whole split).
+
+    Raises:
+        SceneSelectionError: a listed scene is outside the split, or the split holds none of the
+            dataset's scenes.
+    """
+    chosen = split_scenes(split)
+    if scenes:
+        outside = [s for s in scenes if chosen is not None and s not in chosen]
+        if outside:
+            raise SceneSelectionError("source.scenes", f"not in split {split!r}: {', '.join(outside)} "
+                                                       '(set source.split = "all" to list any scene)')
+        return list(scenes)
+    picked = [s for s in available if chosen is None or s in chosen]
+    if not picked:
+        raise SceneSelectionError("source.split", f"none of the dataset's {len(available)} scenes is in split "
+                                                  f"{split!r}")
+    return picked
+
+
+def shuffle_refs(refs: list[SampleRef], seed: int) -> list[SampleRef]:
+    """``refs`` in a seeded pseudo-random order: sorted by ``sha256(f"{seed}/{key}")``.
+
+    A uniform random permutation for distinct keys, computed from nothing but the seed and each
+    key: it does not depend on Python's or numpy's generators (whose streams may change between
+    versions), on the executor or on the worker count, and selecting fewer scenes keeps the
+    relative order of the keyframes that remain.
+
+    Args:
+        refs: the planned refs (keys unique).
+        seed: ``output.shuffle_seed``.
+    """
+    return sorted(refs, key=lambda r: hashlib.sha256(f"{seed}/{r.key}".encode()).digest())
+
+
+def _check_meta(meta: Any, sample: SampleView) -> None:
+    if not isinstance(meta, dict) or not isinstance(meta.get("scene"), str) or not meta["scene"]:
+        raise ValueError('expected {"scene": non-empty name, "timestamp": int}')
+    ts = meta.get("timestamp")
+    if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
+        raise ValueError(f"timestamp must be a non-negative integer (microseconds), got {ts!r}")
 
 
 def _check_lidar(lidar: np.ndarray, sample: SampleView) -> None:

@@ -128,20 +128,50 @@ class TrainGroup(click.Group):
         return make_train_command(cmd_name)
 
 
-def run_eval(method: str, checkpoint: Path, shards: Path, device: str, overrides: list[str],
-             config_file: Path | None) -> None:
-    """``distillkit eval METHOD``: the configuration comes from the checkpoint (overridable)."""
-    from distillkit.train.base import ConfigError, checkpoint_config
+def make_eval_command(name: str) -> click.Command:
+    """The ``eval NAME`` subcommand: the training configuration comes from the checkpoint
+    (overridable with ``--set``/``--config``), its own options from the trainer's ``eval_schema``."""
+    trainer = _trainer(name)
+    params: list[click.Parameter] = [
+        click.Option(["--checkpoint"], required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)),
+        click.Option(["--shards"], required=True, multiple=True,
+                     type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help=f"{trainer.pipeline} shard directory (repeatable: e.g. a train and a val build)"),
+        click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
+                     help="override a key of the checkpoint's stored training configuration"),
+        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="a TOML file of training configuration keys"),
+    ]
+    for key_name, key in trainer.eval_schema.items():
+        if isinstance(key, Key) and (opt := _key_option(key_name, key)) is not None:
+            params.append(opt)
 
-    trainer = _trainer(method)
-    stored = checkpoint_config(checkpoint)
-    if stored is None:
-        click.echo(f"note: {checkpoint} holds no configuration (an older checkpoint): using the defaults "
-                   "and --set", err=True)
-    try:
-        config = trainer.resolve_config(stored or {}, _read_config_file(config_file), overrides=overrides,
-                                        where=f"eval {method}")
-    except (ConfigError, ManifestError) as exc:
-        _fail(str(exc))
-    _device_ok(device)
-    click.echo(trainer.format_eval(trainer.evaluate(checkpoint, shards, config, device=device)))
+    def run(**kw: Any) -> None:
+        from distillkit.train.base import ConfigError, checkpoint_config
+
+        stored = checkpoint_config(kw["checkpoint"])
+        if stored is None:
+            click.echo(f"note: {kw['checkpoint']} holds no configuration (an older checkpoint): using the "
+                       "defaults and --set", err=True)
+        options = {k: v for k, v in kw.items() if k in trainer.eval_schema and v is not None}
+        try:
+            config = trainer.resolve_config(stored or {}, _read_config_file(kw["config_file"]),
+                                            overrides=list(kw["overrides"]), where=f"eval {name}")
+            options = trainer.resolve_eval_options(options)
+        except (ConfigError, ManifestError) as exc:
+            _fail(str(exc))
+        _device_ok(kw["device"])
+        result = trainer.evaluate(kw["checkpoint"], list(kw["shards"]), config, device=kw["device"], options=options)
+        click.echo(trainer.format_eval(result))
+
+    return click.Command(name, params=params, callback=run, context_settings={"show_default": True},
+                         help=f"Evaluate a {name} checkpoint: distilled features against the same network at "
+                              "random init.")
+
+
+class EvalGroup(TrainGroup):
+    """``distillkit eval METHOD``: one subcommand per registered trainer, built on demand."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return make_eval_command(cmd_name)

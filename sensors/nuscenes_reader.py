@@ -40,9 +40,13 @@ class CameraRef:
 
 @dataclass(frozen=True)
 class KeyframeRef:
+    """One keyframe: its scene, the LIDAR_TOP sweep (token, path, timestamp in microseconds) and
+    the six cameras with their composed calibration."""
+
     sample_token: str
     scene: str
     lidar_token: str
+    timestamp: int  # of the LIDAR_TOP sample_data, microseconds (nuScenes' clock)
     lidar_path: str
     cameras: list[CameraRef]
     lidarseg_path: str | None
@@ -130,6 +134,10 @@ def plan_keyframes(
 ) -> tuple[list[KeyframeRef], list[dict[str, str]]]:
     """Every keyframe of the chosen scenes in scene order, then time order.
 
+    Args:
+        nusc: a loaded nuScenes (``load_nuscenes``).
+        scenes: scene names in the order wanted; ``None`` or empty = every scene, in name order.
+
     Returns (keyframes, rejected) where rejected holds ``{source, stage, reason}`` for
     keyframes whose tables are incomplete (a camera missing, a calibration or ego-pose
     record missing, empty intrinsics).
@@ -202,6 +210,7 @@ def _keyframe(nusc: Any, dataroot: Path, scene: str, sample: dict[str, Any],
         sample_token=sample["token"],
         scene=scene,
         lidar_token=sd_lidar["token"],
+        timestamp=int(sd_lidar["timestamp"]),
         lidar_path=os.fspath(dataroot / sd_lidar["filename"]),
         cameras=cams,
         lidarseg_path=os.fspath(dataroot / seg) if seg else None,

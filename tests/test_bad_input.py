@@ -100,10 +100,11 @@ def test_exit_code_follows_max_rejected(broken_build):
     root, out, _, _, planned = broken_build
     base = ["build", str(DEMO_MANIFEST), "--quiet", "--workers", "1", "--set", f"source.dataroot={root}",
             "--set", f"output.dir={out}"]
-    strict = CliRunner().invoke(main, [*base, "--set", "output.max_rejected=0.5"])
+    rate = len(CASES) / planned  # the thresholds bracket it, whatever the synthetic dataset's size
+    strict = CliRunner().invoke(main, [*base, "--set", f"output.max_rejected={rate / 2:.4f}"])
     assert strict.exit_code == 1, strict.output
     assert "above output.max_rejected" in strict.output
-    lenient = CliRunner().invoke(main, [*base, "--set", "output.max_rejected=0.9"])
+    lenient = CliRunner().invoke(main, [*base, "--set", f"output.max_rejected={(rate + 1) / 2:.4f}"])
     assert lenient.exit_code == 0, lenient.output
     assert f"from {planned} inputs" in lenient.output and f"{len(CASES)} rejected" in lenient.output
 

@@ -18,6 +18,7 @@ from distillkit.pipelines.codecs import load_npy
 from distillkit.pipelines.inspect import verify
 from distillkit.pipelines.runner import build
 from distillkit.pipelines.shards import load_index
+from distillkit.pipelines.slidr import SlidrPipeline
 from distillkit.sensors.nuscenes_reader import load_nuscenes, plan_keyframes, read_lidar_bin
 
 from .conftest import DEMO_MANIFEST, slidr_manifest
@@ -32,13 +33,15 @@ def _shas(shard_dir: Path) -> list[tuple[str, str]]:
 def test_index_and_contents(slidr_shards, synth_nuscenes):
     index = load_index(slidr_shards)
     refs, _ = plan_keyframes(load_nuscenes(synth_nuscenes, "v1.0-mini"))
+    plan, _ = SlidrPipeline().plan(slidr_manifest(synth_nuscenes, slidr_shards))
     assert index["counts"] == {"planned": len(refs), "written": len(refs), "rejected": 0}
     assert index["pipeline"] == "slidr" and len(index["manifest_hash"]) == 64
     assert set(index["git"]) == {"commit", "dirty"} and index["input_fingerprint"]
     assert index["stats"]["points_per_sample"] > 1000 and index["stats"]["intensity_std"] > 0
     samples = {s["__key__"]: s for s in wds.WebDataset(
         [str(slidr_shards / s["file"]) for s in index["shards"]], shardshuffle=False)}
-    assert list(samples) == [r.sample_token for r in refs]  # plan order, every keyframe
+    assert list(samples) == [r.key for r in plan]  # plan order (a seeded permutation)
+    assert sorted(samples) == sorted(r.sample_token for r in refs)  # every keyframe
     for ref in refs[:2]:
         s = samples[ref.sample_token]
         lidar = load_npy(s["lidar.npy"])

@@ -11,7 +11,7 @@ from nuscenes.nuscenes import NuScenes, NuScenesExplorer
 from nuscenes.utils.data_classes import LidarPointCloud
 from pyquaternion import Quaternion
 
-from distillkit.sensors.synth.nuscenes import CAMERAS, SIZES, make_nuscenes
+from distillkit.sensors.synth.nuscenes import CAMERAS, SCENE_NAMES, SIZES, make_nuscenes
 from distillkit.sensors.synth.scene import CLASS_PALETTE, LIDARSEG_NAMES
 
 CHANNELS = ["LIDAR_TOP", *[c.channel for c in CAMERAS]]
@@ -60,6 +60,7 @@ def _project(nusc: NuScenes, lidar_sd: str, cam_sd: str, points: np.ndarray,
 
 def test_devkit_loads_with_expected_counts(nusc: NuScenes) -> None:
     assert len(nusc.scene) == SMALL.n_scenes
+    assert [s["name"] for s in nusc.scene] == list(SCENE_NAMES[: SMALL.n_scenes])  # real names, for the splits
     assert len(nusc.sample) == SMALL.n_scenes * SMALL.n_keyframes
     assert len(nusc.sample_data) == len(nusc.sample) * 7
     assert len(nusc.lidarseg) == len(nusc.sample)

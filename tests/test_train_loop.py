@@ -98,6 +98,20 @@ def test_cosine_schedule():
     assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0 and abs(f(10)) < 1e-12 and 0 < f(6) < 1
 
 
+def test_cosine_over_epochs_matches_torch_cosine_annealing_stepped_per_epoch():
+    """SLidR steps CosineAnnealingLR(T_max=epochs) once per epoch; the per-step lambda must give the
+    same lr at every step (constant within an epoch)."""
+    epochs, spe = 5, 3
+    f = cosine_lambda(epochs * spe, 0, 0.0, steps_per_epoch=spe)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for epoch in range(epochs):
+        for i in range(spe):
+            assert abs(0.5 * f(epoch * spe + i) - opt.param_groups[0]["lr"]) < 1e-12, (epoch, i)
+        opt.step()
+        ref.step()
+
+
 def test_stream_with_only_bad_samples_stops_with_a_message(tmp_path):
     shards = write_shards(tmp_path / "shards", [2, 2])
     model = Tiny()

@@ -179,3 +179,42 @@ def test_make_loader_and_to_device(tmp_path):
     got = sorted(int(v) for b in dl for v in to_device(b, "cpu"))
     assert got == list(range(6))
     assert to_device({"a": [torch.ones(1)], "b": "s"}, "cpu")["b"] == "s"
+
+
+def test_buffer_holds_samples_undecoded(tmp_path, monkeypatch):
+    """Samples are decoded as they leave the shuffle buffer, not as they enter it: a decoded SLidR
+    sample is ~10x its stored bytes, which would make a large buffer unaffordable."""
+    import distillkit.train.streaming as streaming
+
+    d = write_shards(tmp_path, [8], make=lambda k, r: {"__key__": k, "x.npy": _npy(r.normal(size=(50, 4)))})
+    calls = []
+    real = streaming.decode_sample
+    monkeypatch.setattr(streaming, "decode_sample", lambda raw, *a: calls.append(raw["__key__"]) or real(raw, *a))
+    it = iter(ShardStream(d, epochs=1, shuffle_buffer=8))
+    first = next(it)
+    assert calls == [first["__key__"]] and isinstance(first["x.npy"], np.ndarray)
+    assert len([first, *it]) == 8 and len(calls) == 8
+
+
+def test_select_skips_before_decoding_and_counts(tmp_path, caplog):
+    from distillkit.train.streaming import JsonFieldFilter
+
+    def make(key, rng):
+        n = int(key[1:])
+        scene = "a" if n % 2 else "b"
+        # The samples of scene b would not even decode: skipped ones must never be decoded.
+        return {"__key__": key, "meta.json": json.dumps({"scene": scene}).encode(),
+                "x.npy": _npy(np.zeros(3)) if scene == "a" else b"not npy"}
+
+    d = write_shards(tmp_path, [4, 4], make=make)
+    ds = ShardStream(d, epochs=1, select=JsonFieldFilter("meta.json", "scene", {"a"}, "scenes of split 'x'"),
+                     strict=True)
+    with caplog.at_level(logging.INFO, logger="distillkit.train.streaming"):
+        keys = sorted(s["__key__"] for s in ds)
+    assert keys == ["k00001", "k00003", "k00005", "k00007"] and ds.skipped == 4 and ds.bad_samples == 0
+    assert "kept 4, skipped 4 sample(s) not among the scenes of split 'x'" in caplog.text
+    # A worker whose shards hold no selected sample stops its stream (with a warning), no spinning.
+    none = ShardStream(d, epochs=None, select=JsonFieldFilter("meta.json", "scene", {"c"}, "scenes of split 'y'"))
+    with caplog.at_level(logging.WARNING, logger="distillkit.train.streaming"):
+        assert list(none) == []
+    assert "is among the scenes of split 'y': stopping" in caplog.text

@@ -41,6 +41,9 @@ class Trainer(ABC):
     name: ClassVar[str]
     pipeline: ClassVar[str]
     schema: ClassVar[Section] = {}
+    eval_schema: ClassVar[Section] = {}
+    """Options of the method's evaluation (``distillkit eval METHOD --help``), apart from the
+    training configuration, which ``eval`` reads from the checkpoint."""
     summary: ClassVar[str] = ""
 
     @classmethod
@@ -87,7 +90,7 @@ class Trainer(ABC):
     def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
         """Cross-key checks; raise ``ConfigError``. The default checks the common keys."""
         for key in ("max_steps", "batch_size", "log_every"):
-            if config[key] < 1:
+            if config[key] is not None and config[key] < 1:  # None: the method's default applies
                 raise ConfigError(where, key, "must be >= 1")
         if config["num_workers"] < 0:
             raise ConfigError(where, "num_workers", "must be >= 0")
@@ -109,11 +112,27 @@ class Trainer(ABC):
             The final metrics (loss, step, samples_per_s, data_wait_fraction, checkpoint, ...).
         """
 
+    @classmethod
+    def resolve_eval_options(cls, options: dict[str, Any], where: str | Path = "") -> dict[str, Any]:
+        """``options`` validated against ``eval_schema`` (defaults filled in); raises ``ConfigError``."""
+        try:
+            return validate(where or f"eval {cls.name}", cls.eval_schema, options)
+        except ManifestError as exc:
+            raise ConfigError(exc.file, exc.key, exc.reason) from None
+
     @abstractmethod
-    def evaluate(self, checkpoint: Path | None, shards: Path, config: dict[str, Any],
-                 device: str = "cpu") -> dict[str, Any]:
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
         """The method's evaluation: distilled features (``checkpoint``) against the same
-        network at random init; ``checkpoint=None`` evaluates the random init only."""
+        network at random init; ``checkpoint=None`` evaluates the random init only.
+
+        Args:
+            checkpoint: a checkpoint written by ``train``.
+            shards: one or more shard directories of this trainer's pipeline.
+            config: the training configuration (from the checkpoint, overridable).
+            device: ``"cpu"`` or ``"cuda"``.
+            options: evaluation options, resolved against ``eval_schema``.
+        """
 
     def format_eval(self, result: dict[str, Any]) -> str:
         """A readable report of ``evaluate``'s result."""

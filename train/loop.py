@@ -52,6 +52,9 @@ class LoopConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    # Cosine over epochs (SLidR's CosineAnnealingLR(T_max=epochs) stepped once per epoch): the lr is
+    # constant within an epoch. None: cosine over steps, updated every step.
+    steps_per_epoch: int | None = None
     grad_clip: float | None = 10.0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
@@ -72,13 +75,23 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig) -> torch.opt
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd | adamw)")
 
 
-def cosine_lambda(max_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
+def cosine_lambda(
+    max_steps: int, warmup: int, min_ratio: float, steps_per_epoch: int | None = None
+) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``.
+
+    With ``steps_per_epoch`` the cosine advances once per epoch, as ``CosineAnnealingLR(T_max=epochs)``
+    stepped at each epoch's end: epoch ``e`` of ``E`` trains at ``0.5 * (1 + cos(pi * e / E))``.
+    """
 
     def f(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if steps_per_epoch:
+            epochs = max(1, math.ceil(max_steps / steps_per_epoch))
+            t = min(1.0, (step // steps_per_epoch) / epochs)
+        else:
+            t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
@@ -106,7 +119,7 @@ def train_loop(
     method.to(device)
     opt = make_optimizer(method.parameters(), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch)
     )
     step = 0
     st: dict[str, Any] = {}

@@ -1,24 +1,34 @@
-"""Linear-probe evaluation shared by trainers: logistic regression on frozen features, mIoU.
+"""Segmentation evaluation shared by trainers: class mappings, the released mIoU rule, Lovász-softmax,
+and training a new per-point linear head on frozen features.
 
-Features are standardised with the training split's mean/std, then a linear layer is trained with
-full-batch L-BFGS on cross-entropy (deterministic for a seed). mIoU is averaged over the classes
-present in the test labels; a point predicted as a class absent from them still lowers the IoU
-of its true class (a miss), but that class is not averaged in.
+The rules follow valeoai/SLidR's downstream code (``utils/metrics.py``, ``downstream/``):
+
+- nuScenes-lidarseg's 32 classes map to the 16-class benchmark plus ``0 = ignore`` exactly as its
+  ``eval_labels`` table (and nuscenes-devkit's ``LidarsegClassMapper``) do;
+- mIoU comes from a 17x17 confusion matrix whose ignore row is zeroed; a class absent from both
+  predictions and labels (union 0) counts as IoU 1.0, and the mean is over all 16 classes;
+- predictions never choose the ignore class;
+- the loss is cross-entropy plus Lovász-softmax, both ignoring label 0; SGD with momentum 0.9,
+  dampening 0.1, weight decay 1e-4 and a cosine schedule over epochs.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # nuScenes lidarseg (32 classes) -> the 16-class semantic-segmentation benchmark (0 = ignore).
+# Index 29 is static.other (ignored) and 30 static.vegetation (vegetation); tests/test_probe.py checks
+# every entry against nuscenes-devkit's own fine-to-coarse mapping by category name.
 NUSCENES_16 = np.array(
-    [0, 0, 7, 7, 7, 0, 7, 0, 0, 1, 0, 0, 8, 0, 2, 3, 3, 4, 5, 0, 0, 6, 9, 10, 11, 12, 13, 14, 15, 16, 0, 0],
+    [0, 0, 7, 7, 7, 0, 7, 0, 0, 1, 0, 0, 8, 0, 2, 3, 3, 4, 5, 0, 0, 6, 9, 10, 11, 12, 13, 14, 15, 0, 16, 0],
     dtype=np.int64,
 )
 NUSCENES_16_NAMES = [
@@ -43,7 +53,8 @@ NUSCENES_16_NAMES = [
 
 
 def split_keys(keys: list[str]) -> tuple[set[str], set[str]]:
-    """Deterministic train/test split of sample keys (by crc32 parity; never an empty side if >= 2 keys)."""
+    """Deterministic train/test split of sample keys (by crc32 parity; never an empty side if >= 2 keys).
+    Only for shards without scene records, where the official splits cannot be applied."""
     train = {k for k in keys if zlib.crc32(k.encode()) % 2 == 0}
     test = set(keys) - train
     if (not train or not test) and len(keys) >= 2:
@@ -52,62 +63,130 @@ def split_keys(keys: list[str]) -> tuple[set[str], set[str]]:
     return train, test
 
 
-def miou(pred: Tensor, target: Tensor, classes: list[int]) -> tuple[float, dict[int, float]]:
-    """Mean IoU over ``classes`` and the per-class IoUs."""
-    ious = {}
-    for c in classes:
-        inter = ((pred == c) & (target == c)).sum().item()
-        union = ((pred == c) | (target == c)).sum().item()
-        ious[c] = inter / union if union else float("nan")
-    vals = [v for v in ious.values() if not np.isnan(v)]
-    return (float(np.mean(vals)) if vals else 0.0), ious
+def confusion_matrix(pred: Tensor, target: Tensor, n_classes: int) -> Tensor:
+    """(n_classes, n_classes) counts, rows = labels, columns = predictions (int64)."""
+    idx = target.long() * n_classes + pred.long()
+    return torch.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def linear_probe(
-    x_train: Tensor,
-    y_train: Tensor,
-    x_test: Tensor,
-    y_test: Tensor,
+def iou_from_confusion(hist: Tensor, ignore_index: int | None = 0) -> tuple[float, Tensor]:
+    """The released rule: zero the ignore row, IoU = diag / (row + col - diag), IoU of a class with an
+    empty union is 1.0, mean over every class but the ignore one. Returns (mIoU, per-class IoU)."""
+    hist = hist.double().clone()
+    if ignore_index is not None:
+        hist[ignore_index] = 0.0
+    inter = torch.diag(hist)
+    union = hist.sum(1) + hist.sum(0) - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    if ignore_index is not None:
+        iou = torch.cat([iou[:ignore_index], iou[ignore_index + 1 :]])
+    return float(iou.mean()), iou
+
+
+def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int | None = 0) -> Tensor:
+    """Lovász-softmax loss (Berman et al., CVPR 2018), averaged over the classes present in ``labels``.
+
+    Args:
+        probs: (N, C) class probabilities.
+        labels: (N,) int labels; entries equal to ``ignore_index`` are left out.
+        ignore_index: label to ignore (None: none).
+    """
+    if ignore_index is not None:
+        keep = labels != ignore_index
+        probs, labels = probs[keep], labels[keep]
+    if probs.numel() == 0:
+        return probs.sum() * 0.0
+    losses = []
+    for c in range(probs.shape[1]):
+        fg = (labels == c).to(probs.dtype)
+        if c == ignore_index or fg.sum() == 0:
+            continue
+        errors = (fg - probs[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        fg_sorted = fg[order]
+        gts = fg_sorted.sum()
+        intersection = gts - fg_sorted.cumsum(0)
+        union = gts + (1.0 - fg_sorted).cumsum(0)
+        jaccard = 1.0 - intersection / union
+        grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])  # the Lovász extension's gradient
+        losses.append(torch.dot(errors_sorted, grad))
+    return torch.stack(losses).mean() if losses else probs.sum() * 0.0
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 0) -> Tensor:
+    """Cross-entropy + Lovász-softmax, both ignoring ``ignore_index`` (the released "lovasz" loss)."""
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index) if (labels != ignore_index).any() \
+        else logits.sum() * 0.0
+    return ce + lovasz_softmax(F.softmax(logits, dim=1), labels, ignore_index)
+
+
+def predict(logits: Tensor, ignore_index: int | None = 0) -> Tensor:
+    """Argmax that never chooses the ignore class."""
+    if ignore_index is not None:
+        logits = logits.clone()
+        logits[:, ignore_index] = -math.inf
+    return logits.argmax(1)
+
+
+def cosine_epoch_lr(lr: float, epoch: int, epochs: int) -> float:
+    """``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def train_linear_head(
+    features: Sequence[Tensor],
+    labels: Sequence[Tensor],
     n_classes: int,
-    seed: int = 0,
-    max_iter: int = 200,
+    epochs: int = 100,
+    batch_size: int = 16,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    dampening: float = 0.1,
     weight_decay: float = 1e-4,
-) -> dict[str, object]:
-    """Train logistic regression on (N, D) features / (N,) labels (ignore label 0), report test mIoU."""
+    seed: int = 0,
+) -> nn.Linear:
+    """Train a new per-point linear layer (a 1x1 convolution) on frozen features.
+
+    Args:
+        features: per training sample, (V_i, D) frozen voxel features.
+        labels: per training sample, (V_i,) voxel labels (0 = ignore).
+        n_classes: output classes including the ignore class.
+        epochs, batch_size, lr, momentum, dampening, weight_decay: the released linear-probing
+            settings (batch of samples, SGD, cosine annealing over epochs, CE + Lovász-softmax).
+        seed: seeds the head's initialisation and the sample order.
+    """
+    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    m = y_train > 0
-    x_train, y_train = x_train[m].float(), y_train[m]
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = (x_train - mean) / std
-    lin = torch.nn.Linear(xt.shape[1], n_classes)
-    opt = torch.optim.LBFGS(
-        lin.parameters(), lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(xt), y_train) + weight_decay * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        mt = y_test > 0
-        pred = lin((x_test[mt].float() - mean) / std).argmax(1)
-    classes = sorted(int(c) for c in torch.unique(y_test[mt]))
-    score, per_class = miou(pred, y_test[mt], classes)
-    return {"miou": score, "per_class": per_class, "n_train": int(m.sum()), "n_test": int(mt.sum())}
+    head = nn.Linear(features[0].shape[1], n_classes)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, dampening=dampening,
+                          weight_decay=weight_decay)
+    n = len(features)
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = cosine_epoch_lr(lr, epoch, epochs)
+        order = torch.randperm(n, generator=g).tolist()
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = torch.cat([features[i] for i in idx]).float()
+            y = torch.cat([labels[i] for i in idx]).long()
+            loss = segmentation_loss(head(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head
 
 
 def format_probe(result: dict[str, Any]) -> str:
-    """A readable report of ``eval_main``'s result: mIoU of both networks, then IoU per class."""
+    """A readable report of an evaluation result: mIoU of each network, then IoU per class."""
     lines = []
     runs = [name for name in ("distilled", "random") if isinstance(result.get(name), dict)]
+    if result.get("protocol"):
+        lines.append(f"{result['protocol']}")
     for name in runs:
         r = result[name]
-        lines.append(f"linear probe mIoU {name:>9}: {r['miou']:.3f}  (train points {r['n_train']}, "
-                     f"test points {r['n_test']})")
-    classes = sorted({c for name in runs for c in result[name]["per_class"]})
+        lines.append(f"{result.get('metric_name', 'linear probe')} mIoU {name:>9}: {r['miou']:.3f}  "
+                     f"(train points {r['n_train']}, test points {r['n_test']})")
+    classes = sorted({int(c) for name in runs for c in result[name]["per_class"]})
     if classes:
         lines.append(f"  {'class':<20}" + "".join(f"{name:>11}" for name in runs))
         for c in classes:

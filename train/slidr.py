@@ -5,15 +5,18 @@ superpixel-pooled features of a frozen dilated ResNet teacher followed by a trai
 
 Sizes: ``small`` = tiny ResNet (layers 1-1-1-1, width 16) teacher and a 3-level sparse UNet,
 crops of 112x208 and ``min_pairs`` 64 so CPU runs on synthetic data take seconds; it is optimised
-with AdamW (lr 2e-3) because SGD at the paper's lr 0.5 needs the paper's long schedule.
-``paper`` = ResNet-50 with replace_stride_with_dilation=(True, True, True) (2048x56x104 for
-224x416), a MinkUNet-like 5-level sparse UNet, min_pairs 1024 and SGD lr 0.5, momentum 0.9,
-dampening 0.1, weight decay 1e-4, cosine schedule (reference §4).
+with AdamW (lr 2e-3, 100 steps of batch 2, bf16 on CUDA, gradient clipping at 10) because SGD at
+the paper's lr 0.5 needs the paper's long schedule. ``paper`` = the released recipe
+(``config/slidr_minkunet.yaml``): MoCo v2 ResNet-50 with replace_stride_with_dilation=(True, True,
+True) (2048x56x104 for 224x416), Res16UNet34C, min_pairs 1024, batch 4, 50 epochs, SGD lr 0.5,
+momentum 0.9, dampening 0.1, weight decay 1e-4, cosine annealing stepped once per epoch, float32
+and no gradient clipping (bf16 and clipping remain options).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
+from distillkit.sensors.nuscenes_splits import ALL, SPLIT_NAMES, split_scenes
 from distillkit.train.base import ConfigError, Trainer
 from distillkit.train.checkpoint import load_checkpoint
 from distillkit.train.image_decode import decode_crops, nvjpeg_available
 from distillkit.train.loop import LoopConfig, train_loop
 from distillkit.train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
-from distillkit.train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig, cylindrical_voxelize
-from distillkit.train.probe import NUSCENES_16, NUSCENES_16_NAMES, format_probe, linear_probe, split_keys
+from distillkit.train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig
+from distillkit.train.probe import format_probe
 from distillkit.train.slidr_aug import check_slidr, slidr_collate, slidr_required, slidr_train_transform
 from distillkit.train.slidr_loss import superpixel_nce_loss
-from distillkit.train.streaming import ShardStream, make_loader
+from distillkit.train.streaming import JsonFieldFilter, ShardStream, make_loader, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,11 @@ class SlidrSize:
     crop: tuple[int, int]
     min_pairs: int
     loop: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 2
+    max_steps: int | None = 100  # the run length when neither max_steps nor epochs is given
+    epochs: int | None = None
+    bf16: bool = True  # autocast on CUDA (CPU runs are float32)
+    grad_clip: float | None = 10.0
 
 
 SIZES = {
@@ -67,6 +76,11 @@ SIZES = {
         (224, 416),
         1024,
         {"optimizer": "sgd", "lr": 0.5, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-4},
+        batch_size=4,
+        max_steps=None,
+        epochs=50,
+        bf16=False,
+        grad_clip=None,
     ),
 }
 
@@ -130,13 +144,36 @@ def make_stream(
     world_size: int = 1,
     augment: bool = True,
     epochs: int | None = None,
-    shuffle_buffer: int = 16,
+    shuffle_buffer: int = 256,
     decode_on_device: bool = False,
+    split: str = ALL,
 ) -> ShardStream:
-    """The training stream. ``decode_on_device`` leaves JPEGs undecoded in the loader; the model
-    decodes and crops them where the batch is (nvJPEG on CUDA, see ``train.image_decode``)."""
+    """The training stream.
+
+    Args:
+        shards: the shard directory.
+        size: a key of ``SIZES`` (crop size, ``min_pairs``).
+        seed: seed of shard order, shuffle buffer and augmentations.
+        strict: raise on the first bad sample instead of skipping it.
+        rank: this process's rank; ``world_size`` the number of ranks.
+        world_size: the number of ranks.
+        augment: SLidR's augmentations (False: the validation resize).
+        epochs: passes over the data; ``None`` = forever.
+        shuffle_buffer: samples each loader worker holds for shuffling, as stored bytes (decoded
+            only when they leave it): 0.42 MB each on small synthetic data, 3.1 MB at nuScenes
+            resolution, so 256 cost ~0.8 GB per worker (docs/decisions.md). The build already
+            permutes keyframes over the whole dataset; the buffer, about two 128-sample shards,
+            changes batch composition from epoch to epoch.
+        decode_on_device: leave JPEGs undecoded in the loader; the model decodes and crops them where
+            the batch is (nvJPEG on CUDA, see ``train.image_decode``).
+        split: keep only samples whose ``meta.json`` scene is in this split
+            (``distillkit.sensors.nuscenes_splits``); ``"all"`` keeps every sample. Samples without
+            ``meta.json`` (older shards) are kept, with one warning.
+    """
     cfg = SIZES[size]
     tf = functools.partial(slidr_train_transform, crop=cfg.crop, min_pairs=cfg.min_pairs, augment=augment)
+    scenes = split_scenes(split)
+    select = None if scenes is None else JsonFieldFilter("meta.json", "scene", scenes, f"scenes of split {split!r}")
     return ShardStream(
         shards,
         seed=seed,
@@ -149,14 +186,20 @@ def make_stream(
         transform=tf,
         strict=strict,
         keep_raw=(".jpg",) if decode_on_device else (),
+        select=select,
     )
 
 
 def loop_config(
     size: str, max_steps: int, device: str, out: Path | None, resume: bool = False, log_every: int = 10,
-    run_config: dict[str, Any] | None = None,
+    run_config: dict[str, Any] | None = None, steps_per_epoch: int | None = None, bf16: bool | None = None,
+    grad_clip: float | None = None,
 ) -> LoopConfig:
-    """The training-loop settings of ``size`` (optimiser, lr, schedule), checkpointing 4 times a run."""
+    """The training-loop settings of ``size`` (optimiser, lr, schedule), checkpointing 4 times a run.
+
+    ``steps_per_epoch`` anneals the lr once per epoch (the released schedule); ``bf16`` and
+    ``grad_clip`` default to the size's (paper: float32, no clipping)."""
+    cfg = SIZES[size]
     return LoopConfig(
         max_steps=max_steps,
         device=device,
@@ -165,7 +208,10 @@ def loop_config(
         log_every=log_every,
         ckpt_every=max(1, max_steps // 4) if max_steps >= 8 else 0,
         run_config=run_config,
-        **SIZES[size].loop,
+        steps_per_epoch=steps_per_epoch,
+        bf16=cfg.bf16 if bf16 is None else bf16,
+        grad_clip=cfg.grad_clip if grad_clip is None else (grad_clip or None),
+        **cfg.loop,
     )
 
 
@@ -174,117 +220,164 @@ def batch_samples(batch: dict[str, Any]) -> int:
     return len(batch["keys"])
 
 
+def count_split_samples(shards: Path, split: str) -> int:
+    """Samples of ``shards`` that the training stream keeps for ``split`` (for epoch lengths).
+
+    Reads ``index.json`` when the build's own split decides it, else only the ``meta.json`` members
+    of the tars (tar headers are skipped over, images are never read)."""
+    import tarfile
+
+    from distillkit.pipelines.shards import load_index
+
+    index = load_index(shards)
+    scenes = split_scenes(split)
+    built = index.get("manifest", {}).get("source", {}).get("split")
+    if scenes is None or built == split:
+        return int(index["counts"]["written"])
+    keys: set[str] = set()
+    dropped = 0
+    for path in shard_files(shards):
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, _, name = member.name.partition(".")
+                keys.add(key)
+                if name == "meta.json":
+                    f = tar.extractfile(member)
+                    scene = json.loads(f.read()).get("scene") if f is not None else None
+                    dropped += scene is not None and scene not in scenes
+    return len(keys) - dropped
+
+
+def resolve_schedule(size: str, max_steps: int | None, epochs: int | None, batch_size: int | None,
+                     shards: Path, split: str) -> tuple[int, int | None, int]:
+    """(max_steps, steps_per_epoch or None, batch_size) from the options and the size's defaults.
+
+    Raises:
+        ValueError: both ``max_steps`` and ``epochs``, or an epoch shorter than one batch.
+    """
+    cfg = SIZES[size]
+    batch_size = batch_size or cfg.batch_size
+    if max_steps is not None and epochs is not None:
+        raise ValueError("give max_steps or epochs, not both")
+    if max_steps is None and epochs is None:
+        max_steps, epochs = cfg.max_steps, cfg.epochs
+    if epochs is None:
+        return int(max_steps), None, batch_size  # type: ignore[arg-type]
+    n = count_split_samples(shards, split)
+    per_epoch = n // batch_size  # the loader drops the last partial batch
+    if per_epoch < 1:
+        raise ValueError(f"{shards}: {n} samples of split {split!r}, fewer than one batch of {batch_size}")
+    log.info("%d epochs of %d steps (%d samples of split %r, batch %d)", epochs, per_epoch, n, split, batch_size)
+    return epochs * per_epoch, per_epoch, batch_size
+
+
 def train_main(
     shards: Path,
     out: Path | None,
     device: str = "cpu",
-    max_steps: int = 100,
+    max_steps: int | None = None,
     resume: bool = False,
     strict: bool = False,
     size: str = "small",
     seed: int = 0,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     num_workers: int = 0,
     teacher_checkpoint: Path | None = None,
     log_every: int = 10,
     decode_on_device: bool | None = None,
+    split: str = "pretrain",
+    epochs: int | None = None,
+    precision: str = "auto",
+    grad_clip: float | None = None,
+    random_teacher: bool = False,
 ) -> dict:
     """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics.
 
-    ``out=None`` writes nothing (no checkpoint, no run log): for benchmarks, where checkpoint
-    writes would let the loader workers refill their queues between timed steps.
+    Args:
+        shards: a slidr shard directory.
+        out: run directory; ``None`` writes nothing (no checkpoint, no run log): for benchmarks,
+            where checkpoint writes would let the loader workers refill their queues between steps.
+        device: ``"cpu"`` or ``"cuda"``.
+        max_steps, epochs: the run length, one or the other (default: the size's, small 100 steps,
+            paper 50 epochs); with ``epochs`` the lr anneals once per epoch.
+        resume: continue from ``out/latest.pt``.
+        strict: stop at the first bad sample.
+        size: ``"small"`` or ``"paper"`` (``SIZES``).
+        seed: seeds weights, shuffling and augmentations.
+        batch_size: samples per step (default: the size's, small 2, paper 4).
+        num_workers: DataLoader workers.
+        teacher_checkpoint: MoCo v2 ResNet-50 weights for the teacher.
+        log_every: steps per logged window.
+        decode_on_device: None decodes JPEGs with nvJPEG on the GPU when training on CUDA with
+            torchvision importable, else in the loader on the CPU.
+        split: train on the samples of these nuScenes scenes (``"pretrain"``, ``"all"``, ...).
+        precision: ``"auto"`` (small: bf16 on CUDA; paper: float32, as released), ``"fp32"``, ``"bf16"``.
+        grad_clip: gradient-norm clip; None = the size's (small 10, paper none); 0 = none.
+        random_teacher: allow ``size="paper"`` without ``teacher_checkpoint`` (the paper's teacher is
+            MoCo v2; a random one is a different experiment, so it has to be asked for).
 
-    ``decode_on_device=None`` decodes JPEGs with nvJPEG on the GPU when training on CUDA with
-    torchvision importable, else in the loader on the CPU."""
+    Raises:
+        ValueError: unknown size, paper without a teacher (and not ``random_teacher``), a bad schedule.
+    """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} ({' | '.join(SIZES)})")
+    if size == "paper" and teacher_checkpoint is None and not random_teacher:
+        raise ValueError(PAPER_TEACHER_MESSAGE)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r} (auto | fp32 | bf16)")
+    run_config = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "num_workers": num_workers,
+                  "seed": seed, "log_every": log_every, "size": size, "split": split, "precision": precision,
+                  "grad_clip": grad_clip, "random_teacher": random_teacher,
+                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None}
+    steps, per_epoch, batch_size = resolve_schedule(size, max_steps, epochs, batch_size, Path(shards), split)
     if decode_on_device is None:
         decode_on_device = str(device).startswith("cuda") and nvjpeg_available()
     log.info("JPEG decoding: %s", "on the training device" if decode_on_device else "in the data loader (CPU)")
     torch.manual_seed(seed)
     np.random.seed(seed)
     method = build_method(size, seed, teacher_checkpoint)
-    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device)
+    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split)
 
     def batches() -> Any:
         return make_loader(
             stream, batch_size, slidr_collate, num_workers=num_workers, device=device, timeout=600
         )
 
-    run_config = {"max_steps": max_steps, "batch_size": batch_size, "num_workers": num_workers, "seed": seed,
-                  "log_every": log_every, "size": size,
-                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None}
-    cfg = loop_config(size, max_steps, device, Path(out) if out is not None else None, resume=resume,
-                      log_every=log_every, run_config=run_config)
+    bf16 = None if precision == "auto" else precision == "bf16"
+    cfg = loop_config(size, steps, device, Path(out) if out is not None else None, resume=resume,
+                      log_every=log_every, run_config=run_config, steps_per_epoch=per_epoch, bf16=bf16,
+                      grad_clip=grad_clip)
     metrics = train_loop(method, batches, cfg, batch_size=batch_samples)
     metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics
 
 
+PAPER_TEACHER_MESSAGE = (
+    "--size paper needs the paper's teacher: --teacher-checkpoint with MoCo v2's 800-epoch ResNet-50 weights "
+    "(moco_v2_800ep_pretrain.pth.tar, keys module.encoder_q.*; the fc layer is dropped); pass --random-teacher "
+    "to train against a randomly initialised teacher knowingly"
+)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def point_features(
-    point_net: SparseUNet, shards: Path, device: str, max_points: int = 4000, seed: int = 0
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per sample key: (features (n, D), 16-class labels (n,)) for up to ``max_points`` labelled points.
-
-    Voxel features from the un-augmented cloud are mapped back to points through the inverse indices.
-    """
-    point_net.eval().to(device)
-    stream = ShardStream(
-        shards, seed=seed, epochs=1, shuffle_shards=False, required=["lidar.npy", "lidarseg.npy"]
-    )
-    out = {}
-    for s in stream:
-        lidar = np.asarray(s["lidar.npy"], dtype=np.float32)
-        labels = torch.from_numpy(NUSCENES_16[np.asarray(s["lidarseg.npy"]).astype(np.int64)])
-        coords, first, inverse = cylindrical_voxelize(torch.from_numpy(lidar[:, :3]))
-        c = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).to(device)
-        f = point_net(c, torch.from_numpy(lidar[:, 3:4])[first].to(device)).float().cpu()[inverse]
-        idx = torch.nonzero(labels > 0).squeeze(1)
-        if len(idx) > max_points:
-            g = torch.Generator().manual_seed(seed)
-            idx = idx[torch.randperm(len(idx), generator=g)[:max_points]]
-        out[s["__key__"]] = (f[idx], labels[idx])
-    return out
-
-
-def probe(point_net: SparseUNet, shards: Path, device: str, seed: int) -> dict[str, Any]:
-    feats = point_features(point_net, shards, device, seed=seed)
-    if not feats:
-        raise ValueError(f"{shards}: no sample has lidarseg.npy labels; cannot evaluate")
-    train_keys, test_keys = split_keys(sorted(feats))
-
-    def cat(keys: set[str]) -> tuple[Tensor, Tensor]:
-        ks = sorted(keys)
-        return torch.cat([feats[k][0] for k in ks]), torch.cat([feats[k][1] for k in ks])
-
-    xtr, ytr = cat(train_keys)
-    xte, yte = cat(test_keys)
-    res = linear_probe(xtr, ytr, xte, yte, n_classes=len(NUSCENES_16_NAMES), seed=seed)
-    res.update(train_samples=len(train_keys), test_samples=len(test_keys))
-    return res
-
-
-
 def eval_main(
-    checkpoint: Path | None, shards: Path, device: str = "cpu", size: str = "small", seed: int = 0
+    checkpoint: Path | None, shards: Path | list[Path], device: str = "cpu", size: str = "small", seed: int = 0,
+    finetune: int = 0, epochs: int = 100,
 ) -> dict:
-    """Linear-probe mIoU of the distilled point network vs the same network at random init (same seed)."""
-    random_net = build_point_net(size, seed)
-    result: dict[str, Any] = {"random": probe(random_net, shards, device, seed)}
+    """SLidR's downstream protocol (``train.slidr_eval``) for the distilled point network against the
+    same network at random init (same seed): linear probing (``finetune=0``) or fine-tuning on
+    ``finetune`` percent of the train scenes; ``epochs`` of the head or of fine-tuning."""
+    from distillkit.train.slidr_eval import evaluate
+
+    state = None
     if checkpoint is not None:
         st = load_checkpoint(checkpoint)["model"]
-        distilled = build_point_net(size, seed)
-        distilled.load_state_dict(
-            {k[len("point_net.") :]: v for k, v in st.items() if k.startswith("point_net.")}
-        )
-        result["distilled"] = probe(distilled, shards, device, seed)
-    result["miou_random"] = result["random"]["miou"]
-    result["miou_distilled"] = result["distilled"]["miou"] if "distilled" in result else None
-    return result
+        state = {k[len("point_net.") :]: v for k, v in st.items() if k.startswith("point_net.")}
+    dirs = [Path(shards)] if isinstance(shards, (str, Path)) else [Path(d) for d in shards]
+    return evaluate(lambda: build_point_net(size, seed), state, dirs, device=device, seed=seed,
+                    finetune_percent=finetune, epochs=epochs)
 
 
 class SlidrTrainer(Trainer):
@@ -295,8 +388,22 @@ class SlidrTrainer(Trainer):
     summary = "SLidR image-to-lidar distillation (superpixel-pooled InfoNCE)"
     schema = {
         "size": Key(str, "small", choices=tuple(SIZES), doc="network sizes: small (CPU, tests) or paper"),
+        "max_steps": Key(int, None, doc="optimiser steps (default: small 100; paper trains by epochs)"),
+        "epochs": Key(int, None, doc="passes over the training split, lr annealed once per epoch (paper: 50)"),
+        "batch_size": Key(int, None, doc="samples per step (default: small 2, paper 4)"),
+        "split": Key(str, "pretrain", choices=SPLIT_NAMES,
+                     doc='train on the samples of these nuScenes scenes only (meta.json): "pretrain" = SLidR\'s '
+                         '(train minus its 100 held-out scenes), "all" = every sample, or a devkit split'),
         "teacher_checkpoint": Key("existing_path", None,
-                                  doc="MoCo v2 ResNet-50 checkpoint for the frozen teacher (none: random)"),
+                                  doc="MoCo v2 ResNet-50 checkpoint for the frozen teacher"),
+        "random_teacher": Key(bool, False, doc="allow --size paper without --teacher-checkpoint"),
+        "precision": Key(str, "auto", choices=("auto", "fp32", "bf16"),
+                         doc="CUDA autocast; auto = bf16 for small, fp32 for paper as released (CPU: fp32)"),
+        "grad_clip": Key(float, None, doc="gradient-norm clip (default: small 10, paper none; 0 = none)"),
+    }
+    eval_schema = {
+        "finetune": Key(int, 0, doc="0 = linear probing; N = fine-tune on N% of the train scenes (released: 1)"),
+        "epochs": Key(int, 100, doc="epochs of the probe's head or of fine-tuning (released: 100)"),
     }
 
     @classmethod
@@ -305,20 +412,29 @@ class SlidrTrainer(Trainer):
         path = config.get("teacher_checkpoint")
         if path is not None and not Path(path).is_file():
             raise ConfigError(where, "teacher_checkpoint", f"not a file: {path}")
+        if config.get("max_steps") is not None and config.get("epochs") is not None:
+            raise ConfigError(where, "epochs", "give max_steps or epochs, not both")
+        if config.get("epochs") is not None and config["epochs"] < 1:
+            raise ConfigError(where, "epochs", "must be >= 1")
+        if config["size"] == "paper" and path is None and not config.get("random_teacher"):
+            raise ConfigError(where, "teacher_checkpoint", PAPER_TEACHER_MESSAGE)
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:
         teacher = config.get("teacher_checkpoint")
         return train_main(
             shards=shards, out=out, device=device, resume=resume, strict=strict,
-            max_steps=config["max_steps"], size=config["size"], seed=config["seed"],
+            max_steps=config["max_steps"], epochs=config["epochs"], size=config["size"], seed=config["seed"],
             batch_size=config["batch_size"], num_workers=config["num_workers"], log_every=config["log_every"],
-            teacher_checkpoint=Path(teacher) if teacher else None,
+            teacher_checkpoint=Path(teacher) if teacher else None, split=config["split"],
+            precision=config["precision"], grad_clip=config["grad_clip"], random_teacher=config["random_teacher"],
         )
 
-    def evaluate(self, checkpoint: Path | None, shards: Path, config: dict[str, Any],
-                 device: str = "cpu") -> dict[str, Any]:
-        return eval_main(checkpoint, shards, device=device, size=config["size"], seed=config["seed"])
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = self.resolve_eval_options(options or {})
+        return eval_main(checkpoint, shards, device=device, size=config["size"], seed=config["seed"],
+                         finetune=options["finetune"], epochs=options["epochs"])
 
     def format_eval(self, result: dict[str, Any]) -> str:
         return format_probe(result)

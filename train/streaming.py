@@ -13,6 +13,16 @@ DataLoader carries on with the others. The sample shuffle buffer is seeded from
 was resumed. With a fixed ``num_workers`` and ``world_size`` the batch sequence is a pure function
 of the seed: the training loop resumes by skipping the batches already consumed.
 
+The shuffle buffer holds samples as read from the tar (bytes), and decoding happens as they leave
+it: a decoded SLidR sample at nuScenes resolution (six RGB images and six label maps) is ~10x its
+stored size, so buffering bytes is what makes a buffer of hundreds of samples affordable.
+
+Selection
+---------
+``select(raw)`` sees every sample before it is decoded (fields still bytes) and returns False to
+skip it (e.g. ``JsonFieldFilter``: keep only the scenes of a split). Skipped samples are not bad:
+they are counted in ``skipped`` and each worker logs how many it skipped in its first epoch.
+
 Safety
 ------
 Fields decode by ``distillkit.pipelines.codecs`` (``.npy`` with ``allow_pickle=False``, ``.json``,
@@ -41,7 +51,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distillkit.pipelines.codecs import UnsafeFieldError, decode_field, refuse_unsafe
 
 log = logging.getLogger(__name__)
-__all__ = ["BadSample", "ShardStream", "UnsafeFieldError", "decode_field", "make_loader", "shard_files", "to_device"]
+__all__ = ["BadSample", "JsonFieldFilter", "ShardStream", "UnsafeFieldError", "decode_field", "make_loader",
+           "shard_files", "to_device"]
 
 
 class BadSample(ValueError):
@@ -92,6 +103,43 @@ def _identity(x: Any) -> Any:
     return x
 
 
+class JsonFieldFilter:
+    """A ``ShardStream`` ``select``: keep a sample when ``json[item]`` of its field ``field`` is in
+    ``allowed`` (e.g. ``meta.json`` ``scene`` in the scenes of a split).
+
+    A sample without the field is kept, since what it holds is unknown (shards written before the
+    field existed), with one warning per process. A module-level class rather than a closure, so
+    that it pickles into DataLoader workers under any start method.
+
+    Args:
+        field: the JSON field's name (``"meta.json"``).
+        item: the key inside it (``"scene"``).
+        allowed: the values kept.
+        label: what ``allowed`` is, for log lines (``"scenes of split 'pretrain'"``).
+    """
+
+    def __init__(self, field: str, item: str, allowed: Iterable[Any], label: str):
+        self.field, self.item, self.allowed, self.label = field, item, frozenset(allowed), label
+        self._warned = False
+
+    def __call__(self, raw: dict[str, Any]) -> bool:
+        value = raw.get(self.field)
+        if value is None:
+            if not self._warned:
+                self._warned = True
+                log.warning("%s: sample %s has no %s (older shards?): keeping such samples, the filter on %s "
+                            "cannot apply to them", raw.get("__url__", "?"), raw.get("__key__", "?"), self.field,
+                            self.label)
+            return True
+        obj = json.loads(bytes(value))
+        if not isinstance(obj, dict) or self.item not in obj:
+            raise ValueError(f"field {self.field!r} has no {self.item!r}")
+        return obj[self.item] in self.allowed
+
+    def __repr__(self) -> str:
+        return self.label
+
+
 def worker_split() -> tuple[int, int]:
     """(worker id, number of workers) of the current DataLoader worker, (0, 1) in-process."""
     info = get_worker_info()
@@ -112,7 +160,9 @@ class ShardStream(IterableDataset):
     ``required``: fields every sample must have. ``check(sample)`` raises ``ValueError`` for a
     bad sample. ``transform(sample, rng, gen)`` (numpy Generator, torch Generator) turns a decoded
     sample into a training example. ``images``: ``"rgb"`` decodes photographs to (H, W, 3) uint8,
-    ``"raw"`` leaves them as bytes (label images are decoded either way).
+    ``"raw"`` leaves them as bytes (label images are decoded either way). ``select(raw)`` returns
+    False for a sample to skip before decoding it (see the module docstring); skipped samples are
+    counted in ``skipped``.
     """
 
     def __init__(
@@ -132,6 +182,7 @@ class ShardStream(IterableDataset):
         shards: Sequence[str] | None = None,
         keep_raw: Sequence[str] = (),
         images: Literal["rgb", "raw"] = "rgb",
+        select: Callable[[dict[str, Any]], bool] | None = None,
     ):
         super().__init__()
         self.shards = list(shards) if shards is not None else shard_files(shard_dir)
@@ -144,7 +195,9 @@ class ShardStream(IterableDataset):
         if images not in ("rgb", "raw"):
             raise ValueError(f"images must be 'rgb' or 'raw', not {images!r}")
         self.images = images
+        self.select = select
         self.bad_samples = 0  # counted in the process that iterates (per worker with workers > 0)
+        self.skipped = 0  # samples ``select`` left out, counted the same way
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """This rank's and worker's shards in ``epoch`` (possibly empty)."""
@@ -165,7 +218,8 @@ class ShardStream(IterableDataset):
         self._bad(f"{where}: unreadable shard data: {exn.args[0] if exn.args else exn!r}", exn)
         return True
 
-    def _samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of ``shards`` that have the required fields and pass ``select``."""
         ds = wds.WebDataset(
             shards,
             shardshuffle=False,
@@ -176,21 +230,41 @@ class ShardStream(IterableDataset):
         )
         for raw in ds:
             url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+            for name in raw:  # refuse code-executing formats before anything is buffered
+                if not name.startswith("__"):
+                    try:
+                        refuse_unsafe(name)
+                    except UnsafeFieldError as e:
+                        raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
             missing = [f for f in self.required if f not in raw]
             if missing:
                 self._bad(f"{url}: sample {key}: missing field(s) {missing}")
                 continue
-            try:
-                sample = decode_sample(raw, self.keep_raw, self.images)
-                if self.check is not None:
-                    self.check(sample)
-            except UnsafeFieldError:
-                raise
-            except (BadSample, ValueError, KeyError, IndexError) as e:
-                msg = str(e) if str(e).startswith(url) else f"{url}: sample {key}: {e}"
-                self._bad(msg, e)
-                continue
-            yield sample
+            if self.select is not None:
+                try:
+                    keep = self.select(raw)
+                except (ValueError, KeyError, TypeError) as e:
+                    self._bad(f"{url}: sample {key}: {self.select!r}: {e}", e)
+                    continue
+                if not keep:
+                    self.skipped += 1
+                    continue
+            yield raw
+
+    def _decoded(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """``raw`` decoded and checked, or None (reported) for a bad sample."""
+        url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+        try:
+            sample = decode_sample(raw, self.keep_raw, self.images)
+            if self.check is not None:
+                self.check(sample)
+        except UnsafeFieldError:
+            raise
+        except (BadSample, ValueError, KeyError, IndexError) as e:
+            msg = str(e) if str(e).startswith(url) else f"{url}: sample {key}: {e}"
+            self._bad(msg, e)
+            return None
+        return sample
 
     def __iter__(self) -> Iterator[Any]:
         worker, num_workers = worker_split()
@@ -200,8 +274,11 @@ class ShardStream(IterableDataset):
             if not shards:
                 return  # more workers than shards: this worker has nothing to do
             buf_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-            good = 0
-            for sample in _buffer_shuffle(self._samples(shards), self.shuffle_buffer, buf_rng):
+            good, skipped_before = 0, self.skipped
+            for raw in _buffer_shuffle(self._raw_samples(shards), self.shuffle_buffer, buf_rng):
+                sample = self._decoded(raw)
+                if sample is None:
+                    continue
                 if self.transform is None:
                     good += 1
                     yield sample
@@ -214,9 +291,17 @@ class ShardStream(IterableDataset):
                     continue
                 good += 1
                 yield out
+            skipped = self.skipped - skipped_before
+            if self.select is not None and epoch == 0:
+                log.info("rank %d worker %d: kept %d, skipped %d sample(s) not among the %s (%d shard(s))",
+                         self.rank, worker, good, skipped, self.select, len(shards))
             if not good:
-                # The same shards hold the same bad samples next epoch: stop instead of spinning.
-                log.error("no usable sample in %d shard(s) of this worker: stopping the stream", len(shards))
+                # The same shards hold the same samples next epoch: stop instead of spinning.
+                if skipped and self.bad_samples == 0:
+                    log.warning("no sample of this worker's %d shard(s) is among the %s: stopping its stream",
+                                len(shards), self.select)
+                else:
+                    log.error("no usable sample in %d shard(s) of this worker: stopping the stream", len(shards))
                 return
             epoch += 1
 

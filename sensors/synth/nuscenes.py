@@ -11,9 +11,14 @@ lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera.
 Everything is derived from ``seed``: tokens are hashes, JPEG settings are fixed, so the same
 ``(seed, size)`` gives byte-identical files.
 
-Sizes (:data:`SIZES`), measured on one CPU core: "small" (2 scenes x 3 keyframes, 384x216 images,
-~5.3k points per sweep) takes ~2.5 s; "medium" (2 x 5 keyframes, 1600x900, ~34k points, like nuScenes)
-takes ~50 s and ~24 MB.
+Scenes carry real nuScenes scene names (:data:`SCENE_NAMES`), chosen so that the split machinery
+(``distillkit.sensors.nuscenes_splits``) has something to select: SLidR's ``pretrain`` scenes, one it
+holds out for validation and an official ``val`` scene.
+
+Sizes (:data:`SIZES`), measured on one core of a 2-core development VM: "small" (4 scenes x 3 keyframes,
+384x216 images, ~5.3k points per sweep) takes ~11 s and 3.8 MB; "medium" (4 x 3 keyframes, 1600x900,
+~34k points, like nuScenes) takes ~110 s and 29 MB. The cost per keyframe is about that of the former 2-scene
+sizes (2 x 3 and 2 x 5: 4.6 s and 94 s on the same VM; ~2.5 s and ~50 s on a faster machine).
 """
 
 from __future__ import annotations
@@ -52,9 +57,19 @@ class SynthSize:
 
 
 SIZES: dict[str, SynthSize] = {
-    "small": SynthSize(n_scenes=2, n_keyframes=3, width=384, height=216, beams=32, azimuth_steps=170),
-    "medium": SynthSize(n_scenes=2, n_keyframes=5, width=1600, height=900, beams=32, azimuth_steps=1100),
+    "small": SynthSize(n_scenes=4, n_keyframes=3, width=384, height=216, beams=32, azimuth_steps=170),
+    "medium": SynthSize(n_scenes=4, n_keyframes=3, width=1600, height=900, beams=32, azimuth_steps=1100),
 }
+
+# Scene ``i`` is named ``SCENE_NAMES[i]``. Real v1.0-mini scene names, picked for their splits
+# (nuscenes-devkit's lists and SLidR's held-out 100), so that a dataset of 3 or more scenes has
+# one scene of each kind a split can separate:
+SCENE_NAMES: tuple[str, ...] = (
+    "scene-0061",  # train, mini_train, train_detect; SLidR "pretrain"
+    "scene-1094",  # train, mini_train, train_detect; one of SLidR's 100 held-out scenes ("pretrain_val")
+    "scene-0103",  # val, mini_val
+    "scene-0655",  # train, mini_train, train_track; SLidR "pretrain"
+)
 
 
 @dataclass(frozen=True)
@@ -383,6 +398,8 @@ def make_nuscenes(out: pathlib.Path, seed: int = 0, size: str = "small") -> path
     """
     out = pathlib.Path(out)
     sz = SIZES[size]
+    if sz.n_scenes > len(SCENE_NAMES):
+        raise ValueError(f"size {size!r}: {sz.n_scenes} scenes, but only {len(SCENE_NAMES)} scene names")
     w = _Writer(out, seed, sz)
     base_ts = 1_532_402_927_647_951 + seed * 86_400_000_000
     bar = tqdm(total=sz.n_scenes * sz.n_keyframes, desc=f"synth nuscenes ({size})", unit="keyframe")
@@ -396,7 +413,7 @@ def make_nuscenes(out: pathlib.Path, seed: int = 0, size: str = "small") -> path
                "date_captured": f"2018-07-{24 + sc:02d}", "location": "singapore-onenorth"}
         w.tables["log"].append(log)
         scene = {"token": _token(seed, "scene", sc), "log_token": log["token"], "nbr_samples": sz.n_keyframes,
-                 "name": f"scene-{seed % 1000:03d}{sc}",
+                 "name": SCENE_NAMES[sc],
                  "description": f"synthetic street, radius {traj.road.radius:.0f} m, {traj.speed:.1f} m/s"}
         samples, chains = [], {}
         channel_chains: dict[str, list[dict]] = {}

@@ -57,16 +57,16 @@ class ToyTrainer(Trainer):
                                                        num_workers=config["num_workers"]), loop,
                           batch_size=lambda b: len(b["signal"]))
 
-    def evaluate(self, checkpoint: Path | None, shards: Path, config: dict[str, Any],
-                 device: str = "cpu") -> dict[str, Any]:
-        examples = [_example(s) for s in ShardStream(shards, epochs=1, shuffle_shards=False)]
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
+        examples = [_example(s) for d in shards for s in ShardStream(d, epochs=1, shuffle_shards=False)]
         batch = _collate(examples)
         result = {}
-        random = self._student(shards, config)
+        random = self._student(shards[0], config)
         with torch.no_grad():
             result["mse_random"] = float(random.loss(batch))
             if checkpoint is not None:
-                distilled = self._student(shards, config)
+                distilled = self._student(shards[0], config)
                 distilled.load_state_dict(load_checkpoint(checkpoint)["model"])
                 result["mse_distilled"] = float(distilled.loss(batch))
         return result

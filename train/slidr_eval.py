@@ -1,0 +1,254 @@
+"""SLidR's downstream protocols on lidarseg-labelled shards: linear probing and label-scarce fine-tuning.
+
+Both compare the distilled point network with the same network at random init (same seed), as in
+valeoai/SLidR ``downstream/`` (``config/semseg_nuscenes.yaml``):
+
+- **Linear probing** (``finetune=0``): the trunk is frozen and a new 1x1 layer (96 -> 17 classes on
+  Res16UNet34C; the last decoder width on smaller nets) is trained on the features *before* the 64-d
+  distillation head: SGD lr 0.05, momentum 0.9, dampening 0.1, weight decay 1e-4, cosine annealing over
+  epochs, batch 16, cross-entropy + Lovász-softmax ignoring class 0, on the voxels of every scene of the
+  official ``train`` split present in the shards; mIoU on the points of the ``val`` scenes.
+- **Fine-tuning on N% of the scenes** (``finetune=N``): every (100/N)-th ``train`` scene in scene order
+  (the released ``dataset_skip_step``), the whole network trained with a new head, trunk lr 0.02 and
+  head lr 2.0, rotation + axis-flip augmentation, the same loss and schedule; mIoU on ``val``.
+
+Deviations that a CPU run needs (docs/decisions.md): the linear probe's features are computed once
+without augmentation (the released probe re-augments every epoch); features of all training scenes
+are held in memory; when the shards hold fewer than 100/N training scenes (synthetic data), the first
+training scene is used. Scenes come from each sample's ``meta.json``; shards without it fall back to a
+deterministic half/half split by key, said in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from distillkit.train.models.sparse import SparseUNet, cylindrical_voxelize
+from distillkit.train.probe import (
+    NUSCENES_16,
+    NUSCENES_16_NAMES,
+    confusion_matrix,
+    cosine_epoch_lr,
+    iou_from_confusion,
+    predict,
+    segmentation_loss,
+    split_keys,
+    train_linear_head,
+)
+from distillkit.train.streaming import ShardStream
+
+log = logging.getLogger(__name__)
+N_CLASSES = len(NUSCENES_16_NAMES)  # 16 + ignore
+
+
+@dataclass
+class LabelledCloud:
+    """One keyframe for evaluation: voxels of the un-augmented cloud and labels of voxels and points."""
+
+    key: str
+    scene: str | None
+    xyz: Tensor  # (N, 3) float32, metres
+    intensity: Tensor  # (N, 1) float32
+    coords: Tensor  # (V, 3) int64 cylindrical voxel coordinates
+    feats: Tensor  # (V, 1) float32 intensity of each voxel's first point
+    inverse: Tensor  # (N,) voxel of each point
+    voxel_labels: Tensor  # (V,) 16-class label of each voxel's first point (the released rule)
+    point_labels: Tensor  # (N,)
+
+
+def load_labelled(shards: Sequence[Path] | Path) -> list[LabelledCloud]:
+    """Every sample with ``lidarseg.npy`` from one or more shard directories, in index order."""
+    dirs = [shards] if isinstance(shards, (str, Path)) else list(shards)
+    out = []
+    for d in dirs:
+        stream = ShardStream(d, epochs=1, shuffle_shards=False, required=["lidar.npy", "lidarseg.npy"])
+        for s in stream:
+            lidar = np.asarray(s["lidar.npy"], dtype=np.float32)
+            labels = torch.from_numpy(NUSCENES_16[np.asarray(s["lidarseg.npy"]).astype(np.int64)])
+            xyz = torch.from_numpy(lidar[:, :3].copy())
+            coords, first, inverse = cylindrical_voxelize(xyz)
+            meta = s.get("meta.json")
+            scene = meta.get("scene") if isinstance(meta, dict) else None
+            intensity = torch.from_numpy(lidar[:, 3:4].copy())
+            out.append(LabelledCloud(s["__key__"], scene, xyz, intensity, coords, intensity[first], inverse,
+                                     labels[first], labels))
+    if not out:
+        raise ValueError(f"{', '.join(map(str, dirs))}: no sample has lidarseg.npy labels; cannot evaluate")
+    return out
+
+
+def split_by_scene(clouds: list[LabelledCloud]) -> tuple[list[LabelledCloud], list[LabelledCloud], str]:
+    """(official train scenes, official val scenes, a description). Falls back to a key-parity split
+    when the shards record no scenes. Raises ``ValueError`` when no val scene is present."""
+    if any(c.scene is None for c in clouds):
+        tr, te = split_keys(sorted(c.key for c in clouds))
+        return ([c for c in clouds if c.key in tr], [c for c in clouds if c.key in te],
+                "keys split in halves (these shards record no scenes: rebuild for the official splits)")
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = create_splits_scenes()
+    train_s, val_s = set(splits["train"]), set(splits["val"])
+    train = [c for c in clouds if c.scene in train_s]
+    val = [c for c in clouds if c.scene in val_s]
+    if not val or not train:
+        present = sorted({c.scene for c in clouds})
+        raise ValueError(f"the shards hold {len(train)} samples of official train scenes and {len(val)} of val "
+                         f"scenes (scenes: {', '.join(present)}); evaluation needs both: build the shards with "
+                         "source.split = \"all\" (or separate train and val builds, given as several --shards)")
+    return train, val, "official nuScenes train / val scenes"
+
+
+def every_nth_scene(clouds: list[LabelledCloud], percent: int) -> tuple[list[LabelledCloud], str]:
+    """The released N% subset: scenes in order, every (100/N)-th one (the 1-based positions that are
+    multiples of the step); at least the first scene when there are fewer."""
+    step = max(1, round(100 / percent))
+    scenes = sorted({c.scene or c.key for c in clouds})
+    chosen = set(scenes[step - 1 :: step])
+    note = f"every {step}th of {len(scenes)} train scenes"
+    if not chosen:
+        chosen = {scenes[0]}
+        note = f"the first of {len(scenes)} train scenes (fewer than {step}: the released rule would keep none)"
+    return [c for c in clouds if (c.scene or c.key) in chosen], note
+
+
+def _input(c: LabelledCloud, device: str | torch.device) -> tuple[Tensor, Tensor]:
+    batch = torch.zeros(len(c.coords), 1, dtype=torch.long)
+    return torch.cat([batch, c.coords], 1).to(device), c.feats.to(device)
+
+
+@torch.no_grad()
+def frozen_features(net: SparseUNet, clouds: list[LabelledCloud], device: str) -> list[Tensor]:
+    """Per cloud, the (V, D) trunk features before the distillation head (eval mode, float32, on CPU)."""
+    net.eval().to(device)
+    return [net(*_input(c, device), return_trunk=True).float().cpu() for c in clouds]
+
+
+def score(logits_per_cloud: list[Tensor], clouds: list[LabelledCloud]) -> dict[str, Any]:
+    """mIoU over the points of ``clouds`` with the released rule (voxel predictions mapped to points)."""
+    hist = torch.zeros(N_CLASSES, N_CLASSES, dtype=torch.long)
+    for logits, c in zip(logits_per_cloud, clouds, strict=True):
+        hist += confusion_matrix(predict(logits)[c.inverse], c.point_labels, N_CLASSES)
+    miou, per_class = iou_from_confusion(hist, ignore_index=0)
+    return {"miou": miou, "per_class": {i + 1: float(v) for i, v in enumerate(per_class)},
+            "n_test": int(sum(int((c.point_labels > 0).sum()) for c in clouds))}
+
+
+def linear_probe(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str,
+                 epochs: int, seed: int) -> dict[str, Any]:
+    """Train a new 1x1 layer on frozen trunk features of ``train``; score on ``val``."""
+    ftr = frozen_features(net, train, device)
+    head = train_linear_head(ftr, [c.voxel_labels for c in train], N_CLASSES, epochs=epochs, seed=seed)
+    with torch.no_grad():
+        logits = [head(f) for f in frozen_features(net, val, device)]
+    res = score(logits, val)
+    res["n_train"] = int(sum(int((c.voxel_labels > 0).sum()) for c in train))
+    return res
+
+
+class Segmenter(nn.Module):
+    """The point network's trunk with a new per-voxel classification head (replaces the 64-d head)."""
+
+    def __init__(self, net: SparseUNet, n_classes: int = N_CLASSES):
+        super().__init__()
+        self.net = net
+        self.head = nn.Linear(net.trunk_dim, n_classes)
+
+    def forward(self, coords: Tensor, feats: Tensor) -> Tensor:
+        return self.head(self.net(coords, feats, return_trunk=True))
+
+
+def _augment(xyz: Tensor, g: torch.Generator) -> Tensor:
+    """The released downstream cloud augmentation: rotation about z, then x and y flips (p = 0.5 each)."""
+    a = float(torch.rand(1, generator=g)) * 2 * np.pi
+    c, s = np.cos(a), np.sin(a)
+    rot = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=xyz.dtype)
+    out = xyz @ rot.T
+    flips = torch.rand(2, generator=g) < 0.5
+    out[:, 0] = -out[:, 0] if flips[0] else out[:, 0]
+    out[:, 1] = -out[:, 1] if flips[1] else out[:, 1]
+    return out
+
+
+def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str, epochs: int,
+             seed: int, batch_size: int = 16, lr: float = 0.02, lr_head: float = 2.0) -> dict[str, Any]:
+    """Fine-tune the whole network with a new head on ``train`` (augmented); score on ``val``."""
+    torch.manual_seed(seed)
+    model = Segmenter(net).to(device)
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
+    opt = torch.optim.SGD([{"params": head_params, "lr": lr_head}, {"params": trunk_params, "lr": lr}],
+                          momentum=0.9, dampening=0.1, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        for group, base in zip(opt.param_groups, (lr_head, lr), strict=True):
+            group["lr"] = cosine_epoch_lr(base, epoch, epochs)
+        model.train()
+        order = torch.randperm(len(train), generator=g).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = [train[i] for i in order[start : start + batch_size]]
+            coords, feats, labels = [], [], []
+            for b, c in enumerate(batch):
+                vox, first, _ = cylindrical_voxelize(_augment(c.xyz, g))
+                coords.append(torch.cat([torch.full((len(vox), 1), b, dtype=torch.long), vox], 1))
+                feats.append(c.intensity[first])
+                labels.append(c.point_labels[first])
+            logits = model(torch.cat(coords).to(device), torch.cat(feats).to(device))
+            loss = segmentation_loss(logits.float(), torch.cat(labels).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = [model(*_input(c, device)).float().cpu() for c in val]
+    res = score(logits, val)
+    res["n_train"] = int(sum(int((c.voxel_labels > 0).sum()) for c in train))
+    return res
+
+
+def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tensor] | None, shards: Sequence[Path],
+             device: str = "cpu", seed: int = 0, finetune_percent: int = 0, epochs: int = 100) -> dict[str, Any]:
+    """The chosen protocol for the random-init network and, given its state, the distilled one.
+
+    Args:
+        make_net: builds the point network at its seed's random init (called once per run).
+        distilled_state: the distilled point network's state dict, or None for the baseline only.
+        shards: shard directories holding lidarseg labels (and ``meta.json`` scenes).
+        device: ``"cpu"`` or ``"cuda"``.
+        seed: seeds the heads, sample orders and augmentations.
+        finetune_percent: 0 for linear probing, else N for fine-tuning on N% of the train scenes.
+        epochs: training epochs of the head (probe) or network (fine-tuning); 100 in the released configs.
+    """
+    clouds = load_labelled(shards)
+    train, val, how = split_by_scene(clouds)
+    note = ""
+    if finetune_percent:
+        train, note = every_nth_scene(train, finetune_percent)
+    result: dict[str, Any] = {
+        "protocol": (f"fine-tuning on {finetune_percent}% ({note})" if finetune_percent else "linear probing")
+        + f"; train {len(train)} / val {len(val)} samples; {how}; {epochs} epochs",
+        "metric_name": f"{finetune_percent}% fine-tune" if finetune_percent else "linear probe",
+    }
+    runs: list[tuple[str, dict[str, Tensor] | None]] = [("random", None)]
+    if distilled_state is not None:
+        runs.append(("distilled", distilled_state))
+    for name, state in runs:
+        net = make_net()
+        if state is not None:
+            net.load_state_dict(state)
+        if finetune_percent:
+            result[name] = finetune(net, train, val, device, epochs, seed)
+        else:
+            result[name] = linear_probe(net, train, val, device, epochs, seed)
+        log.info("%s %s mIoU %.3f", result["metric_name"], name, result[name]["miou"])
+    result["miou_random"] = result["random"]["miou"]
+    result["miou_distilled"] = result["distilled"]["miou"] if "distilled" in result else None
+    return result
