@@ -51,6 +51,7 @@ def test_eval_cli_probe_and_finetune(slidr_shards, tmp_path):
     assert probe.exit_code == 0, probe.output
     assert "linear probing" in probe.output and "official nuScenes train / val" in probe.output
     assert "linear probe mIoU distilled" in probe.output and "vegetation" in probe.output
+    assert "over the classes present" in probe.output
     ft = CliRunner().invoke(main, ["eval", "slidr", "--checkpoint", str(out / "latest.pt"), "--shards",
                                    str(slidr_shards), "--finetune", "1", "--epochs", "1"])
     assert ft.exit_code == 0, ft.output

@@ -184,7 +184,8 @@ def format_probe(result: dict[str, Any]) -> str:
         lines.append(f"{result['protocol']}")
     for name in runs:
         r = result[name]
-        lines.append(f"{result.get('metric_name', 'linear probe')} mIoU {name:>9}: {r['miou']:.3f}  "
+        present = f", {r['miou_present']:.3f} over the classes present" if "miou_present" in r else ""
+        lines.append(f"{result.get('metric_name', 'linear probe')} mIoU {name:>9}: {r['miou']:.3f}{present}  "
                      f"(train points {r['n_train']}, test points {r['n_test']})")
     classes = sorted({int(c) for name in runs for c in result[name]["per_class"]})
     if classes:
