@@ -9,13 +9,12 @@ The repository's folders ``pipelines/``, ``sensors/``, ``preprocess/``, ``train/
 
 from __future__ import annotations
 
-from importlib import import_module, metadata
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = metadata.version("distillkit")
-except metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+from distillkit.build_info import version
+
+__version__ = version()
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562), because
 # the reading API needs torch, webdataset and OpenCV, which a plain ``import distillkit`` must not load.

@@ -15,11 +15,7 @@ import click
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.registry import PluginError
 from distillkit.pipelines.train_cli import EvalGroup, TrainGroup
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+from distillkit.pipelines.train_cli import fail as _fail
 
 
 def _version() -> str:

@@ -115,7 +115,3 @@ tree in its native formats; raises ``ValueError`` for an unknown size."""
 def get_pipeline(name: str) -> Pipeline:
     """The registered pipeline called ``name``; raises ``PluginError`` for an unknown name."""
     return PIPELINES.get(name)
-
-
-def pipeline_names() -> list[str]:
-    return PIPELINES.names()

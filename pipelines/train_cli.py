@@ -21,7 +21,8 @@ from distillkit.pipelines.manifest import Key, ManifestError
 RUN_OPTIONS = ("shards", "device", "out", "resume", "strict", "overrides", "config_file")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` to stderr and exit with ``code`` (2: a user error)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -33,7 +34,7 @@ def _trainer(name: str) -> Any:
     try:
         return get_trainer(name)
     except PluginError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _key_option(name: str, key: Key) -> click.Option:
@@ -58,8 +59,21 @@ def _read_config_file(path: Path | None) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        _fail(f"{path}: cannot read configuration: {exc}")
+        fail(f"{path}: cannot read configuration: {exc}")
     return {}
+
+
+def _config_params(schema: dict[str, Any], set_help: str, config_help: str) -> list[click.Parameter]:
+    """``--set``, ``--config`` and one option per top-level key of ``schema``."""
+    params: list[click.Parameter] = [
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE", help=set_help),
+        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help=config_help),
+    ]
+    for key_name, key in schema.items():
+        if isinstance(key, Key) and (opt := _key_option(key_name, key)) is not None:
+            params.append(opt)
+    return params
 
 
 def _device_ok(device: str) -> None:
@@ -67,7 +81,7 @@ def _device_ok(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            _fail("--device cuda but no CUDA device is available")
+            fail("--device cuda but no CUDA device is available")
 
 
 def make_train_command(name: str) -> click.Command:
@@ -81,13 +95,8 @@ def make_train_command(name: str) -> click.Command:
                      help="run directory: latest.pt, log.jsonl, curves.png"),
         click.Option(["--resume"], is_flag=True, help="continue from OUT/latest.pt with its stored configuration"),
         click.Option(["--strict"], is_flag=True, help="stop at the first bad sample instead of skipping it"),
-        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE", help="set a configuration key"),
-        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     help="a TOML file of configuration keys"),
+        *_config_params(trainer.config_schema(), "set a configuration key", "a TOML file of configuration keys"),
     ]
-    for key_name, key in trainer.config_schema().items():
-        if isinstance(key, Key) and (opt := _key_option(key_name, key)) is not None:
-            params.append(opt)
 
     def run(**kw: Any) -> None:
         from distillkit.train.base import ConfigError, checkpoint_config
@@ -103,7 +112,7 @@ def make_train_command(name: str) -> click.Command:
                                             overrides=list(kw["overrides"]))
             config = trainer.resolve_config(config, explicit)
         except (ConfigError, ManifestError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         _device_ok(kw["device"])
         metrics = trainer.train(kw["shards"], kw["out"], config, device=kw["device"], resume=kw["resume"],
                                 strict=kw["strict"])
@@ -138,14 +147,9 @@ def make_eval_command(name: str) -> click.Command:
                      type=click.Path(path_type=Path, exists=True, file_okay=False),
                      help=f"{trainer.pipeline} shard directory (repeatable: e.g. a train and a val build)"),
         click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
-        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
-                     help="override a key of the checkpoint's stored training configuration"),
-        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                     help="a TOML file of training configuration keys"),
+        *_config_params(trainer.eval_schema, "override a key of the checkpoint's stored training configuration",
+                        "a TOML file of training configuration keys"),
     ]
-    for key_name, key in trainer.eval_schema.items():
-        if isinstance(key, Key) and (opt := _key_option(key_name, key)) is not None:
-            params.append(opt)
 
     def run(**kw: Any) -> None:
         from distillkit.train.base import ConfigError, checkpoint_config
@@ -160,7 +164,7 @@ def make_eval_command(name: str) -> click.Command:
                                             overrides=list(kw["overrides"]), where=f"eval {name}")
             options = trainer.resolve_eval_options(options)
         except (ConfigError, ManifestError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         _device_ok(kw["device"])
         result = trainer.evaluate(kw["checkpoint"], list(kw["shards"]), config, device=kw["device"], options=options)
         click.echo(trainer.format_eval(result))

@@ -52,10 +52,6 @@ class Trainer(ABC):
         return merge_schema(COMMON_SCHEMA, cls.schema)
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return validate(cls.name, cls.config_schema(), {})
-
-    @classmethod
     def resolve_config(
         cls,
         *layers: dict[str, Any],
@@ -140,10 +136,13 @@ class Trainer(ABC):
 
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
-    """The configuration stored in a checkpoint (None for checkpoints written without one)."""
+    """The configuration stored in a checkpoint (None for checkpoints written without one).
+
+    The file is memory-mapped: ``eval`` and ``--resume`` load the weights afterwards anyway, and
+    reading a paper-size checkpoint twice just to get its configuration would double that I/O."""
     from distillkit.train.checkpoint import load_checkpoint
 
-    config = load_checkpoint(path).get("config")
+    config = load_checkpoint(path, mmap=True).get("config")
     return dict(config) if isinstance(config, dict) else None
 
 

@@ -59,9 +59,10 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (never unpickles arbitrary objects)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (never unpickles arbitrary objects); ``mmap``
+    maps tensor storage from the file instead of reading it (for reading only part of it)."""
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def latest_checkpoint(out: Path | str) -> Path | None:

@@ -16,7 +16,6 @@ and no gradient clipping (bf16 and clipping remain options).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,8 +171,6 @@ def make_stream(
     """
     cfg = SIZES[size]
     tf = functools.partial(slidr_train_transform, crop=cfg.crop, min_pairs=cfg.min_pairs, augment=augment)
-    scenes = split_scenes(split)
-    select = None if scenes is None else JsonFieldFilter("meta.json", "scene", scenes, f"scenes of split {split!r}")
     return ShardStream(
         shards,
         seed=seed,
@@ -186,7 +183,7 @@ def make_stream(
         transform=tf,
         strict=strict,
         keep_raw=(".jpg",) if decode_on_device else (),
-        select=select,
+        select=split_filter(split),
     )
 
 
@@ -220,32 +217,43 @@ def batch_samples(batch: dict[str, Any]) -> int:
     return len(batch["keys"])
 
 
+def split_filter(split: str) -> JsonFieldFilter | None:
+    """The stream's ``select`` for ``split``: keep samples whose ``meta.json`` scene is in it
+    (None for ``"all"``)."""
+    scenes = split_scenes(split)
+    return None if scenes is None else JsonFieldFilter("meta.json", "scene", scenes, f"scenes of split {split!r}")
+
+
 def count_split_samples(shards: Path, split: str) -> int:
     """Samples of ``shards`` that the training stream keeps for ``split`` (for epoch lengths).
 
     Reads ``index.json`` when the build's own split decides it, else only the ``meta.json`` members
-    of the tars (tar headers are skipped over, images are never read)."""
+    of the tars (tar headers are skipped over, images are never read) through the stream's own
+    ``split_filter``; a sample the filter cannot read is not counted (the stream skips it as bad)."""
     import tarfile
 
     from distillkit.pipelines.shards import load_index
 
     index = load_index(shards)
-    scenes = split_scenes(split)
+    select = split_filter(split)
     built = index.get("manifest", {}).get("source", {}).get("split")
-    if scenes is None or built == split:
+    if select is None or built == split:
         return int(index["counts"]["written"])
-    keys: set[str] = set()
-    dropped = 0
+    kept = 0
     for path in shard_files(shards):
+        metas: dict[str, dict[str, bytes]] = {}
         with tarfile.open(path, "r:") as tar:
             for member in tar:
                 key, _, name = member.name.partition(".")
-                keys.add(key)
-                if name == "meta.json":
-                    f = tar.extractfile(member)
-                    scene = json.loads(f.read()).get("scene") if f is not None else None
-                    dropped += scene is not None and scene not in scenes
-    return len(keys) - dropped
+                raw = metas.setdefault(key, {})
+                if name == "meta.json" and (f := tar.extractfile(member)) is not None:
+                    raw[name] = f.read()
+        for raw in metas.values():
+            try:
+                kept += select(raw)
+            except ValueError:
+                continue
+    return kept
 
 
 def resolve_schedule(size: str, max_steps: int | None, epochs: int | None, batch_size: int | None,

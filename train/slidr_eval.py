@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distillkit.sensors.nuscenes_splits import split_scenes
 from distillkit.train.models.sparse import SparseUNet, cylindrical_voxelize
 from distillkit.train.probe import (
     NUSCENES_16,
@@ -92,10 +93,7 @@ def split_by_scene(clouds: list[LabelledCloud]) -> tuple[list[LabelledCloud], li
         tr, te = split_keys(sorted(c.key for c in clouds))
         return ([c for c in clouds if c.key in tr], [c for c in clouds if c.key in te],
                 "keys split in halves (these shards record no scenes: rebuild for the official splits)")
-    from nuscenes.utils.splits import create_splits_scenes
-
-    splits = create_splits_scenes()
-    train_s, val_s = set(splits["train"]), set(splits["val"])
+    train_s, val_s = split_scenes("train"), split_scenes("val")
     train = [c for c in clouds if c.scene in train_s]
     val = [c for c in clouds if c.scene in val_s]
     if not val or not train:
