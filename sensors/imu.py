@@ -12,7 +12,7 @@ import csv
 import io
 import math
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,8 @@ class ImuRecord:
         n_nan: rows dropped because the timestamp or a channel was NaN/empty.
         n_duplicates: rows dropped because their timestamp equalled an earlier row's (the first is kept).
         n_out_of_order: rows whose timestamp was below the previous row's (the rows were then sorted).
+        nan_t_ms: float64 (K,) sorted timestamps of the rows dropped for a NaN/empty channel value (rows whose
+            timestamp itself is missing cannot be placed and are only counted), so a window can count them.
     """
 
     path: str
@@ -41,6 +43,7 @@ class ImuRecord:
     n_nan: int
     n_duplicates: int
     n_out_of_order: int
+    nan_t_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
 
     @property
     def rate_hz(self) -> float:
@@ -94,6 +97,7 @@ def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
         data = np.zeros((0, len(wanted)), np.float64)
     n_rows = len(data)
     finite = np.isfinite(data).all(axis=1)
+    nan_t = np.sort(data[~finite & np.isfinite(data[:, 0]), 0])
     data = data[finite]
     n_out_of_order = int(np.count_nonzero(np.diff(data[:, 0]) < 0))
     if n_out_of_order:
@@ -106,7 +110,7 @@ def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
     return ImuRecord(
         path=str(path), t_ms=np.ascontiguousarray(data[:, 0]), x=np.ascontiguousarray(data[:, 1:].T, np.float32),
         n_rows=n_rows, n_nan=n_rows - int(finite.sum()), n_duplicates=int((~keep).sum()),
-        n_out_of_order=n_out_of_order,
+        n_out_of_order=n_out_of_order, nan_t_ms=nan_t,
     )
 
 

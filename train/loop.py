@@ -1,7 +1,9 @@
 """The training loop shared by every trainer.
 
 A *method* is an ``nn.Module`` with ``loss(batch) -> Tensor`` (a scalar); its trainable
-parameters are those with ``requires_grad``. The loop owns device placement (non-blocking copies
+parameters are those with ``requires_grad``. A method may define ``after_step(step, max_steps)``,
+called under ``no_grad`` after every optimiser step (an EMA teacher's update, a queue); state it keeps
+in parameters or buffers is checkpointed with the method. The loop owns device placement (non-blocking copies
 of pinned batches), bf16 autocast (CUDA only; CPU runs in float32), gradient clipping, SGD/AdamW,
 a cosine LR schedule over ``max_steps`` with optional linear warmup, logging (loss, samples/s,
 fraction of step time spent waiting for data, also kept in ``OUT/log.jsonl`` and drawn in
@@ -55,6 +57,9 @@ class LoopConfig:
     # Cosine over epochs (SLidR's CosineAnnealingLR(T_max=epochs) stepped once per epoch): the lr is
     # constant within an epoch. None: cosine over steps, updated every step.
     steps_per_epoch: int | None = None
+    # "cosine" (SLidR, DINO-style methods) or "linear" decay to min_lr_ratio after the warmup (COMODO's
+    # transformers.get_linear_schedule_with_warmup).
+    schedule: str = "cosine"
     grad_clip: float | None = 10.0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
@@ -76,9 +81,10 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig) -> torch.opt
 
 
 def cosine_lambda(
-    max_steps: int, warmup: int, min_ratio: float, steps_per_epoch: int | None = None
+    max_steps: int, warmup: int, min_ratio: float, steps_per_epoch: int | None = None, schedule: str = "cosine"
 ) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``.
+    """LR multiplier: linear warmup to 1, then cosine (or, with ``schedule="linear"``, a straight line) to
+    ``min_ratio`` at ``max_steps``.
 
     With ``steps_per_epoch`` the cosine advances once per epoch, as ``CosineAnnealingLR(T_max=epochs)``
     stepped at each epoch's end: epoch ``e`` of ``E`` trains at ``0.5 * (1 + cos(pi * e / E))``.
@@ -92,8 +98,12 @@ def cosine_lambda(
             t = min(1.0, (step // steps_per_epoch) / epochs)
         else:
             t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - t)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
+    if schedule not in ("cosine", "linear"):
+        raise ValueError(f"unknown lr schedule {schedule!r} (cosine | linear)")
     return f
 
 
@@ -119,7 +129,7 @@ def train_loop(
     method.to(device)
     opt = make_optimizer(method.parameters(), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch)
+        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch, cfg.schedule)
     )
     step = 0
     st: dict[str, Any] = {}
@@ -176,6 +186,7 @@ def train_loop(
         # RNGs (webdataset does), and those draws are already contained in the saved state.
         set_rng_state(st["rng"])
 
+    after_step = getattr(method, "after_step", None)
     method.train()
     win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
     tot_wait, tot_time, tot_samples, timed = 0.0, 0.0, 0, 0
@@ -195,6 +206,9 @@ def train_loop(
         opt.step()
         sched.step()
         step += 1
+        if after_step is not None:  # e.g. an EMA teacher update, which must follow the optimiser step
+            with torch.no_grad():
+                after_step(step, cfg.max_steps)
         last_loss = float(loss.detach())  # syncs the device, so step time below is honest
         t2 = time.perf_counter()
         n = batch_size(batch) if batch_size else 1

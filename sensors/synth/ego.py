@@ -11,20 +11,24 @@
                                  IMU gaps, frame rate kind (a pipeline must not read it)
 
 **One motion signal.** Each recording is a sequence of activities (:data:`ACTIVITIES`: still, walking,
-turning, shaking, 1.5-3.5 s each) that define the head orientation (yaw, pitch, roll, rad) and a vertical
+turning, shaking, reaching, 1.5-3.5 s each) that define the head orientation (yaw, pitch, roll, rad) and a vertical
 bob (m) on a 1 kHz grid of *true* (= video) time. The IMU is the body-frame specific force
 ``R^T (a + g)`` (m/s^2) and angular velocity (``R^T dR/dt``, rad/s) of that orientation ``R = Rz(yaw) Rx(pitch)
 Ry(roll)`` (device axes: x right, y forward along the camera, z up), sampled every 5 ms +- jitter on the IMU
-clock, with white noise and a small gyro bias. The video frame at presentation time t is a 2-D view of a
+clock, with white noise and a small gyro bias, in the frame of the IMU, which each recording mounts turned by
+up to 25 degrees about each body axis (``imu_mount`` in the truth file: ``v_imu = M^T v_body``).
+The video frame at presentation time t is a 2-D view of a
 large periodic procedural texture: the view is panned by ``-f * yaw`` horizontally, ``-f * pitch`` (plus the
 bob) vertically and rotated by ``-roll`` (a pinhole camera turning in front of a distant wall, small angles).
 So gyro energy and frame-difference energy rise and fall together, and a clock offset is recoverable by
 cross-correlation. Signatures: still = tremor only; walking = ~2 Hz bob in accel z and pitch, sway in roll;
-turning = steady yaw rate ~1 rad/s (pan); shaking = 3 Hz yaw oscillation (fast pans back and forth).
+turning = steady yaw rate ~1 rad/s (pan); shaking = 3 Hz yaw oscillation (fast pans back and forth); reaching =
+looking down at the hands and back up (~0.8 Hz pitch dips with a slight lean).
 
 **Timing exercised.** Recording ``i``: ``i % 3 == 0`` constant 30 fps from PTS 0; ``i % 3 == 1`` variable frame
 rate (intervals of 33-66 ms and a 400 ms dropout), an AAC audio stream and a 400 ms gap in its IMU;
-``i % 3 == 2`` 30 fps from a non-zero start time. PTS are whole milliseconds in a 1/90000 time base.
+``i % 3 == 2`` 30 fps from a non-zero start time. PTS are whole milliseconds in a 1/90000 time base. Every
+recording has three IMU rows with a ``nan`` accelerometer value.
 
 **Frame counter.** The top :data:`BARCODE_H` rows hold the frame's index as a :data:`BARCODE_BITS`-bit barcode
 (white = 1), robust to H.264 loss; :func:`read_frame_index` decodes it. A pipeline should crop these rows.
@@ -41,6 +45,7 @@ import hashlib
 import json
 import pathlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -48,7 +53,7 @@ import av
 import cv2
 import numpy as np
 
-ACTIVITIES: tuple[str, ...] = ("still", "walking", "turning", "shaking")
+ACTIVITIES: tuple[str, ...] = ("still", "walking", "turning", "shaking", "reaching")
 IMU_PERIOD_MS = 5.0  # ~200 Hz, as Ego4D's IMU
 GRAVITY = 9.81
 TIME_BASE = Fraction(1, 90000)
@@ -73,6 +78,8 @@ class EgoSize:
 SIZES: dict[str, EgoSize] = {
     "small": EgoSize(n_recordings=3, duration_ms=12_000, width=160, height=120, texture=512),
     "medium": EgoSize(n_recordings=6, duration_ms=30_000, width=320, height=240, texture=1024),
+    # Enough windows (~1400 of 1 s stride) for a probe to tell distilled from random students.
+    "large": EgoSize(n_recordings=12, duration_ms=60_000, width=160, height=120, texture=512),
 }
 
 
@@ -131,6 +138,11 @@ def motion(segs: list[tuple[float, float, str]], tt: np.ndarray, rng: np.random.
             f = rng.uniform(2.5, 3.5)
             yaw_osc += env * 0.2 * np.sin(2 * np.pi * f * ts)
             pitch += env * 0.04 * np.sin(2 * np.pi * 0.7 * f * ts)
+        elif act == "reaching":  # look down at the hands and back up, ~0.8 Hz, with a slight lean (bob)
+            f = rng.uniform(0.6, 1.0)
+            dip = 0.5 * (1 - np.cos(2 * np.pi * f * (ts - a / 1000.0)))
+            pitch -= env * 0.25 * dip
+            bob -= env * 0.02 * dip
     # Tremor and slow drift everywhere: low-passed noise (a still head is never perfectly still).
     # Three box passes ~ a Gaussian, whose derivative (the gyro) stays small: ~amp / width rad/ms.
     for arr, amp, w in ((pitch, 0.003, 61), (roll, 0.003, 61), (yaw_osc, 0.003, 61), (pitch, 0.03, 801)):
@@ -264,13 +276,16 @@ def _write_imu(path: pathlib.Path, t_imu: np.ndarray, acc: np.ndarray, gyro: np.
                         *(f"{v:.6f}" for v in gyro[k]), *(f"{v:.6f}" for v in acc[k])])
 
 
-def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.Path:
+def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
+             offsets_ms: Sequence[float] | None = None) -> pathlib.Path:
     """Write a synthetic Ego4D v2-style dataset at ``out`` (see the module docstring), return ``out``.
 
     Args:
         out: folder to create (existing files are overwritten).
         seed: seed of every random choice; equal seeds give equal content (decoded frames, timestamps, CSV).
-        size: a key of :data:`SIZES` ("small" or "medium").
+        size: a key of :data:`SIZES` ("small", "medium" or "large").
+        offsets_ms: the clock offset to plant in each recording (IMU time + offset = video time), ms; by default
+            drawn from +-[50, 400] ms. Tests of offset estimation plant their own.
 
     Returns:
         ``out``.
@@ -282,6 +297,8 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.P
         raise ValueError(f"unknown size {size!r} (choose from {sorted(SIZES)})")
     out = pathlib.Path(out)
     sz = SIZES[size]
+    if offsets_ms is not None and len(offsets_ms) != sz.n_recordings:
+        raise ValueError(f"offsets_ms: need {sz.n_recordings} offsets for size {size!r}, got {len(offsets_ms)}")
     (out / "full_scale").mkdir(parents=True, exist_ok=True)
     (out / "imu").mkdir(parents=True, exist_ok=True)
     texture = make_texture(sz.texture, np.random.default_rng([seed, 999]))
@@ -292,6 +309,8 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.P
         kind = ("cfr", "vfr", "start")[i % 3]
         frames_ms = frame_times(kind, sz.duration_ms, rng)
         offset = float(np.round(rng.uniform(50, 400) * rng.choice([-1, 1]), 3))  # IMU time + offset = video time
+        if offsets_ms is not None:
+            offset = float(offsets_ms[i])
         # The IMU runs from ~1 s before the first frame to ~1 s after the last (video clock).
         imu_v0, imu_v1 = float(frames_ms[0]) - 1000, float(frames_ms[-1]) + 1000
         t0_grid = int(np.floor(imu_v0)) - 10
@@ -299,6 +318,11 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.P
         segs = _schedule(float(tt[0]), float(tt[-1]), rng)
         m = motion(segs, tt, rng)
         acc, gyro = imu_signals(m)
+        # Each wearer mounts the device a little differently: the IMU axes are the body axes turned by up to
+        # 25 degrees about each axis (the camera is unchanged), so raw axes differ between recordings while the
+        # motion seen by the camera does not.
+        mount = _rotations({k: rng.uniform(-0.44, 0.44, 1) for k in ("yaw", "pitch", "roll")})[0]
+        acc, gyro = acc @ mount, gyro @ mount  # rows: v_imu = M^T v_body
         # IMU samples: every 5 ms +- jitter on the IMU clock; the signal is read at video time t + offset.
         t_imu = (imu_v0 - offset) + np.arange(int((imu_v1 - imu_v0) / IMU_PERIOD_MS)) * IMU_PERIOD_MS
         t_imu = t_imu + rng.uniform(-0.4, 0.4, size=len(t_imu))
@@ -307,12 +331,17 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.P
         gyro_s = np.stack([np.interp(tv, tt, gyro[:, c]) for c in range(3)], -1)
         acc_s += rng.normal(0, 0.05, acc_s.shape)
         gyro_s += rng.normal(0, 0.004, gyro_s.shape) + rng.normal(0, 0.01, 3)  # noise + a constant bias
+        # A few rows with a missing accelerometer value (written as "nan"), as real logs have.
+        nan_rows = np.sort(rng.choice(len(t_imu), size=3, replace=False))
+        acc_s[nan_rows, int(rng.integers(0, 3))] = np.nan
+        nan_ms = t_imu[nan_rows]
         gap = None
         if kind == "vfr":  # a 400 ms hole in the IMU, in the middle of the recording
             g0 = float(t_imu[len(t_imu) // 2])
             gap = [g0, g0 + 400.0]
             keep = (t_imu < gap[0]) | (t_imu >= gap[1])
             t_imu, acc_s, gyro_s = t_imu[keep], acc_s[keep], gyro_s[keep]
+            nan_ms = nan_ms[(nan_ms < gap[0]) | (nan_ms >= gap[1])]
         _write_video(out / "full_scale" / f"{uid}.mp4", frames_ms, texture, m, t0_grid, sz, kind == "vfr", rng)
         _write_imu(out / "imu" / f"{uid}.csv", t_imu, acc_s, gyro_s)
         if i % 2 == 0:
@@ -323,7 +352,9 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small") -> pathlib.P
             if b > a:
                 labels.append((uid, round(a, 3), round(b, 3), act))
         truth[uid] = {"index": i, "kind": kind, "offset_ms": offset, "offset_given": i % 2 == 0,
-                      "frame_pts_ms": frames_ms.tolist(), "imu_gap_ms": gap, "has_audio": kind == "vfr",
+                      "frame_pts_ms": frames_ms.tolist(), "imu_gap_ms": gap,
+                      "imu_nan_ms": [round(float(t), 3) for t in nan_ms],
+                      "imu_mount": np.round(mount, 6).tolist(), "has_audio": kind == "vfr",
                       "width": sz.width, "height": sz.height}
     (out / "clock_offsets.json").write_text(json.dumps(offsets, indent=1, sort_keys=True) + "\n")
     with open(out / "labels.csv", "w", newline="") as fh:

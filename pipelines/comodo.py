@@ -1,0 +1,452 @@
+"""COMODO: egocentric video + IMU recordings -> timestamp-aligned windows (IMU, frames, optional teacher embedding).
+
+A ref is one recording (``full_scale/{uid}.mp4`` + ``imu/{uid}.csv`` of an Ego4D ``v2`` folder); its windows are
+enumerated on the worker (``samples``), so the plan never opens a video. Per recording: read and clean the IMU
+(``sensors.imu``), take the clock offset from ``clock_offsets.json`` or estimate it from the recording itself
+(``preprocess.alignment``), cut the span both streams cover into windows on the IMU clock
+(``preprocess.imu_windows``), and for each window decode only the frames nearest to its F instants
+(``sensors.video.VideoReader``: seek + decode forward). With ``stages.teacher.enabled`` a frozen video teacher,
+loaded once per worker (``setup``), embeds the windows in batches across recordings into ``teacher.npy``.
+Shard contract: ``../shared/SPEC.md`` ("comodo"); decisions: ``docs/comodo.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from distillkit.pipelines.base import (
+    Built,
+    Demo,
+    FieldSpec,
+    Pipeline,
+    Rejected,
+    Rejection,
+    Sample,
+    SampleRef,
+    guarded,
+)
+from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
+from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.schema import expect_array
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")  # = sensors.imu.CHANNELS (no av import)
+OFFSET_MODES = ("auto", "given", "estimate", "zero")
+MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows out of order or duplicated above which a recording is rejected
+ESTIMATE_WIDTH = 160  # px: frames are decoded this wide to measure motion energy
+
+
+def sanitise(uid: str) -> str:
+    """A recording id as a dot-free shard-key prefix (characters other than ``[A-Za-z0-9_-]`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", uid)
+
+
+class ComodoPipeline(Pipeline):
+    name = "comodo"
+    source_key = "source.root"
+    demo = Demo(synth="ego", manifest="demo-comodo", size="small")
+    schema = {
+        "source": {
+            "kind": Key(str, "ego4d", choices=("ego4d",), doc="an Ego4D v2-style folder"),
+            "root": Key("existing_path", required=True, doc="holds full_scale/{uid}.mp4 and imu/{uid}.csv"),
+            "offsets": Key(str, "clock_offsets.json", doc="{uid: offset_ms} under root (IMU + offset = video)"),
+            "labels": Key(str, "labels.csv", doc="uid,start_ms,end_ms,label under root (video clock); optional"),
+        },
+        "stages": {
+            "imu": {
+                "rate_hz": Key(float, 200.0, doc="uniform grid rate"),
+                "window_s": Key(float, 5.0),
+                "stride_s": Key(float, 5.0),
+                "max_gap_s": Key(float, 0.1, doc="a longer hole between IMU samples rejects the window"),
+                "max_nan_fraction": Key(float, 0.01, doc="share of a window's samples that may be NaN rows"),
+            },
+            "frames": {
+                "n_frames": Key(int, 8),
+                "size": Key(int, 224, doc="side of the centre-cropped square frames, px"),
+                "crop_top_px": Key(int, 0, doc="rows cut off the top of every frame first (overlays, counters)"),
+                "jpeg_quality": Key(int, 90),
+            },
+            "offset": {
+                "mode": Key(str, "auto", choices=OFFSET_MODES,
+                            doc="auto: given if listed else estimated; given: listed only; estimate: always; zero"),
+                "max_offset_ms": Key(float, 1000.0, doc="search range of the estimate"),
+                "min_peak": Key(float, 0.3, doc="a lower correlation peak rejects the recording"),
+                "estimate_s": Key(float, 120.0, doc="seconds of video decoded for the estimate"),
+            },
+            "teacher": {
+                "enabled": Key(bool, False, doc="embed every window's frames offline into teacher.npy"),
+                "arch": Key(str, "conv3d", choices=("conv3d", "timesformer")),
+                "checkpoint": Key(str, "", doc="local state dict; empty = random init (warned)"),
+                "seed": Key(int, 0),
+                "batch_size": Key(int, 16, doc="windows per teacher forward"),
+                "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
+            },
+        },
+        "output": {"recordings_per_shard": Key(int, 1, doc="recordings per shard task (each gives many windows)")},
+    }
+
+    def __init__(self) -> None:
+        self._teacher: Any = None
+        self._teacher_device = "cpu"
+
+    # ---- client ----------------------------------------------------------------------
+    def check_manifest(self, m: Manifest) -> None:
+        check_output_outside(m, "source.root")
+        imu, frames = m.data["stages"]["imu"], m.data["stages"]["frames"]
+        checks = {
+            "stages.imu.rate_hz": imu["rate_hz"] > 0,
+            "stages.imu.window_s": imu["window_s"] > 0,
+            "stages.imu.stride_s": imu["stride_s"] > 0,
+            "stages.frames.n_frames": frames["n_frames"] >= 1,
+            "stages.frames.size": frames["size"] >= 8,
+            "stages.frames.jpeg_quality": 1 <= frames["jpeg_quality"] <= 100,
+            "output.recordings_per_shard": m.get("output.recordings_per_shard") >= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ManifestError(m.path, key, "out of range")
+        if abs(imu["window_s"] * imu["rate_hz"] - round(imu["window_s"] * imu["rate_hz"])) > 1e-6:
+            raise ManifestError(m.path, "stages.imu.window_s", "window_s * rate_hz must be a whole number of samples")
+        if m.get("stages.teacher.checkpoint") and not Path(m.get("stages.teacher.checkpoint")).is_file():
+            raise ManifestError(m.path, "stages.teacher.checkpoint", "file does not exist")
+
+    def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
+        root = Path(m.get("source.root"))
+        videos = {p.stem: p for p in sorted((root / "full_scale").glob("*.mp4"))}
+        imus = {p.stem: p for p in sorted((root / "imu").glob("*.csv"))}
+        if not videos and not imus:
+            raise ManifestError(m.path, "source.root", f"{root} has no full_scale/*.mp4 or imu/*.csv")
+        offsets = _read_offsets(root / m.get("source.offsets"), m)
+        labels = _read_labels(root / m.get("source.labels"), m)
+        refs, rejected = [], []
+        for uid in sorted(videos.keys() | imus.keys()):
+            if uid not in imus:
+                rejected.append({"source": f"full_scale/{uid}.mp4", "stage": "plan", "reason": "no imu/{uid}.csv"})
+                continue
+            if uid not in videos:
+                rejected.append({"source": f"imu/{uid}.csv", "stage": "plan", "reason": "no full_scale/{uid}.mp4"})
+                continue
+            payload = {"uid": uid, "files": [str(videos[uid]), str(imus[uid])], "offset_ms": offsets.get(uid),
+                       "labels": labels.get(uid, [])}
+            refs.append(SampleRef(sanitise(uid), f"full_scale/{uid}.mp4", payload))
+        return refs, rejected
+
+    def refs_per_shard(self, m: Manifest) -> int:
+        return int(m.get("output.recordings_per_shard"))
+
+    # ---- worker ----------------------------------------------------------------------
+    def setup(self, m: Manifest) -> None:
+        if not m.get("stages.teacher.enabled"):
+            return
+        import torch
+
+        from distillkit.preprocess.video_encoder import load_video_teacher
+
+        t = m.data["stages"]["teacher"]
+        device = t["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._teacher, _ = load_video_teacher(t["arch"], t["checkpoint"], t["seed"])
+        self._teacher = self._teacher.to(device)
+        self._teacher_device = device
+
+    def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
+        from distillkit.preprocess.alignment import frame_instants, nearest_frames
+        from distillkit.preprocess.imu_windows import WindowError, imu_window, window_starts
+        from distillkit.sensors.imu import read_imu_csv
+        from distillkit.sensors.video import VideoReader, frame_times_ms, probe_video
+
+        video_path, imu_path = ref.payload["files"]
+        uid = ref.payload["uid"]
+        st = m.data["stages"]
+        imu_cfg, fr = st["imu"], st["frames"]
+        try:
+            rec = read_imu_csv(imu_path)
+        except ValueError as exc:
+            raise Rejected("imu", f"{uid}: {exc}") from None
+        if len(rec.t_ms) < 2:
+            raise Rejected("imu", f"{uid}: fewer than two IMU samples")
+        for what, count in (("out of order", rec.n_out_of_order), ("duplicated", rec.n_duplicates)):
+            # A few such rows are logger hiccups (sorted / dropped by read_imu_csv); many mean a broken clock.
+            if count > MAX_BAD_TIMESTAMPS * rec.n_rows:
+                raise Rejected("imu", f"{uid}: {count} of {rec.n_rows} IMU timestamps are {what} "
+                                      f"(more than {MAX_BAD_TIMESTAMPS:.0%}): the IMU clock cannot be trusted")
+        try:
+            info = probe_video(video_path)
+            pts = frame_times_ms(video_path)
+        except ValueError as exc:
+            raise Rejected("video", f"{uid}: {exc}") from None
+        if len(pts) == 0:
+            raise Rejected("video", f"{uid}: {video_path} has no frames")
+        offset_ms, source, peak = self._offset(ref, m, rec, video_path, pts, info)
+        window_ms = imu_cfg["window_s"] * 1000.0
+        # The span both streams cover, on the IMU clock (video time - offset).
+        begin = max(float(rec.t_ms[0]), info.start_ms - offset_ms)
+        end = min(float(rec.t_ms[-1]), info.end_ms - offset_ms)
+        if end - begin < window_ms:
+            raise Rejected("align", (
+                f"{uid}: IMU [{rec.t_ms[0]:.0f}, {rec.t_ms[-1]:.0f}] ms and video [{info.start_ms:.0f}, "
+                f"{info.end_ms:.0f}] ms (offset {offset_ms:+.1f} ms) overlap for {max(end - begin, 0) / 1000:.2f} s, "
+                f"less than one {imu_cfg['window_s']:g} s window"))
+        n = int(round(imu_cfg["window_s"] * imu_cfg["rate_hz"]))
+        starts = window_starts(begin, end, window_ms, imu_cfg["stride_s"] * 1000.0)
+        rot = (info.rotation_deg // 90) % 4
+        with VideoReader(video_path) as reader:
+            for k, t0 in enumerate(starts):
+                where = f"{ref.source}@{t0:.0f}ms"
+                try:
+                    x = imu_window(rec, float(t0), imu_cfg["rate_hz"], n, imu_cfg["max_gap_s"] * 1000.0,
+                                   imu_cfg["max_nan_fraction"])
+                except WindowError as exc:
+                    yield Rejection(where, "imu", f"{uid} window {k}: {exc}")
+                    continue
+                want = frame_instants(float(t0), window_ms, fr["n_frames"]) + offset_ms
+                chosen = pts[nearest_frames(pts, want)]
+                try:
+                    frames, got = reader.frames_at(chosen)
+                except ValueError as exc:
+                    yield Rejection(where, "video", f"{uid} window {k}: {exc}")
+                    continue
+                fields = {"imu.npy": npy_bytes(x)}
+                for j, img in enumerate(frames):
+                    img = np.rot90(img, rot) if rot else img
+                    fields[f"frame{j:02d}.jpg"] = _jpeg(square_crop(img, fr["size"], fr["crop_top_px"]),
+                                                        fr["jpeg_quality"])
+                times = {"uid": uid, "window": k, "t0_ms": round(float(t0), 3),
+                         "t1_ms": round(float(t0) + window_ms, 3), "rate_hz": imu_cfg["rate_hz"],
+                         "offset_ms": round(offset_ms, 3), "offset_source": source,
+                         "offset_peak": None if peak is None else round(peak, 4),
+                         "frame_ms": [round(float(t), 3) for t in got]}
+                fields["times.json"] = json_bytes(times)
+                label = window_label(ref.payload["labels"], float(t0) + offset_ms, float(t0) + window_ms + offset_ms)
+                if label is not None:
+                    fields["label.txt"] = label.encode()
+                yield Sample(f"{ref.key}_{k:06d}", fields, where)
+
+    def _offset(self, ref: SampleRef, m: Manifest, rec: Any, video_path: str, pts: np.ndarray,
+                info: Any) -> tuple[float, str, float | None]:
+        """(offset ms, where it came from, correlation peak or None) for one recording."""
+        from distillkit.preprocess.alignment import estimate_offset
+
+        cfg = m.data["stages"]["offset"]
+        given = ref.payload.get("offset_ms")
+        uid = ref.payload["uid"]
+        mode = cfg["mode"]
+        if mode == "zero":
+            return 0.0, "zero", None
+        if mode in ("auto", "given") and given is not None:
+            return float(given), "given", None
+        if mode == "given":
+            raise Rejected("offset", f"{uid}: no clock offset in {m.get('source.offsets')} (stages.offset.mode = "
+                                     "'given')")
+        use = pts[pts < pts[0] + cfg["estimate_s"] * 1000.0]
+        if len(use) < 3:
+            raise Rejected("offset", f"{uid}: too few frames ({len(use)}) to estimate the clock offset")
+        energy = _motion_energy(video_path, use, info, m.get("stages.frames.crop_top_px"))
+        try:
+            est = estimate_offset(rec.t_ms, rec.x[3:], use, energy, max_offset_ms=cfg["max_offset_ms"])
+        except ValueError as exc:
+            raise Rejected("offset", f"{uid}: {exc}") from None
+        if est.peak < cfg["min_peak"]:
+            raise Rejected("offset", f"{uid}: clock offset estimate {est.offset_ms:+.1f} ms is unreliable "
+                                     f"(correlation peak {est.peak:.2f} < stages.offset.min_peak {cfg['min_peak']})")
+        return est.offset_ms, "estimated", est.peak
+
+    def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
+        if self._teacher is None:
+            yield from super().build_refs(refs, m, raise_errors)
+            return
+        batch = int(m.get("stages.teacher.batch_size"))
+        pending: list[Built] = []
+        for ref in refs:
+            for item in guarded(ref, lambda ref=ref: self.samples(ref, m), raise_errors):
+                pending.append(item)
+                if sum(isinstance(x, Sample) for x in pending) >= batch:
+                    yield from self._embed(pending)
+                    pending = []
+        yield from self._embed(pending)
+
+    def _embed(self, items: list[Built]) -> list[Built]:
+        """Add ``teacher.npy`` to the samples among ``items`` with one batched forward (order kept)."""
+        from distillkit.preprocess.video_encoder import embed_clips
+        from distillkit.sensors.images import decode_rgb
+
+        done = [x for x in items if isinstance(x, Sample)]
+        if done:
+            clips = np.stack([np.stack([decode_rgb(s.fields[f]) for f in sorted(s.fields) if f.startswith("frame")])
+                              for s in done])
+            emb = embed_clips(self._teacher, clips, self._teacher_device).cpu().numpy().astype(np.float16)
+            for s, e in zip(done, emb, strict=True):
+                s.fields["teacher.npy"] = npy_bytes(e)
+        return items
+
+    # ---- schema, statistics, picture -----------------------------------------------------
+    def fields(self, sample: SampleView) -> dict[str, FieldSpec]:
+        specs = {
+            "imu.npy": FieldSpec("float32 (6, T) accel x/y/z, gyro x/y/z on a uniform grid", check=_check_imu),
+            "times.json": FieldSpec("uid, t0_ms, t1_ms, rate_hz, offset_ms, frame_ms (video clock)",
+                                    check=_check_times),
+            "teacher.npy": FieldSpec("float16 (D,) frozen video-teacher embedding", required=False,
+                                     check=lambda a, s: expect_array(a, "float16", 1)),
+            "label.txt": FieldSpec("activity label of the window (majority over it, video clock)", required=False,
+                                   check=_check_label),
+        }
+        times = sample["times.json"] if "times.json" in sample else {}
+        n_frames = len(times.get("frame_ms", [])) if isinstance(times, dict) else 0
+        for j in range(max(n_frames, 1)):
+            specs[f"frame{j:02d}.jpg"] = FieldSpec("centre-cropped square RGB frame (JPEG)", check=_check_jpeg)
+        return specs
+
+    def sample_stats(self, sample: SampleView) -> dict[str, float]:
+        x = sample["imu.npy"].astype(np.float64)
+        out = {"samples": 1.0, "imu_values": float(x.shape[1])}
+        for c, name in enumerate(CHANNELS):
+            out[f"{name}_sum"] = float(x[c].sum())
+            out[f"{name}_sqsum"] = float((x[c] ** 2).sum())
+        times = sample["times.json"]
+        out["offset_estimated"] = float(times.get("offset_source") == "estimated")
+        out["labelled"] = float("label.txt" in sample)
+        return out
+
+    def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        n = totals.get("imu_values", 0.0)
+        if not n:
+            return {}
+        out = {"samples": totals["samples"], "windows_offset_estimated": totals.get("offset_estimated", 0.0),
+               "windows_labelled": totals.get("labelled", 0.0)}
+        for name in CHANNELS:
+            mean = totals[f"{name}_sum"] / n
+            out[f"imu_mean_{name}"] = mean
+            out[f"imu_std_{name}"] = float(np.sqrt(max(totals[f"{name}_sqsum"] / n - mean**2, 0.0)))
+        return out
+
+    def render(self, sample: SampleView) -> Any:
+        from distillkit.pipelines.render_comodo import render_comodo
+
+        return render_comodo(sample)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+def square_crop(img: np.ndarray, size: int, crop_top_px: int = 0) -> np.ndarray:
+    """(H, W, 3) -> (size, size, 3): cut ``crop_top_px`` rows off the top, take the centred square, resize
+    (area interpolation when shrinking, bicubic when enlarging)."""
+    img = img[crop_top_px:]
+    h, w = img.shape[:2]
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    sq = img[y:y + s, x:x + s]
+    interp = cv2.INTER_AREA if s > size else cv2.INTER_CUBIC
+    return cv2.resize(np.ascontiguousarray(sq), (size, size), interpolation=interp)
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def window_label(intervals: list[list[Any]], a_ms: float, b_ms: float) -> str | None:
+    """The label covering most of ``[a_ms, b_ms)`` (video clock), if labelled intervals cover at least half of
+    it; ``None`` otherwise. ``intervals``: ``[start_ms, end_ms, label]`` rows."""
+    cover: dict[str, float] = {}
+    for s, e, lab in intervals:
+        overlap = min(float(e), b_ms) - max(float(s), a_ms)
+        if overlap > 0:
+            cover[lab] = cover.get(lab, 0.0) + overlap
+    if not cover or sum(cover.values()) < 0.5 * (b_ms - a_ms):
+        return None
+    return max(sorted(cover), key=lambda lab: cover[lab])
+
+
+def _motion_energy(video_path: str, pts: np.ndarray, info: Any, crop_top_px: int) -> np.ndarray:
+    """Motion energy between consecutive frames at ``pts``, decoded ``ESTIMATE_WIDTH`` px wide in chunks."""
+    from distillkit.preprocess.alignment import motion_energy
+    from distillkit.sensors.video import VideoReader
+
+    scale = min(1.0, ESTIMATE_WIDTH / info.width)
+    size = (max(2 * round(info.width * scale / 2), 2), max(2 * round(info.height * scale / 2), 2))
+    top = int(math.ceil(crop_top_px * size[1] / info.height))
+    energies, last = [], None
+    with VideoReader(video_path) as reader:
+        for i in range(0, len(pts), 256):
+            frames, got = reader.frames_at(pts[i:i + 256], size=size)
+            gray = frames[:, top:].astype(np.float32).mean(axis=3)
+            if last is not None:
+                gray, got = np.concatenate([last[0][None], gray]), np.concatenate([[last[1]], got])
+            energies.append(motion_energy(gray, got)[0])
+            last = (gray[-1], got[-1])
+    return np.concatenate(energies)
+
+
+def _read_offsets(path: Path, m: Manifest) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {str(k): float(v) for k, v in data.items()}
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(path, "", f"clock offsets must be a JSON object {{uid: offset_ms}} ({exc})") from None
+
+
+def _read_labels(path: Path, m: Manifest) -> dict[str, list[list[Any]]]:
+    if not path.is_file():
+        return {}
+    out: dict[str, list[list[Any]]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        need = {"uid", "start_ms", "end_ms", "label"}
+        if not need <= set(reader.fieldnames or ()):
+            raise ManifestError(path, "", f"labels need columns {sorted(need)}, found {reader.fieldnames}")
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                out.setdefault(row["uid"], []).append([float(row["start_ms"]), float(row["end_ms"]), row["label"]])
+            except (TypeError, ValueError):
+                raise ManifestError(path, "", f"line {lineno}: start_ms/end_ms must be numbers") from None
+    return out
+
+
+def _check_imu(x: np.ndarray, sample: SampleView) -> None:
+    expect_array(x, "float32", 2)
+    if x.shape[0] != 6:
+        raise ValueError(f"shape {x.shape}, expected (6, T)")
+    if not np.isfinite(x).all():
+        raise ValueError("non-finite IMU values")
+    times = sample["times.json"]
+    expected = round((times["t1_ms"] - times["t0_ms"]) * times["rate_hz"] / 1000.0)
+    if x.shape[1] != expected:
+        raise ValueError(f"{x.shape[1]} samples, expected {expected} for the window and rate in times.json")
+
+
+def _check_times(t: Any, sample: SampleView) -> None:
+    need = ("uid", "t0_ms", "t1_ms", "rate_hz", "offset_ms", "frame_ms")
+    if not isinstance(t, dict) or any(k not in t for k in need):
+        raise ValueError(f"needs keys {need}")
+    if not t["t1_ms"] > t["t0_ms"]:
+        raise ValueError("t1_ms must be after t0_ms")
+    f = np.asarray(t["frame_ms"], np.float64)
+    if len(f) == 0 or np.any(np.diff(f) < 0):
+        raise ValueError("frame_ms must be a non-empty, non-decreasing list")
+
+
+def _check_jpeg(data: bytes, sample: SampleView) -> None:
+    if not data.startswith(b"\xff\xd8"):
+        raise ValueError("not a JPEG")
+
+
+def _check_label(data: bytes, sample: SampleView) -> None:
+    if not bytes(data).decode("utf-8", errors="strict").strip():
+        raise ValueError("empty label")

@@ -1,0 +1,454 @@
+"""COMODO video-to-IMU distillation (reference/comodo_audio.md part A): method, trainer and evaluation.
+
+An IMU student learns to place each window among a FIFO queue of frozen video-teacher embeddings the way the
+teacher places it: ``loss = -sum softmax(z_t Q^T / tau_t) * log_softmax(z_s Q^T / tau_s)`` (tau_t 0.1,
+tau_s 0.05: the student is sharper), with ``Q = [queue; z_t of the batch]`` and the queue then ``Q[B:]``.
+
+- **Teacher side.** ``teacher.npy`` from the shards (the build's teacher stage, computed once), or, when the
+  shards have none, the same frozen video teacher run on the stored frames (said in the log). As in the
+  released code, the teacher embedding then passes through a frozen, randomly initialised MLP (Linear -> BN ->
+  GELU -> Linear, 2048 hidden, 128 out; never trained) and is L2-normalised.
+- **Student.** One encoder shared by the six channels (each channel on its own, as Mantis/MOMENT encode
+  channels), the six features concatenated, then the same kind of MLP head (trained) and L2 normalisation;
+  at evaluation the head is dropped. The per-channel encoder is a small transformer over patches of the
+  channel linearly interpolated to 512 samples (Mantis' input length): ``small`` (64-d, 2 layers; CPU tests
+  and the demo) or ``paper`` (256-d, 6 layers, ~8 M parameters with the head, Mantis-8M's budget).
+- **Queue.** ``queue_size`` (default 16384) embeddings, first filled with the teacher embeddings of windows
+  drawn with a fixed seed from the shards (the released code holds them out of epoch 0; here they are not
+  held out) and clipped to the dataset's size when that is smaller. It is a buffer of the method, so it is
+  checkpointed and a resumed run continues with the same queue.
+- **Optimiser.** AdamW 3e-4, linear warm-up over 10% of the steps then linear decay (released schedule).
+- **Teacher statistics.** Raw teacher embeddings are standardised per dimension (mean/std of the queue's initial
+  windows, kept in the checkpoint) before the frozen head: a randomly initialised teacher's mean-pooled ReLU
+  features point almost the same way for every clip (cosine ~0.997 on the synthetic data), which makes the
+  teacher's targets uniform and leaves nothing to distil; standardising restores their spread (mean cosine ~0).
+- **Normalisation.** IMU channels are standardised with the per-channel mean/std the build wrote into
+  ``index.json`` (the released code uses raw values; standardising keeps gravity from dominating).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillkit.pipelines.manifest import Key
+from distillkit.train.base import ConfigError, Trainer
+from distillkit.train.checkpoint import load_checkpoint
+from distillkit.train.loop import LoopConfig, train_loop
+from distillkit.train.streaming import ShardStream, make_loader
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")
+MANTIS_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class StudentSize:
+    """Per-channel encoder and head sizes."""
+
+    dim: int
+    depth: int
+    heads: int
+    patch: int
+    head_hidden: int
+    out_dim: int = 128
+
+
+SIZES = {
+    "small": StudentSize(dim=64, depth=2, heads=4, patch=32, head_hidden=512),
+    "paper": StudentSize(dim=256, depth=6, heads=8, patch=32, head_hidden=2048),
+}
+
+
+def projection_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """COMODO's head: Linear -> BatchNorm -> GELU -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+class ChannelEncoder(nn.Module):
+    """(N, L) single-channel series -> (N, dim): interpolate to 512, patchify, transformer, mean of tokens."""
+
+    def __init__(self, size: StudentSize):
+        super().__init__()
+        self.patch = size.patch
+        n_tokens = MANTIS_LENGTH // size.patch
+        self.embed = nn.Linear(size.patch, size.dim)
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, size.dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(size.dim, size.heads, 4 * size.dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, size.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(size.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x[:, None], size=MANTIS_LENGTH, mode="linear", align_corners=False)[:, 0]
+        tok = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos
+        return self.norm(self.blocks(tok)).mean(1)
+
+
+class ImuStudent(nn.Module):
+    """(B, 6, T) standardised IMU -> features (B, 6 * dim) and unit embeddings (B, out_dim)."""
+
+    def __init__(self, size: StudentSize, channels: int = 6):
+        super().__init__()
+        self.channels = channels
+        self.encoder = ChannelEncoder(size)
+        self.head = projection_mlp(channels * size.dim, size.head_hidden, size.out_dim)
+
+    def features(self, x: Tensor) -> Tensor:
+        b, c, t = x.shape
+        return self.encoder(x.reshape(b * c, t)).reshape(b, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head(self.features(x)), dim=1)
+
+
+def comodo_loss(z_s: Tensor, z_t: Tensor, queue: Tensor, tau_s: float = 0.05, tau_t: float = 0.1) -> Tensor:
+    """COMODO's distillation loss (released ``loss.py``), averaged over the batch.
+
+    Args:
+        z_s: (B, D) unit student embeddings.
+        z_t: (B, D) unit teacher embeddings (no gradient).
+        queue: (K, D) unit teacher embeddings of earlier windows.
+        tau_s, tau_t: student and teacher temperatures.
+    """
+    bank = torch.cat([queue, z_t], 0).detach()
+    target = F.softmax(z_t.detach() @ bank.T / tau_t, dim=1)
+    return -(target * F.log_softmax(z_s @ bank.T / tau_s, dim=1)).sum(1).mean()
+
+
+class Comodo(nn.Module):
+    """Student + frozen teacher projection + queue; ``loss(batch)`` for the shared loop."""
+
+    def __init__(self, size: StudentSize, teacher_dim: int, queue: Tensor, mean: Tensor, std: Tensor,
+                 tau_s: float, tau_t: float, seed: int, teacher: nn.Module | None = None):
+        super().__init__()
+        torch.manual_seed(seed)  # eval_main rebuilds this init as the random-init baseline
+        self.student = ImuStudent(size)
+        torch.manual_seed(seed + 1)
+        self.teacher_head = projection_mlp(teacher_dim, 2048, size.out_dim).eval()
+        for p in self.teacher_head.parameters():
+            p.requires_grad_(False)
+        self.video_teacher = teacher  # frames -> embedding when the shards hold no teacher.npy
+        self.register_buffer("queue", queue.clone())
+        # Per-dimension statistics of raw teacher embeddings, set from the queue's initial windows.
+        self.register_buffer("t_mean", torch.zeros(teacher_dim))
+        self.register_buffer("t_std", torch.ones(teacher_dim))
+        self.register_buffer("mean", mean.view(1, -1, 1).clone())
+        self.register_buffer("std", std.view(1, -1, 1).clone())
+        self.tau_s, self.tau_t = tau_s, tau_t
+
+    def train(self, mode: bool = True) -> Comodo:
+        super().train(mode)
+        self.teacher_head.eval()  # frozen, as released: its BatchNorm keeps its initial statistics
+        if self.video_teacher is not None:
+            self.video_teacher.eval()
+        return self
+
+    def normalise(self, imu: Tensor) -> Tensor:
+        return (imu - self.mean) / self.std
+
+    @torch.no_grad()
+    def teacher_embedding(self, batch: dict[str, Any]) -> Tensor:
+        """(B, D) unit embeddings of the batch's teacher side (stored, or computed from the frames)."""
+        emb = batch.get("teacher")
+        if emb is None:
+            from distillkit.preprocess.video_encoder import embed_clips
+
+            emb = embed_clips(self.video_teacher, batch["frames"], batch["imu"].device)
+        return self.project_teacher(emb)
+
+    @torch.no_grad()
+    def project_teacher(self, emb: Tensor) -> Tensor:
+        """Raw (B, D) teacher embeddings -> standardised -> frozen head -> unit (B, out_dim)."""
+        return F.normalize(self.teacher_head((emb.float() - self.t_mean) / self.t_std), dim=1)
+
+    @torch.no_grad()
+    def fill_queue(self, raw: Tensor) -> None:
+        """Set the teacher statistics from ``raw`` (K, D) teacher embeddings and the queue to their projections."""
+        self.t_mean.copy_(raw.mean(0))
+        self.t_std.copy_(raw.std(0, unbiased=False).clamp_min(1e-6) if len(raw) > 1 else torch.ones_like(raw[0]))
+        self.queue.copy_(self.project_teacher(raw))
+
+    def loss(self, batch: dict[str, Any]) -> Tensor:
+        z_t = self.teacher_embedding(batch)
+        z_s = self.student(self.normalise(batch["imu"]))
+        loss = comodo_loss(z_s, z_t, self.queue, self.tau_s, self.tau_t)
+        with torch.no_grad():  # FIFO: the batch's teacher embeddings push out the oldest
+            self.queue.copy_(torch.cat([self.queue, z_t.to(self.queue.dtype)], 0)[len(z_t):])
+        return loss
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _sample(s: dict[str, Any], rng: Any, gen: Any) -> dict[str, Any]:
+    out = {"imu": torch.from_numpy(np.ascontiguousarray(s["imu.npy"], np.float32))}
+    if "teacher.npy" in s:
+        out["teacher"] = torch.from_numpy(s["teacher.npy"].astype(np.float32))
+    else:  # frames stay JPEG bytes in the stream and are decoded only here, when the teacher needs them
+        from distillkit.sensors.images import decode_rgb
+
+        out["frames"] = torch.from_numpy(np.stack([decode_rgb(s[k]) for k in sorted(s) if k.startswith("frame")]))
+    return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the windows of a batch (all with teacher.npy, or all without)."""
+    keys = set(items[0])
+    if any(set(i) != keys for i in items):
+        raise ValueError("a batch mixes windows with and without teacher.npy")
+    return {k: torch.stack([i[k] for i in items]) for k in keys}
+
+
+def _check(s: dict[str, Any]) -> None:
+    imu = s["imu.npy"]
+    if imu.ndim != 2 or imu.shape[0] != 6 or not np.isfinite(imu).all():
+        raise ValueError(f"imu.npy of shape {imu.shape} is not a finite (6, T) window")
+
+
+def make_stream(shards: Path, seed: int, strict: bool, epochs: int | None = None, shuffle: bool = True,
+                shuffle_buffer: int = 512) -> ShardStream:
+    """The training stream: imu.npy + teacher.npy (or the frames when the shards hold no teacher.npy)."""
+    return ShardStream(shards, seed=seed, epochs=epochs, shuffle_shards=shuffle,
+                       shuffle_buffer=shuffle_buffer if shuffle else 0, required=("imu.npy", "times.json"),
+                       check=_check, transform=_sample, strict=strict, images="raw")
+
+
+def shard_info(shards: Path) -> dict[str, Any]:
+    """What the trainer needs from ``index.json``: normalisation, sample count, the build's teacher settings."""
+    from distillkit.pipelines.shards import load_index
+
+    index = load_index(shards)
+    if index.get("pipeline") != "comodo":
+        raise ValueError(f"{shards}: not comodo shards (pipeline {index.get('pipeline')!r})")
+    stats = index.get("stats", {})
+    try:
+        mean = [float(stats[f"imu_mean_{c}"]) for c in CHANNELS]
+        std = [max(float(stats[f"imu_std_{c}"]), 1e-6) for c in CHANNELS]
+    except KeyError:
+        raise ValueError(f"{shards}: index.json has no per-channel IMU mean/std (stats)") from None
+    teacher = index.get("manifest", {}).get("stages", {}).get("teacher", {})
+    return {"mean": mean, "std": std, "samples": int(index["counts"]["written"]), "teacher": teacher}
+
+
+def initial_teacher_embeddings(shards: Path, size: int, seed: int, video_teacher: nn.Module | None,
+                               device: str = "cpu") -> Tensor:
+    """Raw teacher embeddings (size, D) of the first ``size`` windows of a seeded shuffled pass."""
+    stream = make_stream(shards, seed=seed + 12345, strict=False, epochs=1, shuffle_buffer=4 * size)
+    out: list[Tensor] = []
+    n = 0
+    with torch.no_grad():
+        for batch in make_loader(stream, 64, collate, drop_last=False):
+            emb = batch.get("teacher")
+            if emb is None:
+                from distillkit.preprocess.video_encoder import embed_clips
+
+                emb = embed_clips(video_teacher, batch["frames"], device).cpu()
+            out.append(emb.float())
+            n += len(emb)
+            if n >= size:
+                break
+    if not out:
+        raise ValueError(f"{shards}: no usable window for the queue")
+    return torch.cat(out)[:size]
+
+
+def _teacher_for(info: dict[str, Any], config: dict[str, Any], needs_frames: bool) -> tuple[nn.Module | None, int]:
+    """The frozen video teacher (only when the shards lack teacher.npy) and its embedding size."""
+    from distillkit.preprocess.video_encoder import build_video_teacher, load_video_teacher
+
+    arch = config["teacher_arch"] or info["teacher"].get("arch", "conv3d")
+    ckpt = config["teacher_checkpoint"] or info["teacher"].get("checkpoint", "") or ""
+    seed = info["teacher"].get("seed", 0)
+    if not needs_frames:
+        return None, int(build_video_teacher(arch).dim)
+    log.warning("the shards hold no teacher.npy: running the frozen %s video teacher on the stored frames "
+                "(build with stages.teacher.enabled = true to compute it once, offline)", arch)
+    model, tinfo = load_video_teacher(arch, ckpt, seed)
+    return model, tinfo.dim
+
+
+def _has_teacher(shards: Path) -> bool:
+    stream = make_stream(shards, seed=0, strict=False, epochs=1, shuffle=False)
+    for s in stream:
+        return "teacher" in s
+    raise ValueError(f"{shards}: no usable window")
+
+
+def build_method(shards: Path, config: dict[str, Any], device: str, with_queue: bool = True) -> Comodo:
+    """The COMODO method for ``shards`` (queue filled when ``with_queue``; else a placeholder of the same size)."""
+    info = shard_info(shards)
+    needs_frames = not _has_teacher(shards)
+    teacher, dim = _teacher_for(info, config, needs_frames)
+    size = SIZES[config["size"]]
+    k = min(config["queue_size"], info["samples"])
+    method = Comodo(size, dim, torch.zeros(k, size.out_dim), torch.tensor(info["mean"]), torch.tensor(info["std"]),
+                    config["tau_s"], config["tau_t"], config["seed"], teacher)
+    if with_queue:
+        if k < config["queue_size"]:
+            log.info("queue clipped to the dataset: %d windows (queue_size %d)", k, config["queue_size"])
+        method.fill_queue(initial_teacher_embeddings(shards, k, config["seed"], teacher))
+    return method
+
+
+def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu", resume: bool = False,
+               strict: bool = False) -> dict[str, Any]:
+    """Train COMODO on ``shards`` (see the module docstring); returns the loop's final metrics."""
+    seed = config["seed"]
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    resuming = resume and out is not None and (Path(out) / "latest.pt").is_file()
+    method = build_method(Path(shards), config, device, with_queue=not resuming)
+    stream = make_stream(Path(shards), seed, strict)
+    steps = config["max_steps"]
+    cfg = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
+                     log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
+                     run_config=config, optimizer="adamw", lr=config["lr"], weight_decay=config["weight_decay"],
+                     warmup_steps=int(round(0.1 * steps)), schedule="linear", grad_clip=None,
+                     bf16=config["precision"] == "bf16")
+    metrics = train_loop(
+        method,
+        lambda: make_loader(stream, config["batch_size"], collate, num_workers=config["num_workers"], device=device),
+        cfg,
+        batch_size=lambda b: len(b["imu"]),
+    )
+    metrics.update(bad_samples=stream.bad_samples, queue=len(method.queue),
+                   teacher="stored teacher.npy" if method.video_teacher is None else "computed from frames")
+    return metrics
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def window_features(student: ImuStudent, shards: list[Path], mean: Tensor, std: Tensor,
+                    device: str = "cpu") -> tuple[np.ndarray, list[str], list[str]]:
+    """Frozen student features of every labelled window: ((N, F), labels, recording uids), in shard order."""
+    feats, labels, groups = [], [], []
+    student = student.to(device).eval()
+    mean, std = mean.view(1, -1, 1).to(device), std.view(1, -1, 1).to(device)
+    batch: list[Tensor] = []
+
+    def flush() -> None:
+        if batch:
+            with torch.no_grad():
+                feats.append(student.features((torch.stack(batch).to(device) - mean) / std).float().cpu().numpy())
+            batch.clear()
+
+    for d in shards:
+        stream = ShardStream(d, epochs=1, shuffle_shards=False, required=("imu.npy", "times.json"), check=_check,
+                             images="raw")
+        for s in stream:
+            if "label.txt" not in s:
+                continue
+            batch.append(torch.from_numpy(np.ascontiguousarray(s["imu.npy"], np.float32)))
+            labels.append(bytes(s["label.txt"]).decode().strip())
+            groups.append(s["times.json"]["uid"])
+            if len(batch) == 256:
+                flush()
+    flush()
+    if not feats:
+        raise ValueError(f"{', '.join(map(str, shards))}: no labelled window (labels.csv) to evaluate on")
+    return np.concatenate(feats), labels, groups
+
+
+def eval_main(checkpoint: Path | None, shards: list[Path], config: dict[str, Any], device: str = "cpu",
+              test_fraction: float = 0.3, probe_epochs: int = 300) -> dict[str, Any]:
+    """Linear probe of frozen student features on the window labels, distilled against the same student at
+    random init (same seed), test windows from recordings the probe never trained on."""
+    from distillkit.train.clip_probe import group_split, linear_probe
+
+    info = shard_info(shards[0])
+    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    size = SIZES[config["size"]]
+    torch.manual_seed(config["seed"])  # the same init as the distilled run started from
+    random_student = ImuStudent(size)
+    results: dict[str, Any] = {}
+    students = {"random_init": random_student}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)["model"]
+        distilled = ImuStudent(size)
+        distilled.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        students["distilled"] = distilled
+    split = None
+    for name, student in students.items():
+        x, labels, groups = window_features(student, shards, mean, std, device)
+        classes = sorted(set(labels))
+        y = np.array([classes.index(lab) for lab in labels])
+        if split is None:
+            split = group_split(groups, test_fraction, seed=config["seed"], labels=labels)
+            if len(split[0]) == 0 or len(split[1]) == 0:  # too few recordings per activity to stratify
+                split = group_split(groups, test_fraction, seed=config["seed"])
+            if len(split[0]) == 0 or len(split[1]) == 0:
+                raise ValueError(f"need labelled windows from at least two recordings, got {len(set(groups))}")
+        tr, te = split
+        results[name] = linear_probe(x[tr], y[tr], x[te], y[te], classes, epochs=probe_epochs, seed=config["seed"])
+    results["recordings"] = {"train": len({groups[i] for i in split[0]}), "test": len({groups[i] for i in split[1]})}
+    return results
+
+
+class ComodoTrainer(Trainer):
+    """``distillkit train comodo``: the keys below plus the common ones (``train.base``)."""
+
+    name = "comodo"
+    pipeline = "comodo"
+    summary = "COMODO video-to-IMU distillation (queue of frozen video-teacher embeddings)"
+    schema = {
+        "size": Key(str, "small", choices=tuple(SIZES), doc="student size: small (CPU, tests) or paper (~8 M)"),
+        "batch_size": Key(int, 32, doc="windows per step (released: 128)"),
+        "queue_size": Key(int, 16384, doc="teacher embeddings in the FIFO queue (clipped to the dataset)"),
+        "tau_s": Key(float, 0.05, doc="student temperature"),
+        "tau_t": Key(float, 0.1, doc="teacher temperature"),
+        "lr": Key(float, 3e-4, doc="AdamW peak learning rate (10% linear warm-up, then linear decay)"),
+        "weight_decay": Key(float, 0.01, doc="AdamW weight decay"),
+        "teacher_arch": Key(str, "", choices=("", "conv3d", "timesformer"),
+                            doc="video teacher when the shards hold no teacher.npy ('' = the build's)"),
+        "teacher_checkpoint": Key(str, "", doc="its local weights ('' = the build's setting; none = random)"),
+        "precision": Key(str, "fp32", choices=("fp32", "bf16"), doc="CUDA autocast (CPU runs are fp32)"),
+    }
+    eval_schema = {
+        "test_fraction": Key(float, 0.3, doc="share of recordings (per activity) held out for the probe's test"),
+        "probe_epochs": Key(int, 300, doc="full-batch steps of the logistic-regression probe"),
+    }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
+        super().check_config(config, where)
+        for key in ("queue_size",):
+            if config[key] < 1:
+                raise ConfigError(where, key, "must be >= 1")
+        for key in ("tau_s", "tau_t", "lr"):
+            if config[key] <= 0:
+                raise ConfigError(where, key, "must be > 0")
+        if config["teacher_checkpoint"] and not Path(config["teacher_checkpoint"]).is_file():
+            raise ConfigError(where, "teacher_checkpoint", f"not a file: {config['teacher_checkpoint']}")
+
+    def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
+              resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        if config["max_steps"] is None:
+            config = {**config, "max_steps": 100}
+        return train_main(Path(shards), out, config, device=device, resume=resume, strict=strict)
+
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = self.resolve_eval_options(options or {})
+        return eval_main(checkpoint, [Path(s) for s in shards], config, device=device,
+                         test_fraction=options["test_fraction"], probe_epochs=options["probe_epochs"])
+
+    def format_eval(self, result: dict[str, Any]) -> str:
+        from distillkit.train.clip_probe import format_probe_comparison
+
+        rec = result.get("recordings", {})
+        head = (f"linear probe on activity labels: {rec.get('train', '?')} train / {rec.get('test', '?')} test "
+                "recordings (held out whole)")
+        if "distilled" not in result:
+            r = result["random_init"]
+            return f"{head}\nrandom init only: accuracy {r['accuracy']:.3f}, balanced {r['balanced_accuracy']:.3f}"
+        return head + "\n" + format_probe_comparison(result["distilled"], result["random_init"])
