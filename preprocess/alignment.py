@@ -74,10 +74,11 @@ def motion_energy(gray: np.ndarray, pts_ms: np.ndarray) -> tuple[np.ndarray, np.
             change does not change the energy of a steady motion).
         pts_ms: the same times (returned for convenience of chaining).
     """
-    g = np.asarray(gray, np.float32)
+    g = np.asarray(gray)
     pts = np.asarray(pts_ms, np.float64)
     if g.ndim != 3 or len(g) != len(pts) or len(g) < 2:
         raise ValueError(f"motion_energy: need (N, H, W) frames with N = len(pts_ms) >= 2, got {g.shape}")
+    g = g.astype(np.int16) if g.dtype == np.uint8 else g.astype(np.float32)  # exact, and half the memory
     diff = np.abs(np.diff(g, axis=0)).mean(axis=(1, 2), dtype=np.float64)
     return diff / np.diff(pts), pts
 

@@ -307,6 +307,7 @@ class VideoReader:
         times_ms: Sequence[float] | np.ndarray,
         size: tuple[int, int] | None = None,
         stats: DecodeStats | None = None,
+        pixel_format: str = "rgb24",
     ) -> tuple[np.ndarray, np.ndarray]:
         """The frames presented at the given times: for each t, the last frame with PTS <= t.
 
@@ -317,9 +318,10 @@ class VideoReader:
             times_ms: (F,) times in ms on the presentation clock, any order, repeats allowed.
             size: ``(width, height)`` to resize to (swscale, bicubic), or ``None`` for the stored size.
             stats: optional :class:`DecodeStats` whose counters are incremented.
+            pixel_format: ``"rgb24"`` or ``"gray"`` (the luma plane only: cheaper when colour is not needed).
 
         Returns:
-            frames: uint8 (F, H, W, 3) RGB, in the order of ``times_ms``.
+            frames: uint8 (F, H, W, 3) RGB (``(F, H, W)`` for ``"gray"``), in the order of ``times_ms``.
             pts_ms: float64 (F,) presentation time of each returned frame (``<=`` the requested time).
 
         Raises:
@@ -331,7 +333,8 @@ class VideoReader:
         if len(times) == 0:
             cc = self._stream.codec_context
             h, w = (size[1], size[0]) if size else (cc.height, cc.width)
-            return np.zeros((0, h, w, 3), np.uint8), np.zeros(0, np.float64)
+            shape = (0, h, w) if pixel_format == "gray" else (0, h, w, 3)
+            return np.zeros(shape, np.uint8), np.zeros(0, np.float64)
         if not np.all(np.isfinite(times)):
             raise ValueError(f"{self.path}: non-finite requested time")
         end_ms = self._timing()
@@ -352,7 +355,8 @@ class VideoReader:
         kw = {"width": size[0], "height": size[1], "interpolation": "BICUBIC"} if size else {}
         for k, (t, frame) in zip(order, chosen, strict=True):
             if t not in cache:
-                cache[t] = frame.to_ndarray(format="rgb24", **kw)
+                cache[t] = _luma(frame) if pixel_format == "gray" and not size else frame.to_ndarray(
+                    format=pixel_format, **kw)
                 stats.converted += 1
             pts[k] = t
             frames[k] = cache[t]
@@ -391,6 +395,20 @@ class VideoReader:
                              f"{times[-1]:.1f} ms (truncated or corrupt file)")
         out.extend([prev] * (len(times) - i))
         return out
+
+
+# Planar YUV layouts whose first plane is the luma at full size: gray frames are a copy of it, no swscale pass.
+_PLANAR_YUV = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21")
+
+
+def _luma(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W) uint8 luma of ``frame``: its Y plane when 8-bit planar YUV (full-range or not, as stored), else a
+    conversion."""
+    if frame.format.name not in _PLANAR_YUV:
+        return frame.to_ndarray(format="gray")
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width].copy()
 
 
 def frames_at(

@@ -285,3 +285,47 @@ def test_distilled_student_beats_random_init(tmp_path):
     assert result["recordings"] == {"train": 8, "test": 4}
     gain = result["distilled"]["balanced_accuracy"] - result["random_init"]["balanced_accuracy"]
     assert gain > 0.04, trainer.format_eval(result)
+
+
+def test_synthetic_imu_is_physical(ego):
+    """Gravity in the accelerometer (|a| ~ g while still), angular rate ~1 rad/s while turning, ~0 while still:
+    the labelled activities (video clock) mapped onto the IMU clock with the planted offset."""
+    from distillkit.sensors.imu import read_imu_csv
+
+    root, truth = ego
+    rows = [line.split(",") for line in (root / "labels.csv").read_text().splitlines()[1:]]
+    seen = set()
+    for uid, a, b, label in rows:
+        if label not in ("still", "turning") or float(b) - float(a) < 1000:
+            continue
+        rec = read_imu_csv(root / "imu" / f"{uid}.csv")
+        off = truth[uid]["offset_ms"]
+        sel = (rec.t_ms > float(a) - off + 300) & (rec.t_ms < float(b) - off - 300)  # away from the ramps
+        acc, gyro = np.linalg.norm(rec.x[:3, sel], axis=0), np.linalg.norm(rec.x[3:, sel], axis=0)
+        if label == "still":
+            assert abs(np.median(acc) - 9.81) < 0.2 and np.median(gyro) < 0.25  # tremor only
+        else:
+            assert 0.7 < np.median(gyro) < 1.3
+        seen.add(label)
+    assert seen == {"still", "turning"}
+
+
+def test_video_teachers_build_load_and_embed(tmp_path):
+    from distillkit.preprocess.video_encoder import TimeSformerTeacher, build_video_teacher
+
+    big = build_video_teacher("timesformer")
+    assert 115e6 < sum(p.numel() for p in big.parameters()) < 130e6  # ViT-B/16 with divided attention
+    del big
+    tiny = TimeSformerTeacher(dim=32, depth=1, heads=2, input_size=64)
+    assert tiny(torch.randn(2, 3, 8, 64, 64)).shape == (2, 32)
+    with pytest.warns(UserWarning):
+        model, info = load_video_teacher("conv3d", "", seed=3)
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": model.state_dict()}, path)
+    loaded, info2 = load_video_teacher("conv3d", path)
+    assert info.random_init and not info2.random_init
+    clip = np.random.default_rng(0).integers(0, 255, (1, 8, 40, 50, 3), dtype=np.uint8)
+    assert torch.equal(embed_clips(model, clip), embed_clips(loaded, clip))
+    torch.save({"something": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="not a conv3d teacher"):
+        load_video_teacher("conv3d", tmp_path / "wrong.pt")
