@@ -50,7 +50,7 @@ stage synth 150 $PY -m distillkit synth nuscenes "$WORK/nus" --size "$SYNTH" || 
 stage build 180 $PY -m distillkit build manifests/demo-slidr.toml --quiet --workers 16 \
   --set "source.dataroot=$WORK/nus" --set "output.dir=$WORK/shards" --set output.samples_per_shard=1 || exit 1
 if [ "$DEVICE" = cuda ]; then
-  stage pytest-gpu 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py
+  stage pytest-gpu 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_superpixels.py
 fi
 stage bench 240 $PY bench/gpu_slidr.py --shards "$WORK/shards" --device "$DEVICE" --size "$SIZE" \
   --steps "$STEPS" --workers "$WORKERS" --out "$OUT/gpu_slidr.json"

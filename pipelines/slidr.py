@@ -20,7 +20,9 @@ from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
 from distillkit.pipelines.schema import expect_array
 from distillkit.preprocess.projection import project_points
-from distillkit.preprocess.superpixels import slic_superpixels
+from distillkit.preprocess.superpixels import BACKENDS as SP_BACKENDS
+from distillkit.preprocess.superpixels import DEVICES as SP_DEVICES
+from distillkit.preprocess.superpixels import slic_superpixels_batch
 from distillkit.sensors.images import decode_rgb, encode_labels_png
 from distillkit.sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
 from distillkit.sensors.nuscenes_splits import SPLIT_NAMES, split_scenes
@@ -41,7 +43,11 @@ SCHEMA = {
             "n_segments": Key(int, 150),
             "compactness": Key(float, 6.0),
             "sigma": Key(float, 3.0),
-            "backend": Key(str, "skimage", choices=("skimage",)),
+            "backend": Key(str, "skimage", choices=SP_BACKENDS,
+                           doc='"skimage" (the reference, CPU) or "torch" (same algorithm, batched over a '
+                               "keyframe's cameras; fused Triton kernel on CUDA; see docs/superpixels.md)"),
+            "device": Key(str, "auto", choices=SP_DEVICES,
+                          doc='torch backend only: "auto" (CUDA when the worker has it), "cpu" or "cuda"'),
         },
     },
     "output": {
@@ -98,8 +104,8 @@ class SlidrPipeline(Pipeline):
             raise Rejected("lidar", f"{kf['lidar_path']}: {exc}") from None
         cams = kf["cameras"]
         out: dict[str, bytes] = {"lidar.npy": npy_bytes(np.ascontiguousarray(points[:, :4]))}
-        sp_cfg = {k: v for k, v in stages["superpixels"].items()}
-        for i, cam in enumerate(cams):
+        jpegs, images = [], []
+        for cam in cams:
             try:
                 with open(cam["path"], "rb") as f:
                     jpeg = f.read()
@@ -109,8 +115,11 @@ class SlidrPipeline(Pipeline):
             if image.shape[:2] != (cam["height"], cam["width"]):
                 raise Rejected("image", f"{cam['channel']}: image is {image.shape[1]}x{image.shape[0]}, "
                                         f"table says {cam['width']}x{cam['height']}")
-            labels = slic_superpixels(image, **sp_cfg)
-            out[f"cam{i}.jpg"] = jpeg
+            jpegs.append(jpeg)
+            images.append(image)
+        # All cameras in one call: the torch backend runs them as one batch.
+        for i, labels in enumerate(slic_superpixels_batch(images, **stages["superpixels"])):
+            out[f"cam{i}.jpg"] = jpegs[i]
             out[f"cam{i}.sp.png"] = encode_labels_png(labels)
         pairs = project_points(
             points,

@@ -1,0 +1,304 @@
+"""The audio pipeline: any folder of audio files -> log-mel segments (SPEC.md "audio").
+
+plan (client): every audio file under ``source.root`` in sorted relative-path order, one ref per
+file with its label from ``labels.csv`` when listed; no file is opened.
+samples (worker): decode, mix down, resample (``sensors.audio``), cut into ``segment_s``
+segments (the last partial one zero padded or dropped), log-mel each (``preprocess.logmel``,
+librosa reference or the batched torch path), one sample per segment with key
+``{sanitised relative path}_{segment:04d}``.
+Fields: ``logmel.npy`` (float16 dB), ``meta.json``, optional ``audio.flac`` (the resampled
+segment, 16-bit) and ``label.txt`` (UTF-8 class name) when the file is labelled.
+Statistics: log-mel mean/std over the frames that hold audio (not padding) go into
+``index.json`` for the trainer's normalisation. Decisions: docs/audio.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distillkit.pipelines.base import Built, Demo, FieldSpec, Pipeline, Rejected, Rejection, Sample, SampleRef, guarded
+from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
+from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.preprocess.logmel import LogMelConfig, cut_segment, logmel, segment_bounds, valid_frames
+from distillkit.sensors.audio import AUDIO_EXTENSIONS, AudioReadError, flac_bytes, list_audio, read_audio, read_labels
+
+SCHEMA = {
+    "source": {
+        "kind": Key(str, "dir", choices=("dir", "audio_dir"),
+                    doc='"dir" (the issue\'s name; "audio_dir", SPEC.md\'s example, is accepted as the same)'),
+        "root": Key("existing_path", required=True, doc="folder searched recursively for audio files"),
+        "labels": Key(str, "labels.csv", doc='CSV "path,label" under the root ("" = no labels; missing = none)'),
+        "extensions": Key(list, list(AUDIO_EXTENSIONS), doc="file endings read as audio (case-insensitive)"),
+    },
+    "stages": {
+        "audio": {
+            "sample_rate": Key(int, 16000, doc="target rate in Hz (soxr HQ resampling)"),
+            "store_waveform": Key(bool, False, doc="also store the resampled segment as 16-bit audio.flac"),
+        },
+        "segments": {
+            "segment_s": Key(float, 10.0, doc="segment length in seconds"),
+            "last": Key(str, "pad", choices=("pad", "drop"),
+                        doc="final partial segment: zero padded, or dropped (listed as rejected)"),
+        },
+        "logmel": {
+            "n_fft": Key(int, 1024),
+            "win_length": Key(int, 1024),
+            "hop_length": Key(int, 160),
+            "n_mels": Key(int, 64),
+            "fmin": Key(float, 60.0),
+            "fmax": Key(float, 7800.0),
+            "top_db": Key(float, 80.0),
+            "backend": Key(str, "librosa", choices=("librosa", "torch"),
+                           doc="librosa (reference) or torch (batched across files; CPU or CUDA)"),
+            "device": Key(str, "cpu", choices=("cpu", "cuda"), doc="device of the torch backend"),
+            "batch": Key(int, 32, doc="segments per torch batch"),
+        },
+    },
+    "output": {
+        "files_per_shard": Key(int, 16, doc="audio files per shard task (a shard holds all their segments)"),
+    },
+}
+
+META_KEYS = ("source", "start_s", "duration_s", "sample_rate", "n_fft", "win_length", "hop_length", "n_mels",
+             "fmin", "fmax")
+
+
+def sanitise_key(rel: str) -> str:
+    """A dot-free, slash-free shard key prefix from a relative path: every character outside
+    ``[A-Za-z0-9_-]`` becomes ``_`` (``set1/clip_000.wav`` -> ``set1_clip_000_wav``).
+
+    Args:
+        rel: POSIX path relative to the source root.
+    """
+    return re.sub(r"[^A-Za-z0-9_-]", "_", rel)
+
+
+def logmel_config(m: Manifest) -> LogMelConfig:
+    """The front-end settings of a manifest.
+
+    Args:
+        m: a validated audio manifest.
+    """
+    lm = m.data["stages"]["logmel"]
+    return LogMelConfig(sample_rate=m.get("stages.audio.sample_rate"), n_fft=lm["n_fft"],
+                        win_length=lm["win_length"], hop_length=lm["hop_length"], n_mels=lm["n_mels"],
+                        fmin=lm["fmin"], fmax=lm["fmax"], top_db=lm["top_db"])
+
+
+@dataclass
+class Segment:
+    """One segment before its spectrogram: key, source, padded waveform and the fields but log-mel."""
+
+    key: str
+    source: str
+    wave: np.ndarray
+    fields: dict[str, bytes]
+
+
+class AudioPipeline(Pipeline):
+    name = "audio"
+    schema = SCHEMA
+    source_key = "source.root"
+    demo = Demo(synth="audio", manifest="demo-audio")
+
+    # ---- manifest and plan (client) ------------------------------------------------------
+    def check_manifest(self, m: Manifest) -> None:
+        check_output_outside(m, "source.root")
+        try:
+            logmel_config(m).check()
+        except ValueError as exc:
+            raise ManifestError(m.path, "stages.logmel", str(exc)) from None
+        if m.get("stages.segments.segment_s") <= 0:
+            raise ManifestError(m.path, "stages.segments.segment_s", "must be > 0")
+        if m.get("output.files_per_shard") < 1:
+            raise ManifestError(m.path, "output.files_per_shard", "must be >= 1")
+        if m.get("stages.logmel.batch") < 1:
+            raise ManifestError(m.path, "stages.logmel.batch", "must be >= 1")
+        exts = m.get("source.extensions")
+        if not exts or not all(isinstance(e, str) and e.startswith(".") for e in exts):
+            raise ManifestError(m.path, "source.extensions", 'must be a non-empty list such as [".wav", ".flac"]')
+
+    def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
+        root = Path(m.get("source.root"))
+        labels: dict[str, str] = {}
+        if m.get("source.labels"):
+            csv_path = root / m.get("source.labels")
+            if csv_path.is_file():
+                try:
+                    labels = read_labels(csv_path)
+                except ValueError as exc:
+                    raise ManifestError(m.path, "source.labels", str(exc)) from None
+        refs, rejected, seen = [], [], {}
+        for rel in list_audio(root, tuple(m.get("source.extensions"))):
+            key = sanitise_key(rel)
+            if key in seen:  # e.g. "a b.wav" and "a_b.wav": keys must be unique
+                rejected.append({"source": rel, "stage": "plan",
+                                 "reason": f"{root / rel}: shard key {key!r} collides with {seen[key]}"})
+                continue
+            seen[key] = rel
+            refs.append(SampleRef(key, rel, {"files": [str(root / rel)], "label": labels.get(rel)}))
+        return refs, rejected
+
+    def refs_per_shard(self, m: Manifest) -> int:
+        return m.get("output.files_per_shard")
+
+    # ---- build (worker) --------------------------------------------------------------------
+    def segments(self, ref: SampleRef, m: Manifest) -> Iterator[Segment | Rejection]:
+        """One file's segments (waveform and every field but the log-mel), and its dropped tail.
+
+        Args:
+            ref: the file's ref.
+            m: the manifest.
+        """
+        cfg = logmel_config(m)
+        rate = cfg.sample_rate
+        path = ref.payload["files"][0]
+        try:
+            audio = read_audio(path, rate)
+        except AudioReadError as exc:
+            raise Rejected("read", str(exc)) from None
+        seg_len = int(round(m.get("stages.segments.segment_s") * rate))
+        last = m.get("stages.segments.last")
+        bounds = segment_bounds(len(audio.samples), seg_len, last)
+        if not bounds:
+            raise Rejected("segment", f"{path}: {audio.duration_s:.3f} s is shorter than one "
+                                      f"{seg_len / rate:g} s segment (stages.segments.last = \"drop\")")
+        store = m.get("stages.audio.store_waveform")
+        label = ref.payload.get("label")
+        for i, (start, end) in enumerate(bounds):
+            wave = cut_segment(audio.samples, start, end)
+            n_valid = min(end, len(audio.samples)) - start
+            meta = {"source": ref.source, "start_s": start / rate, "duration_s": n_valid / rate,
+                    "sample_rate": rate, **cfg.meta(), "segment": i, "segment_s": seg_len / rate,
+                    "source_sample_rate": audio.source_rate, "source_channels": audio.source_channels,
+                    "decoder": audio.decoder}
+            fields = {"meta.json": json_bytes(meta)}
+            if store:
+                fields["audio.flac"] = flac_bytes(wave[:n_valid], rate)
+            if label is not None:
+                fields["label.txt"] = str(label).encode("utf-8")
+            yield Segment(f"{ref.key}_{i:04d}", f"{ref.source}@{start / rate:g}s", wave, fields)
+        tail_start = len(bounds) * seg_len
+        if last == "drop" and tail_start < len(audio.samples):
+            yield Rejection(f"{ref.source}@{tail_start / rate:g}s", "segment",
+                            f"{path}: final partial segment of {(len(audio.samples) - tail_start) / rate:.3f} s "
+                            "dropped (stages.segments.last = \"drop\")")
+
+    def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
+        cfg = logmel_config(m)
+        lm = m.data["stages"]["logmel"]
+        for seg in self.segments(ref, m):
+            if isinstance(seg, Rejection):
+                yield seg
+                continue
+            spec = logmel(seg.wave[None], cfg, lm["backend"], lm["device"])[0]
+            yield _finish(seg, spec)
+
+    def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
+        lm = m.data["stages"]["logmel"]
+        if lm["backend"] != "torch":
+            yield from super().build_refs(refs, m, raise_errors)
+            return
+        # The torch path earns its keep on batches: segments of several files go through one STFT.
+        cfg = logmel_config(m)
+        pending: list[Segment | Rejection] = []
+
+        def flush() -> Iterator[Built]:
+            segs = [s for s in pending if isinstance(s, Segment)]
+            specs = logmel(np.stack([s.wave for s in segs]), cfg, "torch", lm["device"]) if segs else []
+            it = iter(specs)
+            for item in pending:
+                yield _finish(item, next(it)) if isinstance(item, Segment) else item
+            pending.clear()
+
+        for ref in refs:
+            for item in guarded(ref, lambda ref=ref: self.segments(ref, m), raise_errors):
+                pending.append(item)
+                if sum(isinstance(x, Segment) for x in pending) >= lm["batch"]:
+                    yield from flush()
+        yield from flush()
+
+    # ---- schema, statistics, picture -------------------------------------------------------
+    def fields(self, sample: SampleView) -> dict[str, FieldSpec]:
+        return {
+            "logmel.npy": FieldSpec("float16 (n_mels, T) log-mel power in dB (ref 1.0, top_db 80)",
+                                    check=_check_logmel),
+            "meta.json": FieldSpec("source, start_s, duration_s, sample_rate and the front-end settings",
+                                   check=_check_meta),
+            "audio.flac": FieldSpec("resampled mono segment, 16-bit FLAC", required=False, check=_check_flac),
+            "label.txt": FieldSpec("class name from labels.csv (UTF-8)", required=False, check=_check_label),
+        }
+
+    def sample_stats(self, sample: SampleView) -> dict[str, float]:
+        spec = sample["logmel.npy"]
+        meta = sample["meta.json"]
+        n = valid_frames(int(round(meta["duration_s"] * meta["sample_rate"])), _cfg_of(meta))
+        x = spec[:, :n].astype(np.float64)
+        return {"samples": 1.0, "seconds": float(meta["duration_s"]),
+                "padded": float(meta["duration_s"] < meta.get("segment_s", meta["duration_s"])),
+                "labelled": float("label.txt" in sample), "bins": float(x.size), "db_sum": float(x.sum()),
+                "db_sqsum": float((x**2).sum())}
+
+    def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        n = totals.get("bins", 0.0)
+        if not n:
+            return {}
+        mean = totals["db_sum"] / n
+        return {"samples": totals["samples"], "seconds": totals["seconds"], "padded_segments": totals["padded"],
+                "labelled_segments": totals["labelled"], "logmel_mean": mean,
+                "logmel_std": float(np.sqrt(max(totals["db_sqsum"] / n - mean**2, 0.0)))}
+
+    def render(self, sample: SampleView) -> Any:
+        from distillkit.pipelines.render_audio import render_audio
+
+        return render_audio(sample)
+
+
+def _finish(seg: Segment, spec: np.ndarray) -> Sample:
+    return Sample(seg.key, {**seg.fields, "logmel.npy": npy_bytes(spec.astype(np.float16))}, seg.source)
+
+
+def _cfg_of(meta: dict[str, Any]) -> LogMelConfig:
+    return LogMelConfig(sample_rate=meta["sample_rate"], n_fft=meta["n_fft"], win_length=meta["win_length"],
+                        hop_length=meta["hop_length"], n_mels=meta["n_mels"], fmin=meta["fmin"], fmax=meta["fmax"])
+
+
+def _check_meta(meta: Any, sample: SampleView) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError("expected an object")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    if not 0 < meta["duration_s"] <= meta.get("segment_s", meta["duration_s"]) + 1e-9:
+        raise ValueError(f"duration_s {meta['duration_s']} outside (0, segment_s]")
+
+
+def _check_logmel(spec: np.ndarray, sample: SampleView) -> None:
+    from distillkit.pipelines.schema import expect_array
+
+    expect_array(spec, "float16", 2)
+    meta = sample["meta.json"]
+    if spec.shape[0] != meta["n_mels"]:
+        raise ValueError(f"{spec.shape[0]} mel bands, meta.json says {meta['n_mels']}")
+    if "segment_s" in meta:
+        frames = _cfg_of(meta).frames(int(round(meta["segment_s"] * meta["sample_rate"])))
+        if spec.shape[1] != frames:
+            raise ValueError(f"{spec.shape[1]} frames, a {meta['segment_s']} s segment has {frames}")
+    if not np.isfinite(spec).all():
+        raise ValueError("non-finite values")
+
+
+def _check_flac(data: bytes, sample: SampleView) -> None:
+    if not data.startswith(b"fLaC"):
+        raise ValueError("not a FLAC stream")
+
+
+def _check_label(data: bytes, sample: SampleView) -> None:
+    if not data.decode("utf-8").strip():
+        raise ValueError("empty label")

@@ -1,0 +1,202 @@
+"""Audio files: find them under a root, read their labels, decode, mix down and resample.
+
+Decisions (docs/audio.md):
+
+- **Decoding** goes through soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1),
+  which reads every sample exactly and fast; what libsndfile cannot open falls back to
+  ``librosa.load(sr=None, mono=False)`` (audioread/ffmpeg where installed). Samples come out as
+  float32 in [-1, 1] for integer formats; float formats are passed through unchanged.
+- **Mix-down** is the mean of the channels (librosa's ``to_mono``), so a 6-channel file keeps its level.
+- **Resampling** is soxr at quality "HQ", exactly librosa's default ``res_type="soxr_hq"``: one
+  band-limited, high-quality resampler for every rate (8 kHz is upsampled: the band above 4 kHz
+  stays empty, and that is recorded, not invented). All of it in float32.
+- **Bad input** raises ``AudioReadError`` with a one-line reason naming the file: empty file,
+  undecodable header or content, no samples, non-finite (NaN/inf) samples. Silence is valid audio.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
+RESAMPLE_QUALITY = "HQ"  # soxr quality of librosa's default res_type "soxr_hq"
+
+
+class AudioReadError(ValueError):
+    """A file that cannot be used as audio; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    """A decoded, mixed-down, resampled recording.
+
+    Attributes:
+        samples: (N,) float32 mono waveform at ``sample_rate``.
+        sample_rate: rate of ``samples`` in Hz (the target rate).
+        source_rate: the file's own rate in Hz.
+        source_channels: the file's channel count before the mix-down.
+        decoder: ``"soundfile"`` or ``"librosa"`` (the fallback).
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+    decoder: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+def list_audio(root: Path | str, extensions: tuple[str, ...] | list[str] = AUDIO_EXTENSIONS) -> list[str]:
+    """Every audio file under ``root`` (recursively), as POSIX paths relative to it, sorted.
+
+    Args:
+        root: the source folder.
+        extensions: file name endings that count as audio (case-insensitive, with the dot).
+    """
+    root = Path(root)
+    exts = tuple(e.lower() for e in extensions)
+    found = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
+    return sorted(found)
+
+
+def read_labels(path: Path | str) -> dict[str, str]:
+    """``path,label`` rows of a labels CSV (header required; paths relative to the source root).
+
+    Args:
+        path: the CSV file.
+
+    Raises:
+        ValueError: no ``path`` and ``label`` columns, an empty label, or a path listed twice
+            with different labels (the message names the file and the line).
+    """
+    path = Path(path)
+    labels: dict[str, str] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs a header with 'path' and 'label' columns, got {reader.fieldnames}")
+        for row in reader:
+            rel = Path(row["path"].strip()).as_posix()
+            label = (row["label"] or "").strip()
+            if not label:
+                raise ValueError(f"{path}:{reader.line_num}: empty label for {rel}")
+            if labels.get(rel, label) != label:
+                raise ValueError(f"{path}:{reader.line_num}: {rel} listed with labels {labels[rel]!r} and {label!r}")
+            labels[rel] = label
+    return labels
+
+
+def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
+    """Decode a file to float32 ``(channels, N)`` at its own rate.
+
+    Args:
+        path: the audio file.
+
+    Returns:
+        (samples, sample_rate, decoder name).
+
+    Raises:
+        AudioReadError: empty or undecodable file.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise AudioReadError(f"{path}: cannot stat ({exc.strerror or exc})") from None
+    if size == 0:
+        raise AudioReadError(f"{path}: empty file (0 bytes)")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return np.ascontiguousarray(data.T), int(rate), "soundfile"
+    except (sf.LibsndfileError, RuntimeError, TypeError) as first:
+        first_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
+        first_reason = first_reason.split("': ", 1)[-1]  # libsndfile repeats the path: keep the reason
+    # Formats libsndfile lacks (e.g. MP3 before 1.1, AAC in an .mp3 misnomer): audioread/ffmpeg.
+    import warnings
+
+    import librosa
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # librosa warns about the fallback itself; the reason is ours
+            data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
+    except Exception as exc:
+        raise AudioReadError(f"{path}: not decodable audio (soundfile: {first_reason}; "
+                             f"librosa: {type(exc).__name__})") from None
+    data = np.atleast_2d(np.asarray(data, dtype=np.float32))
+    return np.ascontiguousarray(data), int(rate), "librosa"
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Mean over channels: ``(C, N)`` -> ``(N,)`` float32 (librosa's ``to_mono``).
+
+    Args:
+        samples: (C, N) or (N,) waveform.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    return x if x.ndim == 1 else x.mean(axis=0, dtype=np.float32)
+
+
+def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Band-limited resampling with soxr "HQ" (= ``librosa.resample(res_type="soxr_hq")``), float32.
+
+    Args:
+        samples: (N,) float32 waveform.
+        source_rate: its rate in Hz.
+        target_rate: the wanted rate in Hz.
+    """
+    x = np.ascontiguousarray(samples, dtype=np.float32)
+    if source_rate == target_rate:
+        return x
+    import soxr
+
+    return np.ascontiguousarray(soxr.resample(x, source_rate, target_rate, quality=RESAMPLE_QUALITY),
+                                dtype=np.float32)
+
+
+def read_audio(path: Path | str, target_rate: int = 16000) -> Audio:
+    """Decode, check, mix down to mono and resample one file.
+
+    Args:
+        path: the audio file.
+        target_rate: output rate in Hz.
+
+    Raises:
+        AudioReadError: empty or undecodable file, no samples, or NaN/inf samples (a decoder
+            would carry them into every spectrogram frame they touch; no repair is guessed).
+    """
+    data, rate, decoder = decode(path)
+    if data.shape[-1] == 0:
+        raise AudioReadError(f"{path}: no audio samples ({data.shape[0]} channel(s), {rate} Hz)")
+    if rate <= 0:
+        raise AudioReadError(f"{path}: invalid sample rate {rate}")
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise AudioReadError(f"{path}: {bad} non-finite (NaN/inf) sample(s)")
+    mono = resample(to_mono(data), rate, target_rate)
+    return Audio(mono, int(target_rate), rate, int(data.shape[0]), decoder)
+
+
+def flac_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit FLAC of a mono float32 waveform (clipped to [-1, 1]), for the optional ``audio.flac``.
+
+    Args:
+        samples: (N,) float32 waveform.
+        sample_rate: its rate in Hz.
+    """
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()

@@ -1,0 +1,130 @@
+"""The audio pipeline end to end on real files: plan, build (serial), bad inputs, labels, keys,
+pad/drop of the last segment, the torch backend against the librosa one, index statistics, show."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from distillkit.pipelines.catalog import load_manifest
+from distillkit.pipelines.inspect import show, verify
+from distillkit.pipelines.manifest import ManifestError
+from distillkit.pipelines.runner import build
+from distillkit.pipelines.shards import load_index
+from distillkit.sensors.synth.audio import make_audio, write_bad_audio
+from distillkit.train.streaming import ShardStream
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The small synthetic tree minus most files (speed), plus every bad input."""
+    root = make_audio(tmp_path_factory.mktemp("audio") / "src", seed=2, size="small")
+    keep = sorted(p.relative_to(root).as_posix() for p in root.rglob("clip_*"))[:6]
+    for p in list(root.rglob("clip_*")):
+        if p.relative_to(root).as_posix() not in keep:
+            p.unlink()
+    lines = (root / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in keep])
+                                     + "\n")
+    bad = write_bad_audio(root)
+    return root, keep, bad
+
+
+def manifest(root, out, *extra):
+    return load_manifest("demo-audio", [f"source.root={root}", f"output.dir={out}", "cluster.scheduler=serial",
+                                        "output.max_rejected=1.0", *extra])
+
+
+def samples(out):
+    return {s["__key__"]: s for s in ShardStream(out, epochs=1, shuffle_shards=False)}
+
+
+def test_build_keeps_good_and_odd_files_and_rejects_bad_ones(source, tmp_path):
+    root, keep, bad = source
+    out = tmp_path / "shards"
+    result = build(manifest(root, out), progress=False)
+    index = load_index(out)
+    assert verify(out).ok
+    rejected = {r["source"]: r for r in index["rejected"]}
+    for rel, fate in bad.items():
+        if fate == "rejected":
+            assert rel in rejected and str(root / rel) in rejected[rel]["reason"], rel
+            assert rejected[rel]["stage"] == "read"
+        else:
+            assert rel not in rejected
+    assert len(rejected) == sum(f == "rejected" for f in bad.values())
+    assert result is not None
+    got = samples(out)
+    sources = {s["meta.json"]["source"] for s in got.values()}
+    assert sources == set(keep) | {r for r, f in bad.items() if f == "kept"}
+    for key, s in got.items():
+        meta, spec = s["meta.json"], s["logmel.npy"]
+        assert "." not in key and key.endswith(f"_{meta['segment']:04d}")
+        assert spec.dtype == np.float16 and spec.shape == (64, 1001)
+        assert meta["sample_rate"] == 16000 and meta["n_mels"] == 64 and meta["hop_length"] == 160
+        assert ("label.txt" in s) == (meta["source"] in keep)  # the bad/ files are not in labels.csv
+    silence = got["bad_silence_wav_0000"]["logmel.npy"].astype(np.float32)
+    assert np.all(silence == np.float16(-100.0))  # all-silence kept at the power floor
+    six = got["bad_six_channel_96k_flac_0000"]["meta.json"]
+    assert (six["source_channels"], six["source_sample_rate"], six["duration_s"]) == (6, 96000, 2.0)
+    stats = index["stats"]
+    assert stats["labelled_segments"] == sum("label.txt" in s for s in got.values())
+    # mean/std of the dB values over frames that hold audio, recomputed from the shards
+    vals = []
+    for s in got.values():
+        m = s["meta.json"]
+        n = -(-round(m["duration_s"] * 16000) // 160)
+        vals.append(s["logmel.npy"][:, :n].astype(np.float64).ravel())
+    vals = np.concatenate(vals)
+    assert abs(stats["logmel_mean"] - vals.mean()) < 1e-6 and abs(stats["logmel_std"] - vals.std()) < 1e-6
+    picture = tmp_path / "show.png"
+    show(out, picture, key="bad_mono_8k_wav_0000")
+    assert picture.stat().st_size > 10_000
+
+
+def test_drop_mode_and_torch_backend(source, tmp_path):
+    root, keep, _ = source
+    ref = samples(_built(manifest(root, tmp_path / "ref")))
+    torch_out = _built(manifest(root, tmp_path / "torch", "stages.logmel.backend=torch", "stages.logmel.batch=3"))
+    got = samples(torch_out)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        a, b = ref[k]["logmel.npy"].astype(np.float32), got[k]["logmel.npy"].astype(np.float32)
+        assert np.abs(a - b).max() <= 0.07, k  # 0.05 dB plus float16 rounding of the stored values
+        assert ref[k]["meta.json"] == got[k]["meta.json"]
+    dropped = _built(manifest(root, tmp_path / "drop", "stages.segments.last=drop"))
+    index = load_index(dropped)
+    d = samples(dropped)
+    assert all(s["meta.json"]["duration_s"] == 10.0 for s in d.values())
+    reasons = [r["reason"] for r in index["rejected"] if r["stage"] == "segment"]
+    assert reasons and all("stages.segments.last" in r for r in reasons)
+    # every file shorter than 10 s is rejected as a whole, every longer one has its tail listed
+    assert set(d) <= set(ref) and len(d) < len(ref)
+
+
+def _built(m):
+    build(m, progress=False)
+    return m.output_dir
+
+
+def test_manifest_errors_and_key_collisions(source, tmp_path):
+    root, _, _ = source
+    with pytest.raises(ManifestError, match="source.kind"):
+        manifest(root, tmp_path / "x", "source.kind=images")
+    assert manifest(root, tmp_path / "x", "source.kind=audio_dir").get("source.kind") == "audio_dir"
+    with pytest.raises(ManifestError, match="stages.logmel"):
+        manifest(root, tmp_path / "x", "stages.logmel.fmax=9000.0")
+    with pytest.raises(ManifestError, match="output.dir"):
+        manifest(root, root / "out")
+    other = tmp_path / "collide"
+    other.mkdir()
+    shutil.copy(root / "bad" / "silence.wav", other / "a b.wav")
+    shutil.copy(root / "bad" / "silence.wav", other / "a_b.wav")
+    from distillkit.pipelines.audio import AudioPipeline
+
+    refs, rejected = AudioPipeline().plan(manifest(other, tmp_path / "y"))
+    assert [r.key for r in refs] == ["a_b_wav"] and "collides" in rejected[0]["reason"]
+    assert json.dumps([r.payload for r in refs])

@@ -1,0 +1,444 @@
+"""ATST-Clip-style audio teacher-student on log-mel shards (reference/comodo_audio.md part B).
+
+Per clip, two random ``crop_s`` crops (loader, ``train.audio_aug.two_crops``); on the device,
+normalisation with ``index.json``'s log-mel mean/std, log-mixup-exp with another clip of the batch
+and BYOL-A random-resized-crop. The student is a ViT over 64 x 4 patches (``preprocess.vit``, one
+token per 40 ms, ``in_chans=1``) whose CLS token goes through a projector and a predictor; the
+teacher is an EMA of the student's encoder and projector (``train.ema``) with a cosine momentum
+schedule from ``ema_base`` to 1. Loss ``byol`` (the reference's): ``2 - 2 cos(predictor(student(v_i)),
+teacher(v_j))`` over both view orders; or ``dino``: a DINO head and loss (``train.dino``) on the CLS
+tokens of the two views. Optimisation, bf16, checkpoints, resume and the run record come from the
+shared loop (``train.loop``).
+
+Sizes: ``small`` = ViT 96-d x 2 blocks (3 heads), projector/predictor 256 -> 64, batch 16, 2 s crops,
+for CPU runs; ``paper`` = ATST-Clip small (ViT-S 384-d x 12, 6 heads; projector 4096 -> 256, predictor;
+EMA 0.99 -> 1; batch 256 per device); ``base`` = ATST-Clip base (ViT-B 768-d, EMA 0.9995 -> 1).
+Deviations from the released recipe (docs/audio.md): the EMA update of step k runs at the start of
+step k+1 (the shared loop has no after-step hook), mixup partners come from the batch instead of a
+per-worker memory bank, weight decay is constant (ATST: 0.04 -> 0.4 cosine) and the learning rate
+is ``lr * batch / 256`` with the loop's cosine schedule and warm-up.
+
+Evaluation (``distillkit eval audio``): clip embeddings (CLS and mean patch token, concatenated, of
+the teacher encoder by default, averaged over ``crop_s`` windows of the segment's audio) of every
+labelled segment; a linear probe (``train.clip_probe``) on a split by source file, for the distilled
+encoder and the same encoder at random init.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillkit.pipelines.manifest import Key
+from distillkit.preprocess.vit import ViT
+from distillkit.train.audio_aug import (
+    audio_frames,
+    collate_views,
+    crop_frames,
+    log_mixup_exp,
+    random_resized_crop,
+    two_crops,
+    window,
+)
+from distillkit.train.base import ConfigError, Trainer
+from distillkit.train.checkpoint import load_checkpoint
+from distillkit.train.clip_probe import format_probe_comparison, group_split, linear_probe
+from distillkit.train.dino import DINOHead, DINOLoss
+from distillkit.train.ema import cosine_momentum, ema_update
+from distillkit.train.loop import LoopConfig, train_loop
+from distillkit.train.streaming import ShardStream, make_loader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AudioSize:
+    """Network and optimiser settings of one ``size``."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    proj_hidden: int
+    proj_out: int
+    dino_out: int
+    batch_size: int
+    ema_base: float
+    lr: float  # at batch 256 (scaled by batch / 256)
+    warmup_steps: int
+    crop_s: float
+
+
+SIZES = {
+    # small: chosen on medium synthetic data (docs/audio.md): 2 s crops at batch 16 (800 steps) beat random
+    # init in CPU minutes, where 6 s crops at batch 8 (300 steps, several learning rates) did not.
+    "small": AudioSize(96, 2, 3, 256, 64, 256, 16, 0.99, 8e-3, 10, 2.0),
+    "paper": AudioSize(384, 12, 6, 4096, 256, 8192, 256, 0.99, 5e-4, 1000, 6.0),
+    "base": AudioSize(768, 12, 12, 4096, 256, 8192, 256, 0.9995, 5e-4, 1000, 6.0),
+}
+
+
+def mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """BYOL's projector/predictor: Linear -> BatchNorm -> ReLU -> Linear.
+
+    Args:
+        in_dim: input width.
+        hidden: hidden width.
+        out: output width.
+    """
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out))
+
+
+class Branch(nn.Module):
+    """Encoder + head: spectrogram (B, 1, n_mels, T) -> CLS (B, D) -> head output."""
+
+    def __init__(self, encoder: ViT, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder.forward_features(x).cls)
+
+
+class AudioTeacherStudent(nn.Module):
+    """Student branch (+ predictor for BYOL), EMA teacher branch, and the on-device augmentation.
+
+    Args:
+        size: a key of ``SIZES``.
+        n_mels: mel bands (the patch height).
+        crop: crop length in frames.
+        loss: ``"byol"`` or ``"dino"``.
+        mean: dataset log-mel mean (dB), from ``index.json``.
+        std: dataset log-mel std (dB).
+        total_steps: steps of the momentum schedule.
+        mixup_alpha: largest log-mixup-exp weight (0 = off).
+        rrc: apply random-resized-crop.
+        ema_base: teacher momentum at step 0 (None: the size's).
+    """
+
+    def __init__(self, size: str, n_mels: int, crop: int, loss: str = "byol", mean: float = 0.0, std: float = 1.0,
+                 total_steps: int = 100, mixup_alpha: float = 0.4, rrc: bool = True, ema_base: float | None = None):
+        super().__init__()
+        cfg = SIZES[size]
+        self.loss_kind, self.total_steps = loss, total_steps
+        self.mixup_alpha, self.rrc = mixup_alpha, rrc
+        self.ema_base = cfg.ema_base if ema_base is None else ema_base
+        encoder = ViT(patch=(n_mels, 4), in_chans=1, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                      num_heads=cfg.num_heads, img_size=(n_mels, crop))
+        if loss == "byol":
+            head: nn.Module = mlp(cfg.embed_dim, cfg.proj_hidden, cfg.proj_out)
+            self.predictor: nn.Module | None = mlp(cfg.proj_out, cfg.proj_hidden, cfg.proj_out)
+            self.dino_loss: DINOLoss | None = None
+        elif loss == "dino":
+            head = DINOHead(cfg.embed_dim, cfg.dino_out, hidden_dim=cfg.proj_hidden,
+                            bottleneck_dim=min(256, cfg.proj_hidden))
+            self.predictor = None
+            self.dino_loss = DINOLoss(cfg.dino_out, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                                      warmup_steps=max(1, total_steps // 10))
+        else:
+            raise ValueError(f"unknown loss {loss!r} (byol | dino)")
+        self.student = Branch(encoder, head)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+
+    def normalise(self, db: Tensor) -> Tensor:
+        """(dB - dataset mean) / dataset std."""
+        return (db - self.mean) / self.std
+
+    def views(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The two augmented, normalised views, each (B, 1, n_mels, crop)."""
+        x = batch["views"].float()  # (B, 2, F, T) dB
+        out = []
+        for v in (x[:, 0:1], x[:, 1:2]):
+            v = self.normalise(v)
+            if self.training:
+                v = log_mixup_exp(v, self.mixup_alpha)
+            if self.training and self.rrc:
+                v = random_resized_crop(v)
+            out.append(v)
+        return out[0], out[1]
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        """The shared loop calls this after each optimiser step: the EMA teacher follows the student."""
+        ema_update(self.teacher, self.student, cosine_momentum(step - 1, self.total_steps, self.ema_base, 1.0))
+        self.ema_step.fill_(step)
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        step = int(self.ema_step)
+        v1, v2 = self.views(batch)
+        with torch.no_grad():
+            t1, t2 = self.teacher(v1), self.teacher(v2)
+        s1, s2 = self.student(v1), self.student(v2)
+        if self.loss_kind == "byol":
+            assert self.predictor is not None
+            p1, p2 = self.predictor(s1), self.predictor(s2)
+            return 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
+        assert self.dino_loss is not None
+        return self.dino_loss.multicrop([s1, s2], [t1, t2], step)
+
+    @torch.no_grad()
+    def embed(self, spec: Tensor, which: str = "teacher") -> Tensor:
+        """Clip embedding of normalised windows: (W, 1, n_mels, crop) -> (2D,) mean over windows of
+        [CLS, mean patch token].
+
+        Args:
+            spec: windows of one clip, normalised.
+            which: ``"teacher"`` or ``"student"`` encoder.
+        """
+        enc = (self.teacher if which == "teacher" else self.student).encoder
+        out = enc.forward_features(spec)
+        feats = torch.cat([out.cls, out.patches.flatten(1, 2).mean(1)], dim=1)
+        return feats.mean(0)
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss, ``2 - 2 cos(p, z)`` averaged over the batch (z detached).
+
+    Args:
+        p: (B, d) student predictions.
+        z: (B, d) teacher projections.
+    """
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- data
+def read_norm(shards: Path) -> tuple[float, float, dict[str, Any]]:
+    """(log-mel mean, std, one sample's meta.json front-end) from a shard directory's index.json.
+
+    Args:
+        shards: an audio shard directory.
+    """
+    index = json.loads((Path(shards) / "index.json").read_text())
+    stats = index.get("stats", {})
+    if "logmel_mean" not in stats or "logmel_std" not in stats:
+        raise ValueError(f"{shards}/index.json: no logmel_mean/logmel_std statistics (not audio shards?)")
+    lm = index.get("manifest", {}).get("stages", {})
+    front = {"sample_rate": lm.get("audio", {}).get("sample_rate", 16000),
+             "hop_length": lm.get("logmel", {}).get("hop_length", 160),
+             "n_mels": lm.get("logmel", {}).get("n_mels", 64)}
+    return float(stats["logmel_mean"]), max(float(stats["logmel_std"]), 1e-3), front
+
+
+class CropTransform:
+    """The loader's per-sample transform: two random crops of the audio frames (picklable)."""
+
+    def __init__(self, crop: int):
+        self.crop = crop
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator, gen: torch.Generator) -> dict[str, Any]:
+        return {"views": two_crops(audio_frames(sample["logmel.npy"], sample["meta.json"]), self.crop, rng)}
+
+
+def check_sample(sample: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a sample the trainer cannot use."""
+    spec = sample["logmel.npy"]
+    if not isinstance(spec, np.ndarray) or spec.ndim != 2:
+        raise ValueError("logmel.npy is not a 2-d array")
+    if not isinstance(sample["meta.json"], dict) or "duration_s" not in sample["meta.json"]:
+        raise ValueError("meta.json lacks duration_s")
+
+
+def build_method(config: dict[str, Any], shards: Path, total_steps: int) -> AudioTeacherStudent:
+    """The method for ``config`` with the normalisation of ``shards``, seeded (same seed = same init).
+
+    Args:
+        config: a resolved audio trainer configuration.
+        shards: the shard directory (index.json statistics and front end).
+        total_steps: length of the momentum schedule.
+    """
+    mean, std, front = read_norm(shards)
+    crop = crop_frames(config["crop_s"] or SIZES[config["size"]].crop_s, front["sample_rate"], front["hop_length"])
+    torch.manual_seed(config["seed"])
+    return AudioTeacherStudent(config["size"], front["n_mels"], crop, config["loss"], mean, std, total_steps,
+                               config["mixup_alpha"], config["rrc"], config["ema_base"])
+
+
+# --------------------------------------------------------------------------- trainer
+class AudioTrainer(Trainer):
+    name = "audio"
+    pipeline = "audio"
+    summary = "ATST-Clip-style teacher-student (BYOL or DINO loss, EMA teacher) on log-mel shards"
+    schema = {
+        "max_steps": Key(int, 100, doc="optimiser steps (the lr and EMA momentum schedules span them)"),
+        "batch_size": Key(int, None, doc="clips per step, 2 views each (default: small 16, paper/base 256)"),
+        "size": Key(str, "small", choices=tuple(SIZES),
+                    doc="small = tiny ViT for CPU; paper = ATST-Clip small (ViT-S); base = ATST-Clip base (ViT-B)"),
+        "loss": Key(str, "byol", choices=("byol", "dino"), doc="BYOL (ATST's) or DINO loss on the CLS token"),
+        "crop_s": Key(float, None, doc="seconds per view (default: small 2, paper/base 6 as ATST-Clip)"),
+        "mixup_alpha": Key(float, 0.4, doc="largest log-mixup-exp weight (ATST: 0.4; 0 = off)"),
+        "rrc": Key(bool, True, doc="BYOL-A random-resized-crop on the device"),
+        "ema_base": Key(float, None, doc="teacher momentum at step 0, cosine to 1 (default: small/paper 0.99, "
+                                         "base 0.9995)"),
+        "lr": Key(float, None, doc="AdamW peak lr at batch 256, scaled by batch/256 (default: small 8e-3, "
+                                   "paper 5e-4)"),
+        "weight_decay": Key(float, 0.04, doc="AdamW weight decay (ATST starts at 0.04)"),
+        "precision": Key(str, "bf16", choices=("bf16", "fp32"), doc="CUDA autocast (CPU always runs fp32)"),
+        "shuffle_buffer": Key(int, 64, doc="samples each loader worker holds for shuffling"),
+    }
+    eval_schema = {
+        "encoder": Key(str, "teacher", choices=("teacher", "student"), doc="which encoder is probed"),
+        "test_fraction": Key(float, 0.3, doc="fraction of source files (per class) on the test side"),
+        "epochs": Key(int, 300, doc="full-batch steps of the linear probe"),
+        "lr": Key(float, 0.01, doc="AdamW lr of the linear probe"),
+    }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
+        super().check_config(config, where)
+        if config["crop_s"] is not None and config["crop_s"] <= 0:
+            raise ConfigError(where, "crop_s", "must be > 0")
+        if config["mixup_alpha"] < 0 or config["mixup_alpha"] >= 1:
+            raise ConfigError(where, "mixup_alpha", "must be in [0, 1)")
+        if config["ema_base"] is not None and not 0 <= config["ema_base"] <= 1:
+            raise ConfigError(where, "ema_base", "must be in [0, 1]")
+
+    def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
+              resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        size = SIZES[config["size"]]
+        batch = config["batch_size"] or size.batch_size
+        steps = config["max_steps"]
+        method = build_method(config, Path(shards), steps)
+        np.random.seed(config["seed"])
+        stream = ShardStream(shards, seed=config["seed"], shuffle_buffer=config["shuffle_buffer"],
+                             required=["logmel.npy", "meta.json"], check=check_sample,
+                             transform=CropTransform(method.student.encoder.base_grid[1] * 4), strict=strict)
+        lr = (config["lr"] or size.lr) * batch / 256
+        loop = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
+                          optimizer="adamw", lr=lr, weight_decay=config["weight_decay"],
+                          warmup_steps=min(size.warmup_steps, max(0, steps // 10)), grad_clip=3.0,
+                          log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
+                          bf16=config["precision"] == "bf16", run_config=config)
+
+        def batches() -> Any:
+            return make_loader(stream, batch, collate_views, num_workers=config["num_workers"], device=device,
+                               timeout=600)
+
+        metrics = train_loop(method, batches, loop, batch_size=lambda b: int(b["views"].shape[0]))
+        metrics.update(size=config["size"], loss_kind=config["loss"], batch_size=batch, bad_samples=stream.bad_samples)
+        return metrics
+
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = self.resolve_eval_options(options or {})
+        return evaluate(checkpoint, shards, config, device, **options)
+
+    def format_eval(self, result: dict[str, Any]) -> str:
+        return format_eval(result)
+
+
+# --------------------------------------------------------------------------- evaluation
+def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
+    """Audio frames, labels, source files and keys of every labelled segment, in index order.
+
+    Args:
+        shards: audio shard directories.
+    """
+    specs, labels, groups, keys = [], [], [], []
+    for d in shards:
+        for s in ShardStream(d, epochs=1, shuffle_shards=False, required=["logmel.npy", "meta.json"]):
+            if "label.txt" not in s:
+                continue
+            specs.append(audio_frames(s["logmel.npy"], s["meta.json"]))
+            label = s["label.txt"]
+            labels.append(label.decode("utf-8").strip() if isinstance(label, bytes) else str(label).strip())
+            groups.append(f"{d}:{s['meta.json']['source']}")
+            keys.append(s["__key__"])
+    if not specs:
+        raise ValueError(f"{', '.join(map(str, shards))}: no segment has label.txt; cannot evaluate "
+                         "(put a labels.csv with path,label under the source root and rebuild)")
+    return specs, labels, groups, keys
+
+
+@torch.no_grad()
+def clip_embeddings(method: AudioTeacherStudent, specs: list[np.ndarray], crop: int, device: str,
+                    which: str = "teacher") -> np.ndarray:
+    """(N, 2D) clip embeddings: each segment's audio cut into ``crop``-frame windows (the last one
+    wrapped cyclically), normalised, embedded and averaged.
+
+    Args:
+        method: the teacher-student (eval mode is set here).
+        specs: per segment, (n_mels, n) dB frames that hold audio.
+        crop: window length in frames (the training crop).
+        device: torch device.
+        which: ``"teacher"`` or ``"student"`` encoder.
+    """
+    method.eval().to(device)
+    out = []
+    for spec in specs:
+        n = spec.shape[1]
+        starts = list(range(0, max(n - crop, 0) + 1, crop))
+        if starts[-1] + crop < n:
+            starts.append(n - crop)
+        wins = np.stack([window(spec, s, crop) for s in starts])[:, None]
+        x = method.normalise(torch.from_numpy(wins).to(device))
+        out.append(method.embed(x, which).float().cpu().numpy())
+    return np.stack(out)
+
+
+def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any], device: str = "cpu",
+             encoder: str = "teacher", test_fraction: float = 0.3, epochs: int = 300, lr: float = 0.01
+             ) -> dict[str, Any]:
+    """Linear probe of clip embeddings: the distilled encoder against the same encoder at random init.
+
+    Args:
+        checkpoint: a checkpoint of ``AudioTrainer.train`` (None: random init only).
+        shards: audio shard directories with ``label.txt`` fields.
+        config: the training configuration (size, seed, crop, loss).
+        device: torch device for the embeddings (the probe runs on CPU).
+        encoder: ``"teacher"`` or ``"student"``.
+        test_fraction: fraction of source files per class on the test side.
+        epochs: full-batch steps of the probe.
+        lr: learning rate of the probe.
+    """
+    specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
+    names = sorted(set(labels))
+    y = np.array([names.index(label) for label in labels])
+    train_idx, test_idx = group_split(groups, test_fraction, seed=config["seed"], labels=labels)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise ValueError(f"{len(set(groups))} labelled source file(s): too few for a train/test split by file")
+    result: dict[str, Any] = {
+        "protocol": (f"linear probe of {encoder} clip embeddings; {len(set(groups))} source files, "
+                     f"{len(labels)} segments, split by file ({len(train_idx)} train / {len(test_idx)} test "
+                     f"segments), {len(names)} classes, {epochs} full-batch AdamW steps"),
+    }
+    runs: list[tuple[str, Path | None]] = [("random_init", None)]
+    if checkpoint is not None:
+        runs.append(("distilled", Path(checkpoint)))
+    for name, ckpt in runs:
+        method = build_method(config, Path(shards[0]), max(1, config["max_steps"] or 1))
+        if ckpt is not None:
+            method.load_state_dict(load_checkpoint(ckpt, map_location="cpu")["model"])
+        crop = method.student.encoder.base_grid[1] * 4
+        emb = clip_embeddings(method, specs, crop, device, encoder)
+        result[name] = linear_probe(emb[train_idx], y[train_idx], emb[test_idx], y[test_idx], names,
+                                    epochs=epochs, lr=lr, seed=config["seed"])
+        log.info("linear probe %s: accuracy %.3f", name, result[name]["accuracy"])
+    if "distilled" in result:
+        result["gain_accuracy"] = result["distilled"]["accuracy"] - result["random_init"]["accuracy"]
+        result["gain_balanced_accuracy"] = (result["distilled"]["balanced_accuracy"]
+                                            - result["random_init"]["balanced_accuracy"])
+    return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    """The protocol line and the per-class table (random init only when no checkpoint was given)."""
+    lines = [result["protocol"]]
+    if "distilled" in result:
+        lines.append(format_probe_comparison(result["distilled"], result["random_init"]))
+    else:
+        r = result["random_init"]
+        lines.append(f"random init: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}")
+    return "\n".join(lines)
