@@ -79,6 +79,7 @@ def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | No
             if trainer.pipeline != name:
                 continue
             click.echo(f"[5/5] train {method} for {steps} steps, then its evaluation")
+            _one_thread_unless_asked()
             config = trainer.resolve_config({"max_steps": steps})
             metrics = trainer.train(shards, out / "runs" / method, config, device="cpu")
             evaluation = trainer.evaluate(Path(metrics["checkpoint"]), [shards], config, device="cpu",
@@ -88,3 +89,15 @@ def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | No
             entry["train"][method] = {"metrics": metrics, "eval": evaluation}
         results[name] = entry
     return results
+
+
+def _one_thread_unless_asked() -> None:
+    """The demo's small networks train 2x faster with one torch thread than with one per core on a 2-core
+    machine (thread synchronisation outweighs the work: docs/decisions.md "Torch threads"); a user who sets
+    ``OMP_NUM_THREADS`` keeps their choice."""
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# One math thread per process unless the caller says otherwise: the suite runs on 2 cores beside dask workers,
+# and torch's default of one thread per core made the small trainers' steps 2x (idle) to 9x (under load) slower
+# there (docs/decisions.md "Torch threads"). Set before torch is imported; subprocesses and workers inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = ROOT / "manifests" / "demo-slidr.toml"

@@ -1,0 +1,382 @@
+"""The UniSeg pipeline: one sample per image -> patch features -> UniAP multi-granular pseudo-masks.
+
+plan: every image file under ``source.root`` (JPEG, PNG, WebP, BMP, TIFF; recursive, sorted by relative
+path; files named ``*.inst.png`` / ``*.sem.png`` are ground truth, not images), with its ground truth
+when ``{stem}.inst.png`` / ``{stem}.sem.png`` lie beside it.
+build (per shard, images in batches of ``stages.features.batch``): read the file
+(``sensors.image_files``: EXIF, CMYK, 16-bit, alpha, size limit), resize to whole patches
+(``preprocess.patch_features.grid_for``), features of the chosen backbone, UniAP
+(``preprocess.uniap``, scipy or the batched torch path), and the fields of SPEC.md "uniseg".
+See docs/uniseg.md for the layout, the backbones and the measured quality.
+
+Sample key: the image's path relative to the root without its extension, every character outside
+``[A-Za-z0-9_-]`` replaced by ``_`` (``a/b.c.jpg`` -> ``a_b_c``); keys that would collide get
+``_`` + the first 8 hex digits of sha1(relative path) appended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distillkit.pipelines.base import (
+    Built,
+    Demo,
+    FieldSpec,
+    Pipeline,
+    Rejected,
+    Rejection,
+    Sample,
+    SampleRef,
+    batched,
+    describe_exception,
+)
+from distillkit.pipelines.codecs import LABEL_IMAGE_SUFFIXES, SampleView, json_bytes, npy_bytes
+from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.sensors.image_files import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageFileError, read_image_file
+from distillkit.sensors.images import decode_rgb, encode_labels_png
+
+IMAGE_FIELDS = ("image.jpg", "image.png", "image.webp", "image.bmp", "image.tif")
+GT_SUFFIXES = {"inst": ".inst.png", "sem": ".sem.png"}
+
+SCHEMA = {
+    "source": {
+        "kind": Key(str, "images", choices=("images", "image_dir"),
+                    doc='"images" (SPEC.md\'s "image_dir" is accepted as the same thing)'),
+        "root": Key("existing_path", required=True, doc="folder searched recursively for images"),
+        "ground_truth": Key(bool, True, doc="store {stem}.inst.png / {stem}.sem.png found beside an image"),
+    },
+    "stages": {
+        "image": {
+            "max_pixels": Key(int, DEFAULT_MAX_PIXELS,
+                              doc="images with more pixels are rejected (memory of a worker; decompression bombs)"),
+        },
+        "features": {
+            "backbone": Key(str, "stats", choices=("stats", "vit"),
+                            doc="stats = weight-free colour/texture features; vit = frozen ViT from checkpoint"),
+            "checkpoint": Key("existing_path", None,
+                              doc="ViT checkpoint file (DINO backbone, DINO training or uniseg trainer checkpoint)"),
+            "feature": Key(str, "key", choices=("key", "feat"), doc="ViT last-block keys or output tokens"),
+            "patch": Key(int, 8, doc="patch size of the stats backbone in px (a ViT's comes from its checkpoint)"),
+            "max_side": Key(int, 448, doc="longer image side in px after resizing (grid = max_side / patch)"),
+            "device": Key(str, "cpu", doc="torch device of the ViT and of the torch UniAP path"),
+            "batch": Key(int, 16, doc="images per backbone / UniAP batch"),
+        },
+        "uniap": {
+            "thresholds": Key(list, [0.8, 0.7, 0.6, 0.5, 0.4], doc="decreasing edge-score thresholds, one level each"),
+            "min_size": Key(int, 4, doc="regions of fewer tokens are dropped (-1)"),
+            "spatial_weight": Key(float, 0.0, doc="paper's spatial similarity weight (0 = released code)"),
+            "update": Key(str, "sum", choices=("sum", "softmax"), doc="sum (released code) or softmax (paper Eq. 5)"),
+            "semantic": Key(bool, False, doc="add semantic-pooling levels after the instance levels"),
+            "backend": Key(str, "scipy", choices=("scipy", "torch"), doc="reference path or batched torch path"),
+        },
+    },
+}
+
+
+def sanitise_key(rel: str) -> str:
+    """Dot-free key of a relative path without its extension (module docstring).
+
+    Args:
+        rel: POSIX path relative to the source root.
+    """
+    stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted by relative POSIX path; label images excluded.
+
+    Args:
+        root: the source folder.
+    """
+    found = []
+    for p in root.rglob("*"):
+        name = p.name.lower()
+        if p.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(LABEL_IMAGE_SUFFIXES):
+            found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def ground_truth_of(image: Path) -> dict[str, str | None]:
+    """``{"inst": path or None, "sem": path or None}`` beside ``image``.
+
+    Args:
+        image: the image file.
+    """
+    stem = image.name.rsplit(".", 1)[0]
+    out: dict[str, str | None] = {}
+    for kind, suffix in GT_SUFFIXES.items():
+        p = image.with_name(stem + suffix)
+        out[kind] = str(p) if p.is_file() else None
+    return out
+
+
+def read_label_png(path: str, shape: tuple[int, int]) -> bytes:
+    """A ground-truth label image -> 8/16-bit single-channel PNG bytes (ids kept; palette PNGs as indices).
+
+    Args:
+        path: the label file.
+        shape: (H, W) the image it belongs to decodes to.
+
+    Raises:
+        Rejected: unreadable, colour (not ids), or a size other than the image's.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+                raise Rejected("ground_truth", f"{path}: mode {im.mode} is not a label image (ids, one channel)")
+            arr = np.asarray(im)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+        raise Rejected("ground_truth", f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if arr.shape != tuple(shape):
+        raise Rejected("ground_truth", f"{path}: {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+        raise Rejected("ground_truth", f"{path}: ids outside 0..65535")
+    return encode_labels_png(arr.astype(np.int64))
+
+
+class UnisegPipeline(Pipeline):
+    name = "uniseg"
+    schema = SCHEMA
+    source_key = "source.root"
+    demo = Demo(synth="images", manifest="demo-uniseg")
+
+    def __init__(self) -> None:
+        self._backbone: Any = None
+
+    # ---- manifest and plan (client) -------------------------------------------------
+    def check_manifest(self, m: Manifest) -> None:
+        check_output_outside(m, "source.root")
+        f, u = m.data["stages"]["features"], m.data["stages"]["uniap"]
+        if f["backbone"] == "vit" and not f["checkpoint"]:
+            raise ManifestError(m.path, "stages.features.checkpoint",
+                                "backbone = \"vit\" needs a local checkpoint file (nothing is downloaded)")
+        for key in ("patch", "max_side", "batch"):
+            if f[key] < 1:
+                raise ManifestError(m.path, f"stages.features.{key}", "must be >= 1")
+        if m.data["stages"]["image"]["max_pixels"] < 1:
+            raise ManifestError(m.path, "stages.image.max_pixels", "must be >= 1")
+        th = u["thresholds"]
+        if not th or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th):
+            raise ManifestError(m.path, "stages.uniap.thresholds", "must be a non-empty list of numbers")
+        if u["min_size"] < 1:
+            raise ManifestError(m.path, "stages.uniap.min_size", "must be >= 1")
+        if not 0.0 <= u["spatial_weight"] <= 1.0:
+            raise ManifestError(m.path, "stages.uniap.spatial_weight", "must be in [0, 1]")
+
+    def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
+        root = Path(m.data["source"]["root"])
+        if not root.is_dir():
+            raise ManifestError(m.path, "source.root", f"not a folder: {root}")
+        images = find_images(root)
+        rels = [p.relative_to(root).as_posix() for p in images]
+        keys = [sanitise_key(r) for r in rels]
+        counts: dict[str, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        keys = [k if counts[k] == 1 else f"{k}_{hashlib.sha1(r.encode()).hexdigest()[:8]}"
+                for k, r in zip(keys, rels, strict=True)]
+        use_gt = m.data["source"]["ground_truth"]
+        ckpt = m.data["stages"]["features"]["checkpoint"]
+        refs = []
+        for p, rel, key in zip(images, rels, keys, strict=True):
+            gt = ground_truth_of(p) if use_gt else {"inst": None, "sem": None}
+            files = [str(p), *(g for g in gt.values() if g)] + ([str(ckpt)] if ckpt else [])
+            refs.append(SampleRef(key, rel, {"image": str(p), "rel": rel, "gt": gt, "files": files}))
+        return refs, []
+
+    # ---- build (worker) ----------------------------------------------------------------
+    def setup(self, m: Manifest) -> None:
+        from distillkit.preprocess.patch_features import make_backbone
+
+        f = m.data["stages"]["features"]
+        self._backbone = make_backbone(f["backbone"], f["checkpoint"], f["patch"], f["feature"], f["device"])
+
+    def _load(self, ref: SampleRef, m: Manifest) -> dict[str, Any]:
+        """Read one image (and its ground truth) and resize it to whole patches; raises ``Rejected``."""
+        from distillkit.preprocess.patch_features import grid_for, resize_to_grid
+
+        try:
+            img = read_image_file(ref.payload["image"], m.data["stages"]["image"]["max_pixels"])
+        except ImageFileError as exc:
+            raise Rejected("image", str(exc)) from None
+        patch = self._backbone.patch
+        H, W = img.rgb.shape[:2]
+        if H < patch or W < patch:
+            raise Rejected("image", f"{ref.payload['image']}: {W}x{H} is smaller than one {patch}x{patch} patch")
+        grid = grid_for(H, W, patch, m.data["stages"]["features"]["max_side"])
+        gt = {k: read_label_png(p, (H, W)) for k, p in ref.payload["gt"].items() if p}
+        return {"img": img, "grid": grid, "input": resize_to_grid(img.rgb, grid, patch), "gt": gt}
+
+    def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
+        from distillkit.preprocess.uniap import UniAPConfig, uniap, uniap_batch
+
+        if self._backbone is None:
+            self.setup(m)
+        f, u = m.data["stages"]["features"], m.data["stages"]["uniap"]
+        cfg = UniAPConfig(tuple(float(t) for t in u["thresholds"]), u["min_size"], u["spatial_weight"], u["update"],
+                          semantic=u["semantic"])
+        for chunk in batched(refs, f["batch"]):
+            loaded: list[dict[str, Any] | Rejection] = []
+            for ref in chunk:
+                try:
+                    loaded.append(self._load(ref, m))
+                except Rejected as exc:
+                    loaded.append(Rejection(ref.source, exc.stage, exc.reason))
+                except Exception as exc:
+                    if raise_errors:
+                        raise
+                    loaded.append(Rejection(ref.source, "image", f"{ref.payload['image']}: {describe_exception(exc)}"))
+            good = [x for x in loaded if not isinstance(x, Rejection)]
+            feats = self._backbone([x["input"] for x in good]) if good else []
+            if u["backend"] == "torch":
+                parts = uniap_batch(feats, cfg, device=f["device"])
+            else:
+                parts = [uniap(x, cfg.thresholds, cfg.min_size, cfg.spatial_weight, cfg.update, cfg.semantic)
+                         for x in feats]
+            it = iter(zip(good, parts, strict=True))
+            for ref, item in zip(chunk, loaded, strict=True):
+                if isinstance(item, Rejection):
+                    yield item
+                    continue
+                x, levels = next(it)
+                yield Sample(ref.key, self._fields(ref, x, levels, cfg), ref.source)
+
+    def _fields(self, ref: SampleRef, x: dict[str, Any], levels: np.ndarray, cfg: Any) -> dict[str, bytes]:
+        img = x["img"]
+        H, W = img.rgb.shape[:2]
+        out = {f"image.{img.ext}": img.data, "uniap.npy": npy_bytes(levels.astype(np.int32))}
+        meta = {
+            "source": ref.payload["rel"],
+            "image_size": [H, W],
+            "grid": list(x["grid"]),
+            "patch": self._backbone.patch,
+            "input_size": [int(x["input"].shape[0]), int(x["input"].shape[1])],
+            "backbone": self._backbone.describe(),
+            "thresholds": list(cfg.thresholds),
+            "levels": cfg.level_names(),
+            "regions": [int(lvl.max(initial=-1)) + 1 for lvl in levels],
+            "min_size": cfg.min_size,
+            "spatial_weight": cfg.spatial_weight,
+            "update": cfg.update,
+            "stored": "re-encoded png" if img.reencoded else "original",
+            "notes": img.notes,
+            "image_mode": img.mode,
+        }
+        out["uniap.json"] = json_bytes(meta)
+        for kind, data in x["gt"].items():
+            out[f"gt.{kind}.png"] = data
+        return out
+
+    # ---- schema ------------------------------------------------------------------------
+    def fields(self, sample: SampleView) -> dict[str, FieldSpec]:
+        present = [n for n in IMAGE_FIELDS if n in sample]
+        if len(present) > 1:
+            raise ValueError(f"more than one image field: {present}")
+        image_field = present[0] if present else "image.jpg"
+        return {
+            image_field: FieldSpec("the image file's bytes (or a lossless PNG re-encoding, see uniap.json)",
+                                   check=_check_image),
+            "uniap.npy": FieldSpec("int32 (L, h, w) UniAP partitions, -1 = dropped", check=_check_uniap),
+            "uniap.json": FieldSpec("thresholds, levels, patch, grid, image size, backbone, region counts",
+                                    check=_check_meta),
+            "gt.inst.png": FieldSpec("ground-truth instance ids (0 = background)", required=False,
+                                     check=_check_gt),
+            "gt.sem.png": FieldSpec("ground-truth semantic classes", required=False, check=_check_gt),
+        }
+
+    # ---- statistics --------------------------------------------------------------------
+    def sample_stats(self, sample: SampleView) -> dict[str, float]:
+        levels = sample["uniap.npy"]
+        st: dict[str, float] = {
+            "samples": 1.0,
+            "tokens": float(levels[0].size),
+            "dropped_tokens_first": float((levels[0] < 0).sum()),
+            "dropped_tokens_last": float((levels[-1] < 0).sum()),
+            "with_gt": float("gt.inst.png" in sample or "gt.sem.png" in sample),
+            "reencoded": float(sample["uniap.json"].get("stored") != "original"),
+        }
+        for i, lvl in enumerate(levels):
+            st[f"regions_level{i}"] = float(lvl.max(initial=-1) + 1)
+        return st
+
+    def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
+        n = totals.get("samples", 0.0)
+        if not n:
+            return {}
+        out = {"samples": n, "tokens_per_image": totals["tokens"] / n,
+               "dropped_fraction_first_level": totals["dropped_tokens_first"] / max(totals["tokens"], 1.0),
+               "dropped_fraction_last_level": totals["dropped_tokens_last"] / max(totals["tokens"], 1.0),
+               "images_with_ground_truth": totals["with_gt"], "images_reencoded": totals["reencoded"]}
+        for k, v in totals.items():
+            if k.startswith("regions_level"):
+                out[k.replace("regions_", "regions_per_image_")] = v / n
+        return out
+
+    # ---- picture -----------------------------------------------------------------------
+    def render(self, sample: SampleView) -> Any:
+        from distillkit.pipelines.render_uniseg import render_uniseg
+
+        return render_uniseg(sample)
+
+
+def image_field(sample: SampleView | dict[str, Any]) -> str:
+    """The name of a sample's image field.
+
+    Args:
+        sample: a stored sample (any mapping of field names).
+    """
+    for name in IMAGE_FIELDS:
+        if name in sample:
+            return name
+    raise KeyError(f"no image field (one of {', '.join(IMAGE_FIELDS)})")
+
+
+def _check_image(data: bytes, sample: SampleView) -> None:
+    rgb = decode_rgb(data)
+    size = list(sample["uniap.json"]["image_size"])
+    if list(rgb.shape[:2]) != size:
+        raise ValueError(f"decodes to {rgb.shape[1]}x{rgb.shape[0]}, uniap.json says {size[1]}x{size[0]}")
+
+
+def _check_meta(meta: Any, sample: SampleView) -> None:
+    need = ("image_size", "grid", "patch", "thresholds", "levels", "regions", "backbone")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise ValueError(f"expected an object with {', '.join(need)}")
+    if len(meta["levels"]) != len(meta["regions"]):
+        raise ValueError("levels and regions differ in length")
+
+
+def _check_uniap(levels: np.ndarray, sample: SampleView) -> None:
+    meta = sample["uniap.json"]
+    if not isinstance(levels, np.ndarray) or levels.dtype != np.int32 or levels.ndim != 3:
+        raise ValueError(f"expected int32 (L, h, w), got {getattr(levels, 'dtype', '?')} {np.shape(levels)}")
+    if list(levels.shape[1:]) != list(meta["grid"]):
+        raise ValueError(f"grid {levels.shape[1:]} differs from uniap.json {meta['grid']}")
+    if levels.shape[0] != len(meta["levels"]):
+        raise ValueError(f"{levels.shape[0]} levels, uniap.json names {len(meta['levels'])}")
+    for i, lvl in enumerate(levels):
+        if lvl.min(initial=0) < -1:
+            raise ValueError(f"level {i}: labels below -1")
+        ids = np.unique(lvl[lvl >= 0])
+        if len(ids) != meta["regions"][i] or (len(ids) and ids[-1] != len(ids) - 1):
+            raise ValueError(f"level {i}: labels are not 0..{meta['regions'][i] - 1}")
+
+
+def _check_gt(labels: np.ndarray, sample: SampleView) -> None:
+    size = list(sample["uniap.json"]["image_size"])
+    if list(labels.shape) != size:
+        raise ValueError(f"shape {labels.shape}, image is {size[0]}x{size[1]}")
+
+

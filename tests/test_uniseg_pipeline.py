@@ -1,0 +1,205 @@
+"""The uniseg pipeline: source layout, keys, ground truth, backends, bad input (issue 12, items 1, 5, 9)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distillkit.pipelines.catalog import load_manifest
+from distillkit.pipelines.inspect import verify
+from distillkit.pipelines.runner import build
+from distillkit.pipelines.shards import load_index
+from distillkit.pipelines.uniseg import find_images, sanitise_key
+from distillkit.preprocess.patch_features import ViTBackbone, grid_for
+from distillkit.preprocess.vit import vit
+from distillkit.sensors.image_files import read_image_file
+from distillkit.sensors.synth.images import make_images
+from distillkit.train.streaming import ShardStream
+
+
+def manifest(root: Path, out: Path, *extra: str):
+    return load_manifest("demo-uniseg", [f"source.root={root}", f"output.dir={out}", "cluster.scheduler=serial",
+                                         "output.max_rejected=1.0", *extra])
+
+
+def samples(shards: Path) -> dict[str, dict]:
+    return {s["__key__"]: s for s in ShardStream(shards, epochs=1, shuffle_shards=False)}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("synth") / "images", seed=1)
+
+
+def test_keys_and_source_layout(tmp_path):
+    assert sanitise_key("a/b.c.jpg") == "a_b_c" and sanitise_key("x y/z.PNG") == "x_y_z"
+    root = tmp_path / "src"
+    (root / "sub").mkdir(parents=True)
+    rgb = np.full((24, 32, 3), 100, np.uint8)
+    for name in ("a.jpg", "a.png", "sub/b.webp", "c.tiff", "c.sem.png", "notes.txt"):
+        p = root / name
+        if name.endswith(".txt"):
+            p.write_text("x")
+        elif name.endswith(".sem.png"):
+            cv2.imwrite(str(p), np.zeros((24, 32), np.uint8))
+        else:
+            Image.fromarray(rgb).save(p)
+    assert [p.relative_to(root).as_posix() for p in find_images(root)] == ["a.jpg", "a.png", "c.tiff", "sub/b.webp"]
+    m = manifest(root, tmp_path / "out")
+    refs, _ = manifest_plan(m)
+    keys = [r.key for r in refs]
+    assert keys[2:] == ["c", "sub_b"] and keys[0].startswith("a_") and keys[1].startswith("a_") and keys[0] != keys[1]
+    assert refs[2].payload["gt"]["sem"] is not None and refs[2].payload["gt"]["inst"] is None
+    # SPEC.md's source kind "image_dir" is accepted as "images"
+    assert manifest(root, tmp_path / "o2", 'source.kind="image_dir"').data["source"]["kind"] == "image_dir"
+
+
+def manifest_plan(m):
+    from distillkit.pipelines.registry import get_pipeline
+
+    return get_pipeline("uniseg").plan(m)
+
+
+def test_build_fields_ground_truth_and_backends_agree(synth, tmp_path):
+    """scipy and torch UniAP write byte-identical shards; fields follow SPEC.md; ground truth is stored."""
+    root = tmp_path / "few"
+    root.mkdir()
+    for p in sorted((synth / "images").iterdir())[:24]:  # 8 images of several formats, with their labels
+        (root / p.name).write_bytes(p.read_bytes())
+    a = build(manifest(root, tmp_path / "a"), progress=False)
+    build(manifest(root, tmp_path / "b", 'stages.uniap.backend="torch"'), progress=False)
+    assert a.written == 8 and not a.rejected
+    sha = lambda d: [e["sha256"] for e in load_index(d)["shards"]]  # noqa: E731
+    assert sha(tmp_path / "a") == sha(tmp_path / "b")
+    assert verify(tmp_path / "a").ok
+    for key, s in samples(tmp_path / "a").items():
+        meta = s["uniap.json"]
+        image_name = next(n for n in s if n.startswith("image."))
+        assert s[image_name].shape[:2] == tuple(meta["image_size"])
+        src = root / meta["source"]
+        assert (root / meta["source"]).read_bytes() == bytes(load_raw(tmp_path / "a", key, image_name))
+        lv = s["uniap.npy"]
+        assert lv.dtype == np.int32 and lv.shape == (5, *meta["grid"])
+        assert tuple(meta["grid"]) == grid_for(*meta["image_size"], 8, 128)
+        inst = cv2.imread(str(src.with_name(src.name.rsplit(".", 1)[0] + ".inst.png")), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(s["gt.inst.png"], inst)
+        assert s["gt.sem.png"].shape == inst.shape
+
+
+def load_raw(shards: Path, key: str, name: str) -> bytes:
+    return next(s for s in ShardStream(shards, epochs=1, shuffle_shards=False, images="raw")
+                if s["__key__"] == key)[name]
+
+
+def test_vit_backbone_from_checkpoint(synth, tmp_path):
+    """A DINO-layout checkpoint file as backbone; keys and output tokens both give (h, w, D) grids."""
+    torch.manual_seed(0)
+    net = vit("tiny", patch=8, img_size=64)
+    ckpt = tmp_path / "dino_tiny.pth"
+    torch.save({"teacher": {"backbone." + k: v for k, v in net.state_dict().items()}}, ckpt)
+    rgb = np.zeros((40, 56, 3), np.uint8)
+    for feature in ("key", "feat"):
+        f = ViTBackbone(ckpt, feature=feature)([rgb])[0]
+        assert f.shape == (5, 7, 96) and np.isfinite(f).all()
+    root = tmp_path / "two"
+    root.mkdir()
+    for p in sorted((synth / "images").glob("scene_000[01].*")):
+        (root / p.name).write_bytes(p.read_bytes())
+    res = build(manifest(root, tmp_path / "out", 'stages.features.backbone="vit"',
+                         f'stages.features.checkpoint="{ckpt}"'), progress=False)
+    assert res.written == 2
+    meta = next(iter(samples(tmp_path / "out").values()))["uniap.json"]
+    assert meta["backbone"]["kind"] == "vit" and meta["backbone"]["checkpoint"] == "dino_tiny.pth"
+
+
+def write_bad_inputs(root: Path) -> dict[str, str]:
+    """One file per kind of bad or unusual input; returns name -> expected outcome."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    rgb[:16, :24] = (250, 20, 20)
+    Image.fromarray(rgb).save(root / "plain.jpg", quality=90)
+    b = (root / "plain.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(b[: len(b) // 2])
+    (root / "garbage.png").write_bytes(b"\x89PNG not really")
+    (root / "empty.webp").write_bytes(b"")
+    Image.fromarray(rgb[..., 0]).save(root / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg", quality=90)
+    cv2.imwrite(str(root / "deep16.png"), (rng.random((48, 64)) * 65535).astype(np.uint16))
+    Image.fromarray(np.dstack([rgb, np.full((48, 64), 128, np.uint8)])).save(root / "alpha.png")
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    im.save(root / "rotated.jpg", exif=exif.tobytes(), quality=90)
+    Image.fromarray(rgb[:6, :40]).save(root / "tiny.png")  # 6 px high: less than one 8 px patch
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(root / "huge.png")  # over max_pixels below
+    Image.fromarray(rgb).save(root / "badgt.png")
+    cv2.imwrite(str(root / "badgt.sem.png"), np.zeros((10, 10), np.uint8))  # wrong size
+    return {"plain.jpg": "ok", "truncated.jpg": "truncated", "garbage.png": "not a readable image",
+            "empty.webp": "empty file", "gray.png": "ok", "cmyk.jpg": "ok", "deep16.png": "ok", "alpha.png": "ok",
+            "rotated.jpg": "ok", "tiny.png": "smaller than one 8x8 patch", "huge.png": "exceeds the limit",
+            "badgt.png": "but the image is 64x48"}
+
+
+def test_bad_inputs_are_handled_or_rejected_by_name(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    expect = write_bad_inputs(root)
+    out = tmp_path / "out"
+    res = build(manifest(root, out, "stages.image.max_pixels=100000"), progress=False)
+    rejected = {r["source"]: r["reason"] for r in load_index(out)["rejected"]}
+    for name, outcome in expect.items():
+        if outcome == "ok":
+            assert name not in rejected, rejected.get(name)
+        else:
+            reason = rejected[name]  # names the file (the ground truth's, for bad ground truth)
+            assert outcome in reason and Path(name).stem in reason, (name, reason)
+    assert res.written == sum(v == "ok" for v in expect.values())
+    assert verify(out).ok
+    got = {s["uniap.json"]["source"]: s for s in samples(out).values()}
+    # EXIF orientation applied: portrait, and the patch grid follows it
+    rot = got["rotated.jpg"]
+    assert rot["image.jpg"].shape == (64, 48, 3) and rot["uniap.npy"].shape[1:] == tuple(grid_for(64, 48, 8, 128))
+    assert any("EXIF" in n for n in rot["uniap.json"]["notes"])
+    # the stored pixels equal the upright source (decoded with Pillow's own transpose)
+    from PIL import ImageOps
+
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(root / "rotated.jpg")).convert("RGB")).astype(int)
+    assert np.abs(rot["image.jpg"].astype(int) - upright).mean() < 3
+    for name, note in (("gray.png", "grayscale"), ("cmyk.jpg", "CMYK"), ("deep16.png", "16-bit"),
+                       ("alpha.png", "alpha")):
+        s = got[name]
+        assert any(note in n for n in s["uniap.json"]["notes"]), s["uniap.json"]["notes"]
+        image_name = next(n for n in s if n.startswith("image."))
+        assert s[image_name].shape == (48, 64, 3)
+    deep = cv2.imread(str(root / "deep16.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(got["deep16.png"]["image.png"][..., 0], (deep >> 8).astype(np.uint8))
+
+
+def test_huge_image_limit_before_decoding(tmp_path):
+    """The default limit (40 MP) refuses a 9000 x 5000 PNG from its header, naming the file."""
+    p = tmp_path / "wide.png"
+    im = Image.new("L", (9000, 5000))
+    im.save(p, optimize=False)
+    with pytest.raises(ValueError, match=r"wide\.png: 9000x5000 = 45000000 pixels exceeds the limit"):
+        read_image_file(p)
+
+
+def test_show_draws_levels(synth, tmp_path):
+    from distillkit.pipelines.inspect import show
+
+    root = tmp_path / "one"
+    root.mkdir()
+    for p in sorted((synth / "images").glob("scene_0002.*")):
+        (root / p.name).write_bytes(p.read_bytes())
+    build(manifest(root, tmp_path / "out"), progress=False)
+    show(tmp_path / "out", tmp_path / "show.png")
+    pic = np.asarray(Image.open(tmp_path / "show.png").convert("RGB"))
+    assert pic.std() > 20
+    info = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert info["stats"]["images_with_ground_truth"] == 1

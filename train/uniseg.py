@@ -1,0 +1,449 @@
+"""S2-UniSeg's QuerySD self-distillation on uniseg shards (reference/uniap.md §4): method and trainer.
+
+A student ViT and its EMA teacher (same architecture) each end in a DINO head (``train.dino``, K
+prototypes, 512 by default). For every image the teacher sees the whole image (global view); the
+student sees ``local_crops`` augmented crops. The *queries* are the image's UniAP regions stored in the
+shard (all levels, duplicates removed): the teacher's query is the region's mean patch token over the
+global view; the student's is the mean patch token over the part of the region inside the crop
+(token weights = the fraction of each student token the region covers, so a region cropped to a
+sliver weighs little, and a region covering less than ``min_coverage`` tokens of a crop is not matched
+there). Region pairs are matched by construction (same region id), the paper's cropped matching with
+the mask identity instead of Dice. The loss is DINO's cross-entropy between the centred, sharpened
+teacher distribution and the student's, averaged over matched (region, crop) pairs; the centre is an EMA
+(0.9) of teacher outputs, the teacher temperature warms up linearly, and the teacher follows the
+student with a cosine momentum schedule (``train.ema``). A per-token term (``dense_weight``, default 1)
+adds the released code's per-pixel loss: every student token against the teacher distributions of the
+regions covering it; without it the region queries alone made the features worse for a linear probe
+in short CPU runs (docs/uniseg.md). ``contrast_weight`` optionally adds identifying a crop-part's region
+among the image's regions.
+
+Differences from the paper, all for a dependency-free plain-torch trainer: no ViT-Adapter and no
+Mask2Former decoder (the queries are region-pooled tokens, not decoder queries, so no mask loss);
+UniAP masks are computed offline by the pipeline on the pipeline's backbone rather than online on the
+teacher's stride-4 map. The EMA update follows every optimiser step (``after_step``, called by the loop).
+
+Sizes: ``small`` = ViT "tiny" (96 wide, 4 blocks, 3 heads) with patch 8 on 64 px global / 32 px local
+views, head hidden 256, bottleneck 64, AdamW lr 1e-3 (5 warm-up steps), batch 8, momentum 0.99, 2000
+steps by default (a few minutes on 2 idle cores; the demo runs 120). ``paper`` = ViT-B/8 ("base") on
+224 / 96 px views, head 3 x 2048 -> 256 -> K, AdamW lr 6.25e-4 with 10k warm-up steps, batch 16, 160k steps,
+momentum 0.996.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillkit.pipelines.manifest import Key
+from distillkit.preprocess.vit import SIZES as VIT_SIZES
+from distillkit.preprocess.vit import ViT, vit
+from distillkit.train.base import ConfigError, Trainer
+from distillkit.train.dino import DINOHead, DINOLoss
+from distillkit.train.ema import cosine_momentum, ema_update
+from distillkit.train.loop import LoopConfig, train_loop
+from distillkit.train.streaming import ShardStream, make_loader
+from distillkit.train.uniseg_data import ViewConfig, collate, make_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnisegSize:
+    """Network, views and optimiser of one ``size``."""
+
+    vit: str
+    patch: int
+    global_size: int
+    local_size: int
+    head_hidden: int
+    head_bottleneck: int
+    head_layers: int
+    batch_size: int
+    max_steps: int
+    momentum: float
+    loop: dict[str, Any] = field(default_factory=dict)
+
+
+SIZES = {
+    "small": UnisegSize("tiny", 8, 64, 32, 256, 64, 3, 8, 2000, 0.99,
+                        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.04, "warmup_steps": 5}),
+    "paper": UnisegSize("base", 8, 224, 96, 2048, 256, 3, 16, 160_000, 0.996,
+                        {"optimizer": "adamw", "lr": 6.25e-4, "weight_decay": 0.04, "warmup_steps": 10_000}),
+}
+
+
+class Branch(nn.Module):
+    """A ViT backbone and its DINO head (student or teacher).
+
+    Args:
+        backbone: the ViT.
+        head: the DINO head.
+    """
+
+    def __init__(self, backbone: ViT, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+
+def pool_regions(tokens: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted mean token of each region.
+
+    Args:
+        tokens: (N, T, D) patch tokens of N views.
+        weights: (N, R, T) non-negative weight of each token in each region.
+
+    Returns:
+        (N, R, D) pooled embeddings and (N, R) total weights (coverage in tokens).
+    """
+    cover = weights.sum(-1)
+    pooled = torch.bmm(weights.to(tokens.dtype), tokens) / cover.clamp_min(1e-6)[..., None].to(tokens.dtype)
+    return pooled, cover
+
+
+def teacher_weights(masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Fraction of each teacher token (whole-image grid) covered by each region: (B, R, h * w).
+
+    Args:
+        masks: (B, R, M, M) 0/1 region masks over the image.
+        grid: the teacher's token grid (h, w).
+    """
+    return F.adaptive_avg_pool2d(masks, grid).flatten(2)
+
+
+def crop_weights(masks: Tensor, boxes: Tensor, grid: tuple[int, int], sub: int = 4) -> Tensor:
+    """Fraction of each student token covered by each region, for crops given by boxes: (B, V, R, h * w).
+
+    Each token is sampled at ``sub`` x ``sub`` points (bilinear on the mask grid) and averaged.
+
+    Args:
+        masks: (B, R, M, M) region masks over the image.
+        boxes: (B, V, 4) crop boxes (y0, x0, y1, x1) in [0, 1] image coordinates (x0 > x1: flipped crop).
+        grid: the student's token grid (h, w).
+        sub: samples per token side.
+    """
+    B, V, _ = boxes.shape
+    h, w = grid
+    dev, dt = masks.device, masks.dtype
+    ty = (torch.arange(h * sub, device=dev, dtype=dt) + 0.5) / (h * sub)  # 0..1 within the crop
+    tx = (torch.arange(w * sub, device=dev, dtype=dt) + 0.5) / (w * sub)
+    y0, x0, y1, x1 = boxes.to(dt).unbind(-1)  # (B, V)
+    ys = y0[..., None] + ty * (y1 - y0)[..., None]  # (B, V, h*sub)
+    xs = x0[..., None] + tx * (x1 - x0)[..., None]
+    gy = ys[..., :, None].expand(B, V, h * sub, w * sub)
+    gx = xs[..., None, :].expand(B, V, h * sub, w * sub)
+    grid_xy = torch.stack([gx, gy], -1) * 2 - 1  # grid_sample wants (x, y) in [-1, 1]
+    m = masks[:, None].expand(B, V, *masks.shape[1:]).flatten(0, 1)  # (B*V, R, M, M)
+    s = F.grid_sample(m, grid_xy.flatten(0, 1), mode="bilinear", padding_mode="border", align_corners=False)
+    s = F.avg_pool2d(s, sub)  # (B*V, R, h, w)
+    return s.reshape(B, V, masks.shape[1], h * w)
+
+
+class QuerySD(nn.Module):
+    """Student + EMA teacher + DINO loss over region queries; ``loss(batch)`` for ``train.loop``.
+
+    Args:
+        student: the trained branch.
+        out_dim: K.
+        total_steps: length of training (momentum and temperature schedules).
+        momentum: base teacher momentum.
+        teacher_temp: teacher temperature after warm-up.
+        warmup_teacher_temp: teacher temperature at step 0.
+        teacher_temp_warmup: warm-up length in steps.
+        student_temp: student temperature.
+        min_coverage: least region coverage (in student tokens) for a (region, crop) pair to count.
+        dense_weight: weight of the per-token term (``dense_loss``); 0 = region queries only.
+        contrast_weight: weight of the region-identification term (``region_contrast``); 0 = off.
+        contrast_temp: its temperature.
+    """
+
+    def __init__(self, student: Branch, out_dim: int, total_steps: int, momentum: float = 0.996,
+                 teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04, teacher_temp_warmup: int = 0,
+                 student_temp: float = 0.1, min_coverage: float = 0.5, dense_weight: float = 0.0,
+                 contrast_weight: float = 0.0, contrast_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+        self.loss_fn = DINOLoss(out_dim, teacher_temp, warmup_teacher_temp, teacher_temp_warmup, student_temp)
+        self.total_steps, self.momentum, self.min_coverage = total_steps, momentum, min_coverage
+        self.dense_weight = dense_weight
+        self.contrast_weight, self.contrast_temp = contrast_weight, contrast_temp
+        # the optimisation step, in the state dict so that schedules resume where they were
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.last_pairs = 0
+
+    def train(self, mode: bool = True) -> QuerySD:
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        step = int(self.step)
+        g, crops, boxes = batch["global"], batch["local"], batch["boxes"]
+        masks, valid = batch["masks"].float(), batch["valid"]
+        B, V = crops.shape[:2]
+        with torch.no_grad():
+            t_tok = self.teacher.backbone(g)[0]  # (B, h, w, D)
+            tw = teacher_weights(masks, t_tok.shape[1:3])
+            t_emb, _ = pool_regions(t_tok.flatten(1, 2), tw)
+            t_logits = self.teacher.head(t_emb)  # (B, R, K)
+        s_tok = self.student.backbone(crops.flatten(0, 1))[0]  # (B*V, h, w, D)
+        sw = crop_weights(masks, boxes, s_tok.shape[1:3]).flatten(0, 1)  # (B*V, R, T)
+        s_emb, cover = pool_regions(s_tok.flatten(1, 2), sw)
+        match = valid[:, None].expand(B, V, -1).flatten(0, 1) & (cover >= self.min_coverage)
+        self.last_pairs = int(match.sum())
+        if self.training:
+            self.step += 1
+        if not self.last_pairs:  # no region reaches into any crop: nothing to distil this step
+            return s_tok.sum() * 0.0
+        s_logits = self.student.head(s_emb[match])
+        t_rep = t_logits[:, None].expand(B, V, *t_logits.shape[1:]).flatten(0, 1)  # (B*V, R, K)
+        if self.dense_weight > 0:
+            dense = self.dense_loss(s_tok.flatten(1, 2), sw, t_rep, valid[:, None].expand(B, V, -1).flatten(0, 1),
+                                    step)
+        loss = self.loss_fn(s_logits, t_rep[match], step)  # updates the centre: after the dense term
+        if self.dense_weight > 0:
+            loss = loss + self.dense_weight * dense
+        if self.contrast_weight > 0:
+            t_emb_rep = t_emb[:, None].expand(B, V, *t_emb.shape[1:]).flatten(0, 1)
+            loss = loss + self.contrast_weight * region_contrast(s_emb, t_emb_rep, match, valid[:, None].expand(
+                B, V, -1).flatten(0, 1), self.contrast_temp)
+        return loss
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        """The EMA teacher update, called by ``train.loop`` after each optimiser step.
+
+        Args:
+            step: optimiser steps done (1 after the first).
+            max_steps: the run's length (the schedule spans ``total_steps``, set at construction).
+        """
+        ema_update(self.teacher, self.student, cosine_momentum(step - 1, self.total_steps, self.momentum))
+
+    def dense_loss(self, tokens: Tensor, weights: Tensor, t_logits: Tensor, valid: Tensor, step: int) -> Tensor:
+        """Per student token, DINO cross-entropy against the teacher distributions of the regions covering it.
+
+        The target of a token is the mean of the (centred, sharpened) teacher distributions of the regions
+        that cover it, weighted by coverage (regions of several levels overlap: a multi-granular target);
+        tokens that no region covers by at least half are left out. The released code's per-pixel loss
+        (reference/uniap.md §4) in this module's terms.
+
+        Args:
+            tokens: (N, T, D) student patch tokens of N crops.
+            weights: (N, R, T) region coverage of each token.
+            t_logits: (N, R, K) teacher logits of the regions.
+            valid: (N, R) real regions.
+            step: optimisation step (teacher temperature).
+        """
+        w = weights * valid[..., None].to(weights.dtype)
+        total = w.sum(1)  # (N, T)
+        keep = total >= 0.5
+        if not bool(keep.any()):
+            return tokens.sum() * 0.0
+        q = torch.softmax((t_logits.float() - self.loss_fn.center) / self.loss_fn.temperature(step), dim=-1)
+        target = torch.einsum("nrt,nrk->ntk", w.float(), q) / total.clamp_min(1e-6)[..., None]
+        logp = torch.log_softmax(self.student.head(tokens[keep]).float() / self.loss_fn.student_temp, dim=-1)
+        return -(target[keep] * logp).sum(-1).mean()
+
+
+def region_contrast(s_emb: Tensor, t_emb: Tensor, match: Tensor, valid: Tensor, temp: float) -> Tensor:
+    """Cross-entropy of identifying, among the image's regions, the teacher region a student crop-part came from.
+
+    For each matched (crop, region) pair the logits are the cosines between the student's pooled embedding
+    and the teacher's embeddings of every valid region of that image, over ``temp``; the target is the
+    region itself (the cropped matching of QuerySD read as a classification over the image's queries).
+
+    Args:
+        s_emb: (N, R, D) student region embeddings per crop.
+        t_emb: (N, R, D) teacher region embeddings of each crop's image.
+        match: (N, R) pairs that count.
+        valid: (N, R) the image's real regions.
+        temp: temperature.
+    """
+    s = F.normalize(s_emb.float(), dim=-1)
+    t = F.normalize(t_emb.float(), dim=-1)
+    logits = torch.einsum("nrd,nqd->nrq", s, t) / temp
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    target = torch.arange(s.shape[1], device=s.device).expand(s.shape[0], -1)
+    return F.cross_entropy(logits[match], target[match])
+
+
+def build_backbone(size: str, seed: int, vit_size: str | None = None, patch: int | None = None) -> ViT:
+    """The student's ViT at its seed's initialisation (the random-init baseline of the evaluation).
+
+    Args:
+        size: a key of ``SIZES``.
+        seed: initialisation seed.
+        vit_size: ViT size name overriding the size's.
+        patch: patch size overriding the size's.
+    """
+    s = SIZES[size]
+    torch.manual_seed(seed)
+    return vit(vit_size or s.vit, patch=patch or s.patch, img_size=s.global_size)
+
+
+def build_method(config: dict[str, Any], total_steps: int) -> QuerySD:
+    """The QuerySD module of a resolved configuration.
+
+    Args:
+        config: resolved trainer configuration.
+        total_steps: training length in steps.
+    """
+    s = SIZES[config["size"]]
+    backbone = build_backbone(config["size"], config["seed"], config["vit"], config["patch"])
+    head = DINOHead(backbone.embed_dim, config["out_dim"], s.head_layers, config["head_hidden"] or s.head_hidden,
+                    s.head_bottleneck)
+    warm = int(round(config["teacher_temp_warmup"] * total_steps))
+    return QuerySD(Branch(backbone, head), config["out_dim"], total_steps,
+                   momentum=config["momentum"] if config["momentum"] is not None else s.momentum,
+                   teacher_temp=config["teacher_temp"], warmup_teacher_temp=config["warmup_teacher_temp"],
+                   teacher_temp_warmup=warm, student_temp=config["student_temp"],
+                   min_coverage=config["min_coverage"], dense_weight=config["dense_weight"],
+                   contrast_weight=config["contrast_weight"])
+
+
+def view_config(config: dict[str, Any]) -> ViewConfig:
+    """The views of a resolved configuration.
+
+    Args:
+        config: resolved trainer configuration.
+    """
+    s = SIZES[config["size"]]
+    return ViewConfig(global_size=s.global_size, local_size=s.local_size, local_crops=config["local_crops"],
+                      scale=tuple(config["local_scale"]), max_regions=config["max_regions"])
+
+
+def _transform(sample: dict[str, Any], rng: np.random.Generator, gen: torch.Generator, cfg: ViewConfig
+               ) -> dict[str, Any]:
+    from distillkit.pipelines.uniseg import image_field
+
+    return make_example(sample[image_field(sample)], np.asarray(sample["uniap.npy"]), cfg, rng)
+
+
+def _check(sample: dict[str, Any]) -> None:
+    levels = sample["uniap.npy"]
+    if not isinstance(levels, np.ndarray) or levels.ndim != 3:
+        raise ValueError("uniap.npy is not an (L, h, w) array")
+
+
+def make_stream(shards: Path, config: dict[str, Any], strict: bool = False, rank: int = 0, world_size: int = 1
+                ) -> ShardStream:
+    """The training stream: shuffled shards and samples, one example per image.
+
+    Args:
+        shards: a uniseg shard directory.
+        config: resolved trainer configuration.
+        strict: raise on the first bad sample.
+        rank: this process's rank.
+        world_size: number of ranks.
+    """
+    return ShardStream(shards, seed=config["seed"], shuffle_buffer=64, rank=rank, world_size=world_size,
+                       required=["uniap.npy"], check=_check,
+                       transform=functools.partial(_transform, cfg=view_config(config)), strict=strict)
+
+
+def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu", resume: bool = False,
+               strict: bool = False) -> dict[str, Any]:
+    """Train QuerySD on ``shards``; checkpoints and the run log go to ``out``. Returns the final metrics.
+
+    Args:
+        shards: a uniseg shard directory.
+        out: run directory (None writes nothing).
+        config: resolved trainer configuration (``UnisegTrainer.resolve_config``).
+        device: "cpu" or "cuda".
+        resume: continue from ``out/latest.pt``.
+        strict: stop at the first bad sample.
+    """
+    s = SIZES[config["size"]]
+    steps = config["max_steps"] or s.max_steps
+    batch_size = config["batch_size"] or s.batch_size
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"])
+    method = build_method(config, steps)
+    stream = make_stream(Path(shards), config, strict)
+    loop = dict(s.loop)
+    if config["lr"] is not None:
+        loop["lr"] = config["lr"]
+    cfg = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
+                     log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
+                     run_config=config, bf16=config["precision"] != "fp32", grad_clip=3.0, **loop)
+
+    def batches() -> Any:
+        return make_loader(stream, batch_size, collate, num_workers=config["num_workers"], device=device,
+                           timeout=600 if config["num_workers"] else 0)
+
+    metrics = train_loop(method, batches, cfg, batch_size=lambda b: len(b["global"]))
+    metrics.update(size=config["size"], seed=config["seed"], bad_samples=stream.bad_samples,
+                   matched_pairs_last_step=method.last_pairs)
+    return metrics
+
+
+class UnisegTrainer(Trainer):
+    """``distillkit train uniseg``: the keys below plus the common ones (``train.base``)."""
+
+    name = "uniseg"
+    pipeline = "uniseg"
+    summary = "S2-UniSeg QuerySD: EMA-teacher self-distillation of UniAP region queries (DINO loss)"
+    schema = {
+        "size": Key(str, "small", choices=tuple(SIZES), doc="small (tiny ViT/8, CPU, demo) or paper (ViT-B/8)"),
+        "max_steps": Key(int, None, doc="optimiser steps (default: small 2000, paper 160000)"),
+        "batch_size": Key(int, None, doc="images per step (default: small 8, paper 16)"),
+        "vit": Key(str, None, choices=tuple(VIT_SIZES), doc="ViT size overriding the size's (tiny, small, base)"),
+        "patch": Key(int, None, doc="ViT patch size overriding the size's (8)"),
+        "out_dim": Key(int, 512, doc="K, prototypes of the DINO head (paper 512)"),
+        "head_hidden": Key(int, None, doc="DINO head hidden width (default: small 256, paper 2048)"),
+        "local_crops": Key(int, 2, doc="student crops per image (paper delta = 2)"),
+        "local_scale": Key(list, [0.05, 0.4], doc="crop area range as a fraction of the image (paper 0.05-0.4)"),
+        "max_regions": Key(int, 32, doc="UniAP regions (all levels, deduplicated) used per image"),
+        "min_coverage": Key(float, 0.5, doc="least region coverage of a crop, in student tokens, to match it"),
+        "dense_weight": Key(float, 1.0, doc="weight of the per-token term (released code's per-pixel loss); 0 = off"),
+        "contrast_weight": Key(float, 0.0, doc="weight of the region-identification term (region_contrast); 0 = off"),
+        "momentum": Key(float, None, doc="base EMA momentum, cosine to 1 (default: small 0.99, paper 0.996)"),
+        "teacher_temp": Key(float, 0.07, doc="teacher temperature after warm-up"),
+        "warmup_teacher_temp": Key(float, 0.04, doc="teacher temperature at step 0"),
+        "teacher_temp_warmup": Key(float, 0.3, doc="teacher-temperature warm-up, fraction of the steps"),
+        "student_temp": Key(float, 0.1, doc="student temperature"),
+        "lr": Key(float, None, doc="peak AdamW learning rate (default: small 1e-3, paper 6.25e-4)"),
+        "precision": Key(str, "bf16", choices=("bf16", "fp32"), doc="CUDA autocast (CPU runs are fp32)"),
+    }
+    eval_schema = {
+        "epochs": Key(int, 50, doc="epochs of the linear probe"),
+        "size": Key(int, None, doc="evaluation image side in px (default: the trainer's global view)"),
+    }
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
+        super().check_config(config, where)
+        sc = config["local_scale"]
+        if len(sc) != 2 or not all(isinstance(v, (int, float)) for v in sc) or not 0 < sc[0] <= sc[1] <= 1:
+            raise ConfigError(where, "local_scale", f"must be [min, max] with 0 < min <= max <= 1, got {sc}")
+        for key in ("out_dim", "local_crops", "max_regions"):
+            if config[key] < 1:
+                raise ConfigError(where, key, "must be >= 1")
+        if config["momentum"] is not None and not 0 <= config["momentum"] <= 1:
+            raise ConfigError(where, "momentum", "must be in [0, 1]")
+
+    def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
+              resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        return train_main(shards, out, config, device=device, resume=resume, strict=strict)
+
+    def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
+        from distillkit.train.uniseg_eval import evaluate
+
+        options = self.resolve_eval_options(options or {})
+        return evaluate(checkpoint, shards, config, device=device, epochs=options["epochs"], size=options["size"])
+
+    def format_eval(self, result: dict[str, Any]) -> str:
+        from distillkit.train.uniseg_eval import format_result
+
+        return format_result(result)
