@@ -25,6 +25,17 @@ def test_demo_runs_every_stage(tmp_path):
     curves = np.asarray(Image.open(out / "runs" / "slidr" / "curves.png").convert("RGB"))
     assert curves.shape[1] > 600 and curves.std() > 5  # the loss/lr/throughput picture of the run
     assert "linear probe mIoU distilled" in result.output and "linear probe mIoU    random" in result.output
+    # every registered pipeline with a demo ran too: shards, a picture, a trained checkpoint and its evaluation
+    from distillkit.pipelines.registry import PIPELINES
+
+    names = [n for n in PIPELINES.names() if PIPELINES.get(n).demo is not None]
+    assert {"slidr", "comodo", "audio", "uniseg"} <= set(names)
+    for name in names:
+        assert f"== {name}" in result.output
+        assert load_index(out / "shards" / name)["counts"]["written"] > 0, name
+        assert np.asarray(Image.open(out / f"{name}-sample.png").convert("L")).std() > 5, name
+        assert (out / "runs" / name / "latest.pt").is_file(), name
+    assert "balanced accuracy" in result.output  # the clip-level probes' tables (comodo, audio)
 
 
 def test_stats_and_show_cli(slidr_shards, tmp_path):
