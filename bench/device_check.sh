@@ -8,7 +8,8 @@
 # LocalCluster, runs the CUDA tests, the throughput benchmark (bench/gpu_slidr.py) and a
 # paper-size training run + linear probe, each under its own time limit so that a slow stage
 # still leaves the others' results. Results land in $OUT (log.txt, gpu_slidr.json, eval.txt).
-# Locally, `WHEELS=none PY=.venv/bin/python DEVICE=cpu SIZE=small STEPS=1 TRAIN_STEPS=4 SYNTH=small bash bench/device_check.sh`
+# Locally, `WHEELS=none PY=.venv/bin/python DEVICE=cpu SIZE=small STEPS=1 TRAIN_STEPS=4 SYNTH=small BUILD_WORKERS=2 \
+#   EVAL_EPOCHS=2 bash bench/device_check.sh`
 # is a smoke run of the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,9 @@ SIZE=${SIZE:-paper}
 SYNTH=${SYNTH:-medium}
 STEPS=${STEPS:-50}
 TRAIN_STEPS=${TRAIN_STEPS:-1000}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-8}            # loader workers of the bench and train stages
+BUILD_WORKERS=${BUILD_WORKERS:-16}  # dask workers of the build (the device has 16 cores)
+EVAL_EPOCHS=${EVAL_EPOCHS:-100}    # epochs of the linear probe (released: 100)
 if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT; fi
 PY=${PY:-python3}
 WHEELS=${WHEELS:-.whl}  # WHEELS=none: use what $PY already has
@@ -47,7 +50,7 @@ stage env 60 $PY -c "import torch, numpy, webdataset, distributed, nuscenes; pri
 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU',
 'numpy', numpy.__version__)" || exit 1
 stage synth 150 $PY -m distillkit synth nuscenes "$WORK/nus" --size "$SYNTH" || exit 1
-stage build 180 $PY -m distillkit build manifests/demo-slidr.toml --quiet --workers 16 \
+stage build 180 $PY -m distillkit build manifests/demo-slidr.toml --quiet --workers "$BUILD_WORKERS" \
   --set "source.dataroot=$WORK/nus" --set "output.dir=$WORK/shards" --set output.samples_per_shard=1 || exit 1
 if [ "$DEVICE" = cuda ]; then
   stage pytest-gpu 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_superpixels.py
@@ -62,6 +65,6 @@ if [ -f "$WORK/run/latest.pt" ]; then
   $PY -c "import sys, torch; print('probing the checkpoint of step', torch.load(sys.argv[1], weights_only=True,
 map_location='cpu')['step'])" "$WORK/run/latest.pt" | tee "$OUT/eval.txt"
   stage eval 90 $PY -m distillkit eval slidr --checkpoint "$WORK/run/latest.pt" --shards "$WORK/shards" \
-    --device "$DEVICE" | tee -a "$OUT/eval.txt"
+    --device "$DEVICE" --epochs "$EVAL_EPOCHS" | tee -a "$OUT/eval.txt"
 fi
 echo "== done"

@@ -329,3 +329,15 @@ def test_video_teachers_build_load_and_embed(tmp_path):
     torch.save({"something": torch.zeros(3)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="not a conv3d teacher"):
         load_video_teacher("conv3d", tmp_path / "wrong.pt")
+
+
+def test_trainer_runs_the_teacher_on_stored_frames_without_teacher_npy(estimated, tmp_path):
+    """Shards built without the teacher stage: the trainer says so and embeds the stored frames itself."""
+    from distillkit.train.registry import TRAINERS
+
+    assert not any("teacher.npy" in s for _, s in _samples(estimated))
+    trainer = TRAINERS.get("comodo")
+    config = trainer.resolve_config({"max_steps": 2, "batch_size": 4, "log_every": 1})
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        metrics = trainer.train(estimated, tmp_path / "run", config)
+    assert metrics["teacher"] == "computed from frames" and metrics["step"] == 2

@@ -66,7 +66,7 @@ def test_device_check_script_runs_on_cpu(tmp_path):
     """bench/device_check.sh is the one prepared GPU call: keep it working (its CPU smoke mode)."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "WHEELS": "none",
            "PY": sys.executable, "DEVICE": "cpu", "SIZE": "small", "SYNTH": "small", "STEPS": "1",
-           "TRAIN_STEPS": "4", "WORKERS": "0"}
+           "TRAIN_STEPS": "4", "WORKERS": "0", "BUILD_WORKERS": "2", "EVAL_EPOCHS": "2"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], env=env, capture_output=True,
                           text=True, timeout=600)
     log = (tmp_path / "out" / "log.txt").read_text()

@@ -7,7 +7,8 @@
   stamped into the package at build time, never git of some unrelated enclosing repository;
 * (slow) the sdist and wheel that ``python -m build`` makes hold exactly ``distillkit/``, the
   packaged manifests, the stamped commit and the entry points, and the wheel installed into a
-  fresh virtual environment runs the whole demo from an empty directory, recording its commit.
+  fresh virtual environment runs the SLidR demo from an empty directory, recording its commit, imports
+  every pipeline with its dependencies and writes every synthetic source.
 """
 
 from __future__ import annotations
@@ -324,7 +325,19 @@ def test_wheel_in_fresh_venv_runs_demo(tmp_path):
                  f"print([n for n in {FOLDER_NAMES!r} if u.find_spec(n)])"], cwd=empty, timeout=120, env=env)
     assert stray.stdout.strip() == "[]", f"the wheel installed top-level modules: {stray.stdout}"
 
-    timed("demo", [cli, "demo", "--out", "demo", "--steps", "2"], cwd=empty, timeout=600, env=env)
+    # The whole demo of one pipeline (tests/test_demo.py runs every pipeline's in-process); for the others,
+    # what the wheel must bring: their packaged manifests, their modules and dependencies (PyAV, soundfile,
+    # librosa, OpenCV) importable, and their synthetic sources written in the native formats.
+    timed("demo", [cli, "demo", "--out", "demo", "--steps", "2", "--only", "slidr"], cwd=empty, timeout=600,
+          env=env)
+    for name in ("demo-comodo", "comodo-ego4d", "demo-audio", "audio-dir", "demo-uniseg", "uniseg-images"):
+        assert name in manifests, (name, manifests)
+    imports = ("import distillkit.pipelines.comodo, distillkit.pipelines.audio, distillkit.pipelines.uniseg, "
+               "distillkit.train.comodo, distillkit.train.audio, distillkit.train.uniseg, av, soundfile, librosa")
+    run([venv / "bin" / "python", "-c", imports], cwd=empty, timeout=120, env=env)
+    for kind in ("ego", "audio", "images"):
+        timed(f"synth {kind}", [cli, "synth", kind, f"synth-{kind}"], cwd=empty, timeout=300, env=env)
+        assert any((empty / f"synth-{kind}").rglob("*.*")), kind
     index = json.loads((empty / "demo" / "shards" / "slidr" / "index.json").read_text())
     assert index["package_version"] == "0.1.0"
     # The installed wheel has no checkout: the commit comes from the stamp written at build time.

@@ -19,6 +19,8 @@ ENTRIES: dict[str, str] = {
     "superpixels": "bench.suite.superpixels",
     "build": "bench.suite.build",
     "streaming": "bench.suite.streaming",
+    "logmel": "bench.suite.logmel",
+    "uniap": "bench.suite.uniap",
     "extrapolation": "bench.suite.extrapolation",
 }
 
