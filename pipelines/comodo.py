@@ -36,11 +36,11 @@ from distillkit.pipelines.base import (
 )
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
-from distillkit.pipelines.schema import expect_array
+from distillkit.pipelines.schema import check_jpeg, expect_array
+from distillkit.sensors.imu import CHANNELS
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")  # = sensors.imu.CHANNELS (no av import)
 OFFSET_MODES = ("auto", "given", "estimate", "zero")
 MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows out of order or duplicated above which a recording is rejected
 ESTIMATE_WIDTH = 96  # px: frames are decoded this wide (luma only) to measure motion energy
@@ -304,7 +304,7 @@ class ComodoPipeline(Pipeline):
         times = sample["times.json"] if "times.json" in sample else {}
         n_frames = len(times.get("frame_ms", [])) if isinstance(times, dict) else 0
         for j in range(max(n_frames, 1)):
-            specs[f"frame{j:02d}.jpg"] = FieldSpec("centre-cropped square RGB frame (JPEG)", check=_check_jpeg)
+            specs[f"frame{j:02d}.jpg"] = FieldSpec("centre-cropped square RGB frame (JPEG)", check=check_jpeg)
         return specs
 
     def sample_stats(self, sample: SampleView) -> dict[str, float]:
@@ -441,11 +441,6 @@ def _check_times(t: Any, sample: SampleView) -> None:
     f = np.asarray(t["frame_ms"], np.float64)
     if len(f) == 0 or np.any(np.diff(f) < 0):
         raise ValueError("frame_ms must be a non-empty, non-decreasing list")
-
-
-def _check_jpeg(data: bytes, sample: SampleView) -> None:
-    if not data.startswith(b"\xff\xd8"):
-        raise ValueError("not a JPEG")
 
 
 def _check_label(data: bytes, sample: SampleView) -> None:

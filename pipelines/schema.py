@@ -60,3 +60,9 @@ def expect_array(arr: np.ndarray, dtype: str, ndim: int, cols: int | None = None
         raise ValueError(f"shape {arr.shape}, expected {ndim} dimensions")
     if cols is not None and arr.shape[-1] != cols:
         raise ValueError(f"shape {arr.shape}, expected {cols} columns")
+
+
+def check_jpeg(data: bytes, sample: object = None) -> None:
+    """A ``FieldSpec`` check of a JPEG field: raise ``ValueError`` unless ``data`` starts with the JPEG marker."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        raise ValueError("not a JPEG")

@@ -18,7 +18,7 @@ import numpy as np
 from distillkit.pipelines.base import Demo, FieldSpec, Pipeline, Rejected, SampleRef
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
-from distillkit.pipelines.schema import expect_array
+from distillkit.pipelines.schema import check_jpeg, expect_array
 from distillkit.preprocess.projection import project_points
 from distillkit.preprocess.superpixels import BACKENDS as SP_BACKENDS
 from distillkit.preprocess.superpixels import DEVICES as SP_DEVICES
@@ -166,7 +166,7 @@ class SlidrPipeline(Pipeline):
                                    required=False, check=_check_meta),
         }
         for i in range(n_cams):
-            specs[f"cam{i}.jpg"] = FieldSpec("original JPEG", check=_check_jpeg)
+            specs[f"cam{i}.jpg"] = FieldSpec("original JPEG", check=check_jpeg)
             specs[f"cam{i}.sp.png"] = FieldSpec("superpixel labels PNG", check=_sp_checker(i))
         return specs
 
@@ -313,11 +313,6 @@ def _check_seg(seg: np.ndarray, sample: SampleView) -> None:
     expect_array(seg, "uint8", 1)
     if len(seg) != len(sample["lidar.npy"]):
         raise ValueError("length differs from lidar.npy")
-
-
-def _check_jpeg(data: bytes, sample: SampleView) -> None:
-    if not data.startswith(b"\xff\xd8"):
-        raise ValueError("not a JPEG")
 
 
 def _sp_checker(i: int):

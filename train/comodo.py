@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
+from distillkit.sensors.imu import CHANNELS
 from distillkit.train.base import ConfigError, Trainer
 from distillkit.train.checkpoint import load_checkpoint
 from distillkit.train.loop import LoopConfig, train_loop
@@ -46,7 +47,6 @@ from distillkit.train.streaming import ShardStream, make_loader
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("accl_x", "accl_y", "accl_z", "gyro_x", "gyro_y", "gyro_z")
 MANTIS_LENGTH = 512
 
 
@@ -421,9 +421,8 @@ class ComodoTrainer(Trainer):
     @classmethod
     def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
         super().check_config(config, where)
-        for key in ("queue_size",):
-            if config[key] < 1:
-                raise ConfigError(where, key, "must be >= 1")
+        if config["queue_size"] < 1:
+            raise ConfigError(where, "queue_size", "must be >= 1")
         for key in ("tau_s", "tau_t", "lr"):
             if config[key] <= 0:
                 raise ConfigError(where, key, "must be > 0")
@@ -432,8 +431,6 @@ class ComodoTrainer(Trainer):
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:
-        if config["max_steps"] is None:
-            config = {**config, "max_steps": 100}
         return train_main(Path(shards), out, config, device=device, resume=resume, strict=strict)
 
     def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
