@@ -25,6 +25,7 @@ import numpy as np
 from distillkit.pipelines.base import Built, Demo, FieldSpec, Pipeline, Rejected, Rejection, Sample, SampleRef, guarded
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.placement import DEVICES, resolve_device, run_stage
 from distillkit.preprocess.logmel import LogMelConfig, cut_segment, logmel, segment_bounds, valid_frames
 from distillkit.sensors.audio import AUDIO_EXTENSIONS, AudioReadError, flac_bytes, list_audio, read_audio, read_labels
 
@@ -56,7 +57,8 @@ SCHEMA = {
             "top_db": Key(float, 80.0),
             "backend": Key(str, "librosa", choices=("librosa", "torch"),
                            doc="librosa (reference) or torch (batched across files; CPU or CUDA)"),
-            "device": Key(str, "cpu", choices=("cpu", "cuda"), doc="device of the torch backend"),
+            "device": Key(str, "auto", choices=DEVICES,
+                          doc='torch backend: "auto" (a GPU worker, else CUDA where the shard is built, else CPU)'),
             "batch": Key(int, 32, doc="segments per torch batch"),
         },
     },
@@ -197,8 +199,17 @@ class AudioPipeline(Pipeline):
             if isinstance(seg, Rejection):
                 yield seg
                 continue
-            spec = logmel(seg.wave[None], cfg, lm["backend"], lm["device"])[0]
+            device = resolve_device(lm["device"]) if lm["backend"] == "torch" else "cpu"
+            spec = logmel(seg.wave[None], cfg, lm["backend"], device)[0]
             yield _finish(seg, spec)
+
+    def torch_stages(self, m: Manifest) -> dict[str, str]:
+        lm = m.data["stages"]["logmel"]
+        return {"logmel": lm["device"]} if lm["backend"] == "torch" else {}
+
+    def logmel_batch(self, waves: np.ndarray, cfg: LogMelConfig, device: str) -> np.ndarray:
+        """The torch log-mel stage (``pipelines.placement``): (B, S) waves -> (B, n_mels, T) float32."""
+        return logmel(waves, cfg, "torch", device)
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
         lm = m.data["stages"]["logmel"]
@@ -211,7 +222,8 @@ class AudioPipeline(Pipeline):
 
         def flush() -> Iterator[Built]:
             segs = [s for s in pending if isinstance(s, Segment)]
-            specs = logmel(np.stack([s.wave for s in segs]), cfg, "torch", lm["device"]) if segs else []
+            waves = np.stack([s.wave for s in segs]) if segs else None
+            specs = run_stage(m, "logmel", "logmel_batch", waves, cfg, device=lm["device"]) if segs else []
             it = iter(specs)
             for item in pending:
                 yield _finish(item, next(it)) if isinstance(item, Segment) else item

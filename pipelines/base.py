@@ -140,6 +140,13 @@ class Pipeline(ABC):
         recordings returns fewer than ``output.samples_per_shard``."""
         return int(m.data["output"]["samples_per_shard"])
 
+    def torch_stages(self, m: Manifest) -> dict[str, str]:
+        """The stages this manifest runs on torch, each with its requested device (``"auto"``,
+        ``"cpu"``, ``"cuda"``). They are called through ``pipelines.placement.run_stage``, which
+        sends their batches to the cluster's GPU workers when it has some; ``index.json``
+        records the devices they ran on."""
+        return {}
+
     def input_files(self, ref: SampleRef) -> list[str]:
         """The files the build reads for ``ref``: their sizes and mtimes decide shard reuse."""
         return [str(p) for p in ref.payload.get("files", [])]

@@ -36,6 +36,7 @@ from distillkit.pipelines.base import (
 )
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
 from distillkit.sensors.imu import CHANNELS
 
@@ -89,15 +90,15 @@ class ComodoPipeline(Pipeline):
                 "checkpoint": Key(str, "", doc="local state dict; empty = random init (warned)"),
                 "seed": Key(int, 0),
                 "batch_size": Key(int, 16, doc="windows per teacher forward"),
-                "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
+                "device": Key(str, "auto", choices=DEVICES,
+                              doc='"auto": a GPU worker, else CUDA where the shard is built, else CPU'),
             },
         },
         "output": {"recordings_per_shard": Key(int, 1, doc="recordings per shard task (each gives many windows)")},
     }
 
     def __init__(self) -> None:
-        self._teacher: Any = None
-        self._teacher_device = "cpu"
+        self._teachers: dict[str, Any] = {}
 
     # ---- client ----------------------------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -145,20 +146,19 @@ class ComodoPipeline(Pipeline):
         return int(m.get("output.recordings_per_shard"))
 
     # ---- worker ----------------------------------------------------------------------
-    def setup(self, m: Manifest) -> None:
-        if not m.get("stages.teacher.enabled"):
-            return
-        import torch
-
-        from distillkit.preprocess.video_encoder import load_video_teacher
-
+    def torch_stages(self, m: Manifest) -> dict[str, str]:
         t = m.data["stages"]["teacher"]
-        device = t["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._teacher, _ = load_video_teacher(t["arch"], t["checkpoint"], t["seed"])
-        self._teacher = self._teacher.to(device)
-        self._teacher_device = device
+        return {"teacher": t["device"]} if t["enabled"] else {}
+
+    def teacher_embed(self, clips: np.ndarray, t: dict[str, Any], device: str) -> np.ndarray:
+        """The teacher stage (``pipelines.placement``): (B, T, H, W, 3) uint8 clips -> (B, D) float16.
+        The teacher is loaded on first use, in the process and on the device that runs it."""
+        from distillkit.preprocess.video_encoder import embed_clips, load_video_teacher
+
+        if device not in self._teachers:
+            teacher, _ = load_video_teacher(t["arch"], t["checkpoint"], t["seed"])
+            self._teachers[device] = teacher.to(device)
+        return embed_clips(self._teachers[device], clips, device).cpu().numpy().astype(np.float16)
 
     def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
         from distillkit.preprocess.alignment import frame_instants, nearest_frames
@@ -263,7 +263,7 @@ class ComodoPipeline(Pipeline):
         return est.offset_ms, "estimated", est.peak
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
-        if self._teacher is None:
+        if not m.get("stages.teacher.enabled"):
             yield from super().build_refs(refs, m, raise_errors)
             return
         batch = int(m.get("stages.teacher.batch_size"))
@@ -272,20 +272,20 @@ class ComodoPipeline(Pipeline):
             for item in guarded(ref, lambda ref=ref: self.samples(ref, m), raise_errors):
                 pending.append(item)
                 if sum(isinstance(x, Sample) for x in pending) >= batch:
-                    yield from self._embed(pending)
+                    yield from self._embed(pending, m)
                     pending = []
-        yield from self._embed(pending)
+        yield from self._embed(pending, m)
 
-    def _embed(self, items: list[Built]) -> list[Built]:
+    def _embed(self, items: list[Built], m: Manifest) -> list[Built]:
         """Add ``teacher.npy`` to the samples among ``items`` with one batched forward (order kept)."""
-        from distillkit.preprocess.video_encoder import embed_clips
         from distillkit.sensors.images import decode_rgb
 
         done = [x for x in items if isinstance(x, Sample)]
         if done:
             clips = np.stack([np.stack([decode_rgb(s.fields[f]) for f in sorted(s.fields) if f.startswith("frame")])
                               for s in done])
-            emb = embed_clips(self._teacher, clips, self._teacher_device).cpu().numpy().astype(np.float16)
+            t = m.data["stages"]["teacher"]
+            emb = run_stage(m, "teacher", "teacher_embed", clips, t, device=t["device"])
             for s, e in zip(done, emb, strict=True):
                 s.fields["teacher.npy"] = npy_bytes(e)
         return items

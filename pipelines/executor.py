@@ -8,10 +8,13 @@ a failing stage shows a plain traceback (with ``build --raise-errors``) that ``p
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
+
+from distillkit.pipelines.placement import GPU, gpu_worker_env
 
 SERIAL = "serial"
 
@@ -21,8 +24,17 @@ class ClusterError(Exception):
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
-        """Run ``fn`` on every task; yield the results as tasks finish (in any order)."""
+    description: str
+    local: bool
+    """Every worker runs on this machine (serial, or the embedded cluster)."""
+    gpu_workers: int
+    """Workers advertising the ``GPU`` resource (``pipelines.placement``); 0 in-process."""
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
+            spare_gpu_workers: bool = False) -> Iterator[Any]:
+        """Run ``fn`` on every task; yield the results as tasks finish (in any order).
+        ``spare_gpu_workers``: keep the tasks off GPU workers (when other workers exist), which
+        then serve only the torch stages' batches."""
         ...
 
 
@@ -30,8 +42,11 @@ class SerialExecutor:
     """Every task in this process, in order; exceptions propagate with their traceback."""
 
     description = "in-process (serial)"
+    local = True
+    gpu_workers = 0
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
+            spare_gpu_workers: bool = False) -> Iterator[Any]:
         for task in tasks:
             yield fn(task)
 
@@ -39,17 +54,25 @@ class SerialExecutor:
 class DaskExecutor:
     """Tasks on a dask ``distributed`` cluster through ``client``."""
 
-    def __init__(self, client: Any, description: str):
-        self.client, self.description = client, description
+    def __init__(self, client: Any, description: str, local: bool):
+        self.client, self.description, self.local = client, description, local
+        workers = client.scheduler_info()["workers"]
+        self._gpu = sorted(a for a, w in workers.items() if w.get("resources", {}).get(GPU, 0) > 0)
+        self._cpu = sorted(a for a in workers if a not in self._gpu)
+        self.gpu_workers = len(self._gpu)
 
-    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]) -> Iterator[Any]:
-        return map_tasks(self.client, fn, tasks, keys)
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
+            spare_gpu_workers: bool = False) -> Iterator[Any]:
+        only = self._cpu if spare_gpu_workers and self._gpu and self._cpu else None
+        return map_tasks(self.client, fn, tasks, keys, only)
 
 
 @contextmanager
-def open_executor(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Executor]:
-    """An executor for ``scheduler``: ``"serial"`` (in-process), ``""`` (an embedded LocalCluster
-    of ``workers`` processes) or a dask scheduler address (``tcp://host:8786``).
+def open_executor(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1,
+                  gpu_workers: int = 0) -> Iterator[Executor]:
+    """An executor for ``scheduler``: ``"serial"`` (in-process), ``""`` (an embedded cluster of
+    ``workers`` processes, plus ``gpu_workers`` that advertise the ``GPU`` resource) or a dask
+    scheduler address (``tcp://host:8786``; its workers say themselves which own a GPU).
 
     Raises:
         ClusterError: the scheduler cannot be reached or the cluster does not start.
@@ -57,16 +80,19 @@ def open_executor(scheduler: str = "", workers: int = 2, threads_per_worker: int
     if scheduler == SERIAL:
         yield SerialExecutor()
         return
-    where = scheduler or f"LocalCluster({workers} workers)"
-    with dask_client(scheduler, workers, threads_per_worker) as client:
-        yield DaskExecutor(client, f"dask {where}")
+    gpus = f" + {gpu_workers} GPU" if gpu_workers else ""
+    where = scheduler or f"LocalCluster({workers} workers{gpus})"
+    with dask_client(scheduler, workers, threads_per_worker, gpu_workers) as client:
+        yield DaskExecutor(client, f"dask {where}", local=not scheduler)
 
 
 @contextmanager
-def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1) -> Iterator[Any]:
+def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1,
+                gpu_workers: int = 0) -> Iterator[Any]:
     """A ``distributed.Client``: connected to ``scheduler`` when given, else to an embedded
-    ``LocalCluster`` of ``workers`` processes (processes, not threads: SLIC and JPEG work
-    holds the GIL in places, and memory limits are enforced only on processes)."""
+    ``LocalCluster`` of ``workers`` processes (processes, not threads: SLIC and JPEG work holds the GIL
+    in places, and memory limits are enforced only on processes) and ``gpu_workers`` more, each
+    with one thread, the ``GPU`` resource and one CUDA device of its own."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -93,7 +119,18 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
         # One BLAS/OpenMP thread per worker thread: the parallelism is across shards.
         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )
+    # GPU workers: LocalCluster's own worker template with one thread, the GPU resource and one
+    # device each; scaling to the spec's size starts the workers it names that are not running.
+    for i in range(gpu_workers):
+        spec = copy.deepcopy(cluster.new_spec)
+        spec["options"].update(nthreads=1, resources={GPU: 1})
+        spec["options"]["env"] = {**spec["options"].get("env", {}), **gpu_worker_env(i)}
+        cluster.worker_spec[f"gpu-{i}"] = spec
+    if gpu_workers:
+        cluster.scale(len(cluster.worker_spec))
     client = Client(cluster)
+    if gpu_workers:
+        client.wait_for_workers(workers + gpu_workers, timeout=120)
     try:
         yield client
     finally:
@@ -103,14 +140,16 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
 
 
 def map_tasks(
-    client: Any, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str]
+    client: Any, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
+    workers: list[str] | None = None,
 ) -> Iterator[Any]:
     """Submit one task per item with explicit keys (writes are not pure functions) and
-    yield results as they finish. Futures are held until iteration ends so dask never
-    forgets work in flight."""
+    yield results as they finish, on ``workers`` only when given. Futures are held until
+    iteration ends so dask never forgets work in flight."""
     from distributed import as_completed
 
-    futures = client.map(fn, tasks, key=list(keys), pure=False, retries=1)
+    futures = client.map(fn, tasks, key=list(keys), pure=False, retries=1, workers=workers,
+                         allow_other_workers=False)
     try:
         for future in as_completed(futures):
             yield future.result()

@@ -53,6 +53,8 @@ COMMON_SCHEMA: Section = {
         "scheduler": Key(str, "", doc='"" = embedded LocalCluster, "serial" = in-process, else "tcp://host:8786"'),
         "workers": Key(int, 2),
         "threads_per_worker": Key(int, 1),
+        "gpu_workers": Key(int, -1, doc="embedded cluster's workers that own a GPU (dask resource GPU): -1 = one per "
+                                        "visible CUDA device when the pipeline has a torch stage, else none"),
     },
 }
 

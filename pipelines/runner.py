@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from distillkit.build_info import build_info
-from distillkit.pipelines.base import Pipeline, Rejection, SampleRef
-from distillkit.pipelines.executor import open_executor
+from distillkit.pipelines.base import Rejection, SampleRef
+from distillkit.pipelines.executor import ClusterError, Executor, open_executor
 from distillkit.pipelines.manifest import Manifest
+from distillkit.pipelines.placement import shard_context, worker_pipeline
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
 from distillkit.pipelines.shards import ShardRecord, sha256_file, shard_filename, write_json_atomic, write_shard
@@ -43,6 +43,8 @@ class ShardTask:
     manifest: Manifest
     fingerprint: str
     raise_errors: bool = False
+    gpu_remote: bool = False
+    """Send the pipeline's torch stages to the cluster's GPU workers (``pipelines.placement``)."""
 
 
 @dataclass
@@ -98,23 +100,6 @@ def _existing_record(out_dir: Path, task: ShardTask, stamp: str) -> ShardRecord 
     return rec
 
 
-# Pipelines set up in this worker process, by (pipeline, manifest content): ``setup`` loads
-# models once per process, however many shard tasks the process runs.
-_READY: dict[tuple[str, str], Pipeline] = {}
-_READY_LOCK = threading.Lock()
-
-
-def worker_pipeline(m: Manifest) -> Pipeline:
-    """The manifest's pipeline, ``setup`` run once in this process for this manifest."""
-    key = (m.pipeline, m.content_hash())
-    with _READY_LOCK:
-        if key not in _READY:
-            pipeline = type(get_pipeline(m.pipeline))()  # a private instance: setup may hold state
-            pipeline.setup(m)
-            _READY[key] = pipeline
-        return _READY[key]
-
-
 def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
     m = task.manifest
@@ -152,7 +137,8 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
             yield item.key, item.fields
 
     path = out_dir / shard_filename(m.name, task.index)
-    size, digest, n = write_shard(path, checked())
+    with shard_context(task.gpu_remote) as devices:
+        size, digest, n = write_shard(path, checked())
     record = ShardRecord(
         file=path.name,
         samples=n,
@@ -164,6 +150,7 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
         inputs_stamp=stamp,
         rejected=rejected,
         stats=stats,
+        devices={stage: sorted(used) for stage, used in devices.items()},
     )
     write_json_atomic(path.with_suffix(".json"), record.to_json())
     return task.index, record, False
@@ -209,11 +196,18 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
     _remove_stale(out_dir, m.name, len(tasks))
     records: dict[int, ShardRecord] = {}
     reused = 0
-    with open_executor(scheduler, workers, cluster["threads_per_worker"]) as executor:
+    torch_stages = pipeline.torch_stages(m)
+    gpu_workers = cluster["gpu_workers"]
+    if gpu_workers < 0:
+        gpu_workers = _visible_gpus() if scheduler == "" and any(d != "cpu" for d in torch_stages.values()) else 0
+    with open_executor(scheduler, workers, cluster["threads_per_worker"], gpu_workers) as executor:
         log.debug("building %d shards on %s", len(tasks), executor.description)
+        remote = _place_torch_stages(torch_stages, executor)
+        for task in tasks:
+            task.gpu_remote = remote
         keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}" for t in tasks]
         bar = tqdm(total=len(tasks), desc=f"build {m.name}", unit="shard", disable=not progress)
-        for index, record, was_reused in executor.map(build_shard, tasks, keys):
+        for index, record, was_reused in executor.map(build_shard, tasks, keys, spare_gpu_workers=remote):
             records[index] = record
             reused += was_reused
             bar.update(1)
@@ -239,15 +233,56 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         "input_fingerprint": fingerprint,
         "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
         "shards": [
-            {k: v for k, v in r.to_json().items() if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp")}
+            {k: v for k, v in r.to_json().items()
+             if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp", "devices")}
             for r in shard_records
         ],
         "rejected": rejected,
         "stats": pipeline.finalize_stats(totals),
     }
+    if torch_stages:
+        index["torch_stages"] = {
+            stage: {"backend": "torch", "requested": requested, "gpu_workers": executor.gpu_workers,
+                    "devices": sorted({d for r in shard_records for d in r.devices.get(stage, [])})}
+            for stage, requested in torch_stages.items()
+        }
     index_path = out_dir / "index.json"
     write_json_atomic(index_path, index)
     return BuildResult(index_path, planned, written, rejected, reused, len(tasks) - reused)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> bool:
+    """Whether the torch stages go to GPU workers; says once where they run.
+
+    Raises:
+        ClusterError: a stage asks for ``"cuda"`` and neither a GPU worker nor (in-process) CUDA exists.
+    """
+    if not torch_stages:
+        return False
+    if executor.gpu_workers:
+        log.info("torch stages %s on %d GPU worker(s)", ", ".join(torch_stages), executor.gpu_workers)
+        return True
+    if not executor.local:
+        # A cluster of its own: its workers decide ("auto" = their CUDA if they have one).
+        log.warning("torch stages %s: no worker advertises a GPU resource; each worker runs them on its own "
+                    "CUDA device if it has one, else on the CPU torch path", ", ".join(torch_stages))
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    pinned = [stage for stage, device in torch_stages.items() if device == "cuda"]
+    if pinned:
+        raise ClusterError(f"{', '.join(pinned)}: device = \"cuda\" but there is no GPU here and no GPU worker; "
+                           "set the stage's device to \"auto\" to run the CPU torch path")
+    log.info("torch stages %s run on the CPU torch path: there is no GPU here", ", ".join(torch_stages))
+    return False
 
 
 def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:

@@ -36,6 +36,8 @@ class ShardRecord:
     inputs_stamp: str = ""
     rejected: list[dict[str, str]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, list[str]] = field(default_factory=dict)
+    """Torch stage -> the devices it ran on for this shard (``"cpu"``, ``"cuda"``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

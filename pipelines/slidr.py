@@ -18,6 +18,7 @@ import numpy as np
 from distillkit.pipelines.base import Demo, FieldSpec, Pipeline, Rejected, SampleRef
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.placement import run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
 from distillkit.preprocess.projection import project_points
 from distillkit.preprocess.superpixels import BACKENDS as SP_BACKENDS
@@ -95,6 +96,14 @@ class SlidrPipeline(Pipeline):
         files = [kf["lidar_path"], *(c["path"] for c in kf["cameras"])]
         return files + ([kf["lidarseg_path"]] if kf.get("lidarseg_path") else [])
 
+    def torch_stages(self, m: Manifest) -> dict[str, str]:
+        sp = m.data["stages"]["superpixels"]
+        return {"superpixels": sp["device"]} if sp["backend"] == "torch" else {}
+
+    def superpixels(self, images: list[np.ndarray], params: dict[str, Any], device: str) -> list[np.ndarray]:
+        """The torch superpixel stage (``pipelines.placement``): label maps of one keyframe's cameras."""
+        return slic_superpixels_batch(images, **{**params, "device": device})
+
     def build(self, ref: SampleRef, m: Manifest) -> dict[str, bytes]:
         kf = ref.payload
         stages = m.data["stages"]
@@ -117,8 +126,12 @@ class SlidrPipeline(Pipeline):
                                         f"table says {cam['width']}x{cam['height']}")
             jpegs.append(jpeg)
             images.append(image)
-        # All cameras in one call: the torch backend runs them as one batch.
-        for i, labels in enumerate(slic_superpixels_batch(images, **stages["superpixels"])):
+        sp = stages["superpixels"]
+        if sp["backend"] == "torch":  # all cameras as one batch, on a GPU worker when the cluster has one
+            label_maps = run_stage(m, "superpixels", "superpixels", images, sp, device=sp["device"])
+        else:
+            label_maps = slic_superpixels_batch(images, **sp)
+        for i, labels in enumerate(label_maps):
             out[f"cam{i}.jpg"] = jpegs[i]
             out[f"cam{i}.sp.png"] = encode_labels_png(labels)
         pairs = project_points(

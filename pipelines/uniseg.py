@@ -38,6 +38,7 @@ from distillkit.pipelines.base import (
 )
 from distillkit.pipelines.codecs import LABEL_IMAGE_SUFFIXES, SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
+from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.sensors.image_files import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageFileError, read_image_file
 from distillkit.sensors.images import decode_rgb, encode_labels_png
 
@@ -64,7 +65,8 @@ SCHEMA = {
             "feature": Key(str, "key", choices=("key", "feat"), doc="ViT last-block keys or output tokens"),
             "patch": Key(int, 8, doc="patch size of the stats backbone in px (a ViT's comes from its checkpoint)"),
             "max_side": Key(int, 448, doc="longer image side in px after resizing (grid = max_side / patch)"),
-            "device": Key(str, "cpu", doc="torch device of the ViT and of the torch UniAP path"),
+            "device": Key(str, "auto", choices=DEVICES,
+                          doc='ViT, torch UniAP: "auto" = a GPU worker, else CUDA where the shard is built, else CPU'),
             "batch": Key(int, 16, doc="images per backbone / UniAP batch"),
         },
         "uniap": {
@@ -154,6 +156,7 @@ class UnisegPipeline(Pipeline):
 
     def __init__(self) -> None:
         self._backbone: Any = None
+        self._backbones: dict[str, Any] = {}
 
     # ---- manifest and plan (client) -------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -198,10 +201,32 @@ class UnisegPipeline(Pipeline):
 
     # ---- build (worker) ----------------------------------------------------------------
     def setup(self, m: Manifest) -> None:
+        # On the CPU: its patch size and description serve every worker; the torch stages make
+        # their own copy on their device (``partition``), on a GPU worker when the cluster has one.
+        self._backbone = self._backbone_on(m.data["stages"]["features"], "cpu")
+
+    def _backbone_on(self, f: dict[str, Any], device: str) -> Any:
         from distillkit.preprocess.patch_features import make_backbone
 
-        f = m.data["stages"]["features"]
-        self._backbone = make_backbone(f["backbone"], f["checkpoint"], f["patch"], f["feature"], f["device"])
+        if device not in self._backbones:
+            self._backbones[device] = make_backbone(f["backbone"], f["checkpoint"], f["patch"], f["feature"], device)
+        return self._backbones[device]
+
+    def torch_stages(self, m: Manifest) -> dict[str, str]:
+        f, u = m.data["stages"]["features"], m.data["stages"]["uniap"]
+        stages = {"features": f["device"]} if f["backbone"] == "vit" else {}
+        return stages | ({"uniap": f["device"]} if u["backend"] == "torch" else {})
+
+    def partition(self, inputs: list[np.ndarray], f: dict[str, Any], cfg: Any, backend: str,
+                  device: str) -> list[np.ndarray]:
+        """Patch features and UniAP levels of a batch of images resized to whole patches: the
+        torch stages (``pipelines.placement``), or plain CPU work when neither runs on torch."""
+        from distillkit.preprocess.uniap import uniap, uniap_batch
+
+        feats = self._backbone_on(f, device)(inputs)
+        if backend == "torch":
+            return uniap_batch(feats, cfg, device=device)
+        return [uniap(x, cfg.thresholds, cfg.min_size, cfg.spatial_weight, cfg.update, cfg.semantic) for x in feats]
 
     def _load(self, ref: SampleRef, m: Manifest) -> dict[str, Any]:
         """Read one image (and its ground truth) and resize it to whole patches; raises ``Rejected``."""
@@ -220,11 +245,12 @@ class UnisegPipeline(Pipeline):
         return {"img": img, "grid": grid, "input": resize_to_grid(img.rgb, grid, patch), "gt": gt}
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
-        from distillkit.preprocess.uniap import UniAPConfig, uniap, uniap_batch
+        from distillkit.preprocess.uniap import UniAPConfig
 
         if self._backbone is None:
             self.setup(m)
         f, u = m.data["stages"]["features"], m.data["stages"]["uniap"]
+        stages = self.torch_stages(m)
         cfg = UniAPConfig(tuple(float(t) for t in u["thresholds"]), u["min_size"], u["spatial_weight"], u["update"],
                           semantic=u["semantic"])
         for chunk in batched(refs, f["batch"]):
@@ -239,12 +265,13 @@ class UnisegPipeline(Pipeline):
                         raise
                     loaded.append(Rejection(ref.source, "image", f"{ref.payload['image']}: {describe_exception(exc)}"))
             good = [x for x in loaded if not isinstance(x, Rejection)]
-            feats = self._backbone([x["input"] for x in good]) if good else []
-            if u["backend"] == "torch":
-                parts = uniap_batch(feats, cfg, device=f["device"])
+            inputs = [x["input"] for x in good]
+            if not good:
+                parts = []
+            elif stages:
+                parts = run_stage(m, tuple(stages), "partition", inputs, f, cfg, u["backend"], device=f["device"])
             else:
-                parts = [uniap(x, cfg.thresholds, cfg.min_size, cfg.spatial_weight, cfg.update, cfg.semantic)
-                         for x in feats]
+                parts = self.partition(inputs, f, cfg, u["backend"], device="cpu")
             it = iter(zip(good, parts, strict=True))
             for ref, item in zip(chunk, loaded, strict=True):
                 if isinstance(item, Rejection):
