@@ -1,6 +1,7 @@
 """The benchmark suite: every figure beside its reference, measured in the same process on the same inputs.
 
     .venv/bin/python bench/run.py --device cpu [--only superpixels,build] [--out FILE] [--quick] [--render]
+                                  [--scratch DIR]
     .venv/bin/python bench/run.py --render-only bench/suite/results-cpu.json [bench/suite/results-cuda.json]
 
 Entries live in bench/suite/ (one module each, registered in bench/suite/__init__.py). Results go to a JSON
@@ -16,6 +17,8 @@ import argparse
 import json
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +31,18 @@ DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def run(device: str, only: list[str], quick: bool) -> dict:
-    """Run the selected entries in registry order; the JSON-ready results."""
-    ctx = Context(device=device, quick=quick)
+def run(device: str, only: list[str], quick: bool, scratch: Path | None = None,
+        save: Callable[[dict], None] | None = None) -> dict:
+    """Run the selected entries in registry order; the JSON-ready results.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``: where the torch paths run.
+        only: entry names to run (empty: all).
+        quick: smaller inputs.
+        scratch: data and shard directory (default ``bench/out``).
+        save: called with the results after every entry, so a run cut short keeps what it measured.
+    """
+    ctx = Context(device=device, quick=quick) if scratch is None else Context(device=device, quick=quick, out=scratch)
     ctx.out.mkdir(parents=True, exist_ok=True)
     out = {"device": device, "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": machine(), "entries": {}}
@@ -39,12 +51,22 @@ def run(device: str, only: list[str], quick: bool) -> dict:
             continue
         t = time.perf_counter()
         print(f"== {name}", flush=True)
-        result = entry(name).run(ctx)
+        try:
+            result = entry(name).run(ctx)
+        except Exception as exc:  # one entry's failure (a missing package on a device) must not lose the rest
+            traceback.print_exc()
+            out["entries"][name] = {"title": name, "figures": [], "extra": {}, "seconds": time.perf_counter() - t,
+                                    "notes": [f"did not run: {type(exc).__name__}: {exc}"]}
+            if save:
+                save(out)
+            continue
         ctx.results[name] = result
         out["entries"][name] = {**result.to_json(), "seconds": time.perf_counter() - t}
         for f in result.figures:
             print(f"   {f.name}: {f.value:.4g} {f.unit} | {f.reference}: {f.reference_value:.4g} | "
                   f"ratio {f.ratio:.3g}", flush=True)
+        if save:
+            save(out)
     return out
 
 
@@ -83,6 +105,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help=f"comma-separated entries (of: {', '.join(ENTRIES)})")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/suite/results-<device>.json)")
     ap.add_argument("--quick", action="store_true", help="smaller inputs (smoke run; figures not comparable)")
+    ap.add_argument("--scratch", type=Path, help="where test data and shards are made and kept (default bench/out)")
     ap.add_argument("--render", action="store_true", help="also write the results into docs/benchmarks.md")
     ap.add_argument("--render-only", nargs="+", type=Path, metavar="JSON",
                     help="render these result files, run nothing")
@@ -93,19 +116,23 @@ def main() -> None:
     only = [s for s in args.only.split(",") if s]
     for name in only:
         entry(name)  # unknown names fail before anything runs
-    results = run(args.device, only, args.quick)
     out = args.out or ROOT / "bench" / "suite" / f"results-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if only and out.exists():  # a partial run updates its entries in the existing file, keeps the others
-        old = json.loads(out.read_text())
-        if old.get("device") == args.device and old.get("quick") == args.quick:
+    old = json.loads(out.read_text()) if only and out.exists() else None
+
+    def save(results: dict) -> None:
+        if old and old.get("device") == args.device and old.get("quick") == args.quick:
+            # a partial run updates its entries in the existing file, keeps the others
             entries = {**old["entries"], **results["entries"]}
-            results["entries"] = {k: entries[k] for k in ENTRIES if k in entries}
-            results["runs"] = old.get("runs", [old["date"]]) + [results["date"]]
-    out.write_text(json.dumps(results, indent=1))
+            results = {**results, "entries": {k: entries[k] for k in ENTRIES if k in entries},
+                       "runs": old.get("runs", [old["date"]]) + [results["date"]]}
+        out.write_text(json.dumps(results, indent=1))
+
+    results = run(args.device, only, args.quick, args.scratch, save)
+    save(results)
     print(f"results: {out}")
     if args.render:
-        write_doc(render([results]))
+        write_doc(render([json.loads(out.read_text())]))
 
 
 if __name__ == "__main__":

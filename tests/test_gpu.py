@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU) and a CPU smoke run of the GPU benchmark script."""
+"""CUDA checks (skipped without a GPU), the suite's trainer entry on CPU and a CPU smoke run of the device script."""
 
 from __future__ import annotations
 
@@ -51,26 +51,34 @@ def test_projection_torch_cuda_matches_numpy(slidr_shards, synth_nuscenes):
     np.testing.assert_array_equal(a.index, b.index)
 
 
-def test_gpu_bench_script_runs_on_cpu(slidr_shards, tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_slidr.py"), "--shards", str(slidr_shards),
-                    "--device", "cpu", "--steps", "1", "--size", "small", "--workers", "0", "--batch-size", "1",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300, cwd=ROOT)
-    result = json.loads(out.read_text())
-    assert result["loader"]["samples_per_s"] > 0 and 0 <= result["loader"]["data_wait_fraction"] <= 1
-    assert result["preloaded"]["data_wait_fraction"] < 0.05  # a pre-loaded batch never waits for data
+def test_trainer_bench_entry_runs_on_cpu(slidr_shards):
+    """The suite's trainer entry (bench/suite/trainer.py), small networks on CPU: every mode measured,
+    the pre-loaded batch never waits for data, and each part alone is faster than the whole step."""
+    from bench.suite.trainer import measure
+
+    r = measure(slidr_shards, "cpu", "small", steps=2, batch_size=1, workers=0)
+    assert r["loader"]["timed_steps"] == 2 and r["loader"]["samples_per_s"] > 0
+    assert 0 <= r["loader"]["data_wait_fraction"] <= 1
+    assert r["preloaded"]["data_wait_fraction"] < 0.05
+    step = r["preloaded"]["samples_per_s"]
+    assert r["teacher_forward_samples_per_s"] > step and r["point_net_fwd_bwd_samples_per_s"] > step
+    assert r["nvjpeg_images_per_s"] is None  # CUDA only
 
 
 @pytest.mark.slow
 def test_device_check_script_runs_on_cpu(tmp_path):
     """bench/device_check.sh is the one prepared GPU call: keep it working (its CPU smoke mode)."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "WHEELS": "none",
-           "PY": sys.executable, "DEVICE": "cpu", "SIZE": "small", "SYNTH": "small", "STEPS": "1",
-           "TRAIN_STEPS": "4", "WORKERS": "0", "BUILD_WORKERS": "2", "EVAL_EPOCHS": "2"}
+           "PY": sys.executable, "DEVICE": "cpu", "SIZE": "small", "SYNTH": "small", "TRAIN_STEPS": "4",
+           "WORKERS": "0", "BUILD_WORKERS": "2", "EVAL_EPOCHS": "2", "SUITE": "--quick --only trainer",
+           "TESTS": "tests/test_gpu_superpixels.py"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     log = (tmp_path / "out" / "log.txt").read_text()
     assert proc.returncode == 0 and "== done" in log, log[-3000:]
-    assert all(f"== {s}: rc=0" in log for s in ("env", "synth", "build", "bench", "train", "eval")), log[-3000:]
-    assert json.loads((tmp_path / "out" / "gpu_slidr.json").read_text())["loader"]["timed_steps"] == 1
+    assert all(f"== {s}: rc=0" in log for s in ("env", "synth", "build", "suite", "train", "eval")), log[-3000:]
+    # without CUDA the CUDA tests skip
+    assert "== pytest: rc=0" in log and "skipped" in (tmp_path / "out" / "pytest.txt").read_text(), log[-3000:]
+    bench = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
+    assert bench["entries"]["trainer"]["extra"]["loader"]["timed_steps"] == 1
     assert "mIoU" in (tmp_path / "out" / "eval.txt").read_text()

@@ -1,8 +1,8 @@
 """Torch stages on GPU workers: a dask worker advertising the ``GPU`` resource gets the torch
 stage's batches while the other workers build and write the shards, and the bytes are the same as
-an in-process build. On this CPU machine the "GPU" worker runs the CPU torch path (``device =
-"auto"``), which is what the resource placement needs to be checked; the CUDA run is in
-``tests/test_gpu_superpixels.py``."""
+an in-process build. Without CUDA the "GPU" worker runs the CPU torch path (``device = "auto"``),
+which is all the resource placement needs to be checked; bench/device_check.sh runs this file on a
+real GPU too."""
 
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ def test_torch_stage_batches_go_to_the_gpu_worker_and_bytes_match_serial(synth_n
         ran.setdefault("shard" if "-shard-" in str(task["key"]) else "stage", set()).add(task["worker"])
     assert ran["shard"] and not ran["shard"] & gpu, "shard tasks must stay off the GPU worker"
     assert ran["stage"] == gpu, "every superpixel batch must run on the GPU worker"
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine "auto" is CUDA in both builds
     index = json.loads(placed.index_path.read_text())
     assert index["torch_stages"] == {"superpixels": {"backend": "torch", "requested": "auto", "gpu_workers": 1,
-                                                     "devices": ["cpu"]}}
+                                                     "devices": [device]}}
     serial_index = json.loads(serial.index_path.read_text())
     assert serial_index["torch_stages"]["superpixels"]["gpu_workers"] == 0
     assert len(index["shards"]) == 3

@@ -19,6 +19,7 @@ ENTRIES: dict[str, str] = {
     "superpixels": "bench.suite.superpixels",
     "build": "bench.suite.build",
     "streaming": "bench.suite.streaming",
+    "trainer": "bench.suite.trainer",
     "logmel": "bench.suite.logmel",
     "uniap": "bench.suite.uniap",
     "extrapolation": "bench.suite.extrapolation",
