@@ -10,9 +10,12 @@ Two architectures, chosen by name:
   Its temporal kernels see frame differences, so even at random init its embedding moves with camera motion.
 
 Weights load from a local ``torch.save`` file of this module's ``state_dict`` (or ``{"model": state_dict}``),
-read with ``weights_only=True``; the Hugging Face TimeSformer checkpoint uses other parameter names and is not
-converted here. With no checkpoint the teacher is **randomly initialised** from a fixed seed (the same weights
-in every process, so shards stay reproducible) and :func:`load_video_teacher` says so loudly.
+read with ``weights_only=True``, or, for ``"timesformer"``, from a Hugging Face TimeSformer checkpoint file
+(``pytorch_model.bin`` or ``model.safetensors`` of ``facebook/timesformer-base-finetuned-k400``, a
+``TimesformerModel`` or ``TimesformerForVideoClassification``), whose names :func:`from_hf_timesformer` maps and
+whose sizes set the architecture (tested against ``transformers``' own model). With no checkpoint the teacher
+is **randomly initialised** from a fixed seed (the same weights in every process, so shards stay reproducible)
+and :func:`load_video_teacher` says so loudly.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ class Conv3dTeacher(nn.Module):
 class _DividedBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.norm_t, self.attn_t = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        # eps 1e-6: TimeSformer's (and the Hugging Face checkpoint's) LayerNorm
+        self.norm_t, self.attn_t = nn.LayerNorm(dim, eps=1e-6), nn.MultiheadAttention(dim, heads, batch_first=True)
         self.temporal_fc = nn.Linear(dim, dim)
-        self.norm_s, self.attn_s = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(dim)
+        self.norm_s, self.attn_s = nn.LayerNorm(dim, eps=1e-6), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor, frames: int) -> Tensor:
@@ -90,7 +94,7 @@ class TimeSformerTeacher(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
         self.time_embed = nn.Parameter(torch.randn(1, frames, dim) * 0.02)
         self.blocks = nn.ModuleList(_DividedBlock(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, f, h, w = x.shape
@@ -104,6 +108,76 @@ class TimeSformerTeacher(nn.Module):
         for block in self.blocks:
             x = block(x, f)
         return self.norm(x).mean(1)
+
+
+# Hugging Face TimeSformer block names -> _DividedBlock names (each with .weight and .bias)
+_HF_BLOCK = {
+    "temporal_layernorm": "norm_t",
+    "temporal_attention.attention.qkv": "attn_t.in_proj",
+    "temporal_attention.output.dense": "attn_t.out_proj",
+    "temporal_dense": "temporal_fc",
+    "layernorm_before": "norm_s",
+    "attention.attention.qkv": "attn_s.in_proj",
+    "attention.output.dense": "attn_s.out_proj",
+    "layernorm_after": "norm_mlp",
+    "intermediate.dense": "mlp.0",
+    "output.dense": "mlp.2",
+}
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.time_embeddings": "time_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
+def is_hf_timesformer(state: dict[str, Tensor]) -> bool:
+    """Whether ``state`` holds Hugging Face TimeSformer names (with or without the ``timesformer.`` prefix)."""
+    return any(k.removeprefix("timesformer.") == "embeddings.cls_token" for k in state)
+
+
+def from_hf_timesformer(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """A Hugging Face ``TimesformerModel`` (or ``...ForVideoClassification``, classifier dropped) state dict ->
+    (:class:`TimeSformerTeacher` state dict, its constructor arguments read from the tensor shapes).
+
+    Heads are not stored in the weights: ``dim // 64``, the ViT convention every TimeSformer checkpoint follows.
+
+    Raises:
+        ValueError: a tensor the teacher needs is missing.
+    """
+    src = {k.removeprefix("timesformer."): v for k, v in state.items() if not k.startswith("classifier.")}
+    out: dict[str, Tensor] = {}
+    try:
+        for hf, ours in _HF_TOP.items():
+            out[ours] = src.pop(hf)
+        depth = 0
+        while f"encoder.layer.{depth}.layernorm_before.weight" in src:
+            for hf, ours in _HF_BLOCK.items():
+                for kind in ("weight", "bias"):
+                    name = f"blocks.{depth}.{ours}{'_' if ours.endswith('in_proj') else '.'}{kind}"
+                    out[name] = src.pop(f"encoder.layer.{depth}.{hf}.{kind}")
+            depth += 1
+    except KeyError as exc:
+        raise ValueError(f"not a complete Hugging Face TimeSformer state dict: {exc.args[0]} is missing") from None
+    if src:
+        raise ValueError(f"Hugging Face TimeSformer state dict has unexpected tensors: {sorted(src)[:5]}")
+    dim, patch = out["cls_token"].shape[-1], out["patch_embed.weight"].shape[-1]
+    side = round((out["pos_embed"].shape[1] - 1) ** 0.5)
+    config = {"dim": dim, "depth": depth, "heads": max(1, dim // 64), "patch": patch, "input_size": side * patch,
+              "frames": out["time_embed"].shape[1]}
+    return out, config
+
+
+def _read_state(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state) if isinstance(state, dict) else state
 
 
 @dataclass(frozen=True)
@@ -150,10 +224,12 @@ def load_video_teacher(arch: str, checkpoint: str | Path = "", seed: int = 0) ->
         if not path.is_file():
             raise ValueError(f"video teacher checkpoint {path} does not exist")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _read_state(path)
         except Exception as exc:
             raise ValueError(f"{path}: cannot load video teacher checkpoint ({exc})") from exc
-        state = state.get("model", state) if isinstance(state, dict) else state
+        if arch == "timesformer" and isinstance(state, dict) and is_hf_timesformer(state):
+            state, config = from_hf_timesformer(state)
+            model = TimeSformerTeacher(**config).eval()
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -85,7 +85,8 @@ def test_config_errors():
 @pytest.mark.slow
 def test_distillation_beats_random_init_on_fixed_seed(tmp_path):
     """The measured gain of docs/audio.md, on a fixed seed: medium synthetic audio (80 files, 5 classes),
-    800 steps of the small configuration on CPU, linear probe split by file. Several minutes on 2 cores."""
+    800 steps of the small configuration on CPU, linear probe split by file (mean gain over 5 splits). Several
+    minutes on 2 cores."""
     from distillkit.pipelines.catalog import load_manifest
     from distillkit.pipelines.runner import build
     from distillkit.sensors.synth.audio import make_audio
@@ -100,9 +101,11 @@ def test_distillation_beats_random_init_on_fixed_seed(tmp_path):
     config = trainer.resolve_config({"max_steps": 800, "log_every": 200})
     metrics = trainer.train(shards, tmp_path / "run", config, device="cpu")
     assert metrics["step"] == 800
+    # 5 splits by file: one split's test side is ~38 segments, so one segment moves its accuracy by 0.026
     result = trainer.evaluate(tmp_path / "run" / "latest.pt", [shards], config, device="cpu",
-                              options=trainer.resolve_eval_options({}))
+                              options=trainer.resolve_eval_options({"splits": 5}))
     print(format_eval(result))
     assert result["distilled"]["n_test"] == result["random_init"]["n_test"] >= 30
+    assert len(result["splits"]["distilled"]) == 5
     assert result["gain_balanced_accuracy"] > 0.03, format_eval(result)
-    assert result["gain_accuracy"] > 0.03
+    assert result["gain_accuracy"] > 0.03, format_eval(result)

@@ -154,3 +154,50 @@ def test_run_log_after_resume_equals_uninterrupted_log(tmp_path):
     assert (tmp_path / "b" / "curves.png").stat().st_size > 0
     _run(shards, tmp_path / "b", 4, log_every=2)  # a fresh run in the same directory starts a fresh log
     assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 4]
+
+
+class _DecayProbe(nn.Module):
+    """A linear layer and a norm whose loss has zero gradient: only weight decay moves them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        for p in self.parameters():
+            nn.init.constant_(p, 1.0)
+
+    def loss(self, batch):
+        return sum((p * 0).sum() for p in self.parameters())
+
+
+@pytest.mark.parametrize("decay_all", [True, False])
+def test_norms_and_biases_are_decayed_only_when_asked(decay_all):
+    m = _DecayProbe()
+    cfg = LoopConfig(max_steps=3, optimizer="adamw", lr=0.1, weight_decay=0.5, grad_clip=None, log_every=0,
+                     decay_norm_and_bias=decay_all)
+    train_loop(m, lambda: iter([0] * 3), cfg)
+    assert (m.lin.weight.detach() < 1.0).all(), "matrices are always decayed"
+    for p in (m.lin.bias, m.norm.weight, m.norm.bias):
+        assert (p.detach() < 1.0).all() if decay_all else torch.equal(p.detach(), torch.ones_like(p))
+
+
+def test_weight_decay_follows_a_cosine_to_its_end_value():
+    from distillkit.train.loop import weight_decay_at
+
+    cfg = LoopConfig(max_steps=101, weight_decay=0.04, weight_decay_end=0.4)
+    assert weight_decay_at(0, cfg) == pytest.approx(0.04)
+    assert weight_decay_at(50, cfg) == pytest.approx(0.22)
+    assert weight_decay_at(100, cfg) == pytest.approx(0.4)
+    assert weight_decay_at(7, LoopConfig(weight_decay=0.1)) == 0.1
+    seen = []
+
+    class Record(_DecayProbe):
+        def after_step(self, step, max_steps):
+            seen.append(self.lin.weight.detach().clone())
+
+    # a constant lr (min_lr_ratio 1): each AdamW step scales the weights by exactly 1 - lr * wd(step)
+    cfg = LoopConfig(max_steps=4, optimizer="adamw", lr=0.1, weight_decay=0.1, weight_decay_end=0.9,
+                     min_lr_ratio=1.0, grad_clip=None, log_every=0)
+    train_loop(Record(), lambda: iter([0] * 4), cfg)
+    factors = [float(b[0, 0] / a[0, 0]) for a, b in zip([torch.ones(4, 4)] + seen[:-1], seen, strict=True)]
+    assert factors == pytest.approx([1 - 0.1 * weight_decay_at(i, cfg) for i in range(4)], rel=1e-5)

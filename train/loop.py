@@ -52,6 +52,11 @@ class LoopConfig:
     momentum: float = 0.9
     dampening: float = 0.1
     weight_decay: float = 1e-4
+    # DINO's convention (DINO, ATST, the UniSeg trainer): biases and 1-d parameters (norms) are not decayed.
+    # SLidR's released optimiser decays every parameter, hence True by default.
+    decay_norm_and_bias: bool = True
+    # Weight decay on a cosine from weight_decay to this at max_steps (DINO / ATST: 0.04 -> 0.4); None: constant.
+    weight_decay_end: float | None = None
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     # Cosine over epochs (SLidR's CosineAnnealingLR(T_max=epochs) stepped once per epoch): the lr is
@@ -69,15 +74,34 @@ class LoopConfig:
     run_config: dict[str, Any] | None = None  # the trainer's resolved configuration: checkpoint + log
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: LoopConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(named: Iterable[tuple[str, nn.Parameter]], cfg: LoopConfig) -> torch.optim.Optimizer:
+    """The optimiser over the trainable parameters of ``named`` (``module.named_parameters()``).
+
+    With ``cfg.decay_norm_and_bias = False`` they form two groups, as DINO's ``get_params_groups``:
+    the rest decayed by ``cfg.weight_decay``, biases and 1-d parameters not decayed.
+    """
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if cfg.decay_norm_and_bias:
+        groups: list[dict[str, Any]] = [{"params": [p for _, p in trainable]}]
+    else:
+        plain = [p for n, p in trainable if n.endswith(".bias") or p.ndim <= 1]
+        groups = [{"params": [p for n, p in trainable if not (n.endswith(".bias") or p.ndim <= 1)]},
+                  {"params": plain, "weight_decay": 0.0, "no_decay": True}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd | adamw)")
+
+
+def weight_decay_at(step: int, cfg: LoopConfig) -> float:
+    """The weight decay of optimiser step ``step`` (0-based): constant, or DINO's cosine to ``weight_decay_end``."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    t = min(1.0, step / max(1, cfg.max_steps - 1))
+    return cfg.weight_decay_end + 0.5 * (cfg.weight_decay - cfg.weight_decay_end) * (1 + math.cos(math.pi * t))
 
 
 def cosine_lambda(
@@ -127,7 +151,7 @@ def train_loop(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     method.to(device)
-    opt = make_optimizer(method.parameters(), cfg)
+    opt = make_optimizer(method.named_parameters(), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch, cfg.schedule)
     )
@@ -203,6 +227,10 @@ def train_loop(
         loss.float().backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.requires_grad], cfg.grad_clip)
+        if cfg.weight_decay_end is not None:
+            for group in opt.param_groups:
+                if not group.get("no_decay"):
+                    group["weight_decay"] = weight_decay_at(step, cfg)
         opt.step()
         sched.step()
         step += 1

@@ -75,9 +75,11 @@ class UnisegSize:
 
 SIZES = {
     "small": UnisegSize("tiny", 8, 64, 32, 256, 64, 3, 8, 2000, 0.99,
-                        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.04, "warmup_steps": 5}),
+                        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.04, "warmup_steps": 5,
+                         "decay_norm_and_bias": False}),
     "paper": UnisegSize("base", 8, 224, 96, 2048, 256, 3, 16, 160_000, 0.996,
-                        {"optimizer": "adamw", "lr": 6.25e-4, "weight_decay": 0.04, "warmup_steps": 10_000}),
+                        {"optimizer": "adamw", "lr": 6.25e-4, "weight_decay": 0.04, "warmup_steps": 10_000,
+                         "decay_norm_and_bias": False}),
 }
 
 
