@@ -37,6 +37,8 @@ ARCHS = ("conv3d", "timesformer")
 class Conv3dTeacher(nn.Module):
     """A small 3-D CNN: (B, 3, F, H, W) normalised clips -> (B, dim)."""
 
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
     def __init__(self, dim: int = 128, width: int = 16, input_size: int = 112):
         super().__init__()
         self.input_size = input_size
@@ -83,6 +85,10 @@ class _DividedBlock(nn.Module):
 
 class TimeSformerTeacher(nn.Module):
     """Divided space-time ViT: (B, 3, F, H, W) normalised clips -> (B, dim), mean of the output tokens."""
+
+    # TimeSformer's own normalisation, which the preprocessor_config.json of facebook/timesformer-base-finetuned-k400
+    # states (and COMODO's Hugging Face image processor therefore applies): not ImageNet's
+    mean, std = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 
     def __init__(self, dim: int = 768, depth: int = 12, heads: int = 12, patch: int = 16, input_size: int = 224,
                  frames: int = 8):
@@ -245,8 +251,10 @@ def load_video_teacher(arch: str, checkpoint: str | Path = "", seed: int = 0) ->
     return model, info
 
 
-def preprocess_clips(clips: np.ndarray | Tensor, input_size: int, device: torch.device | str = "cpu") -> Tensor:
-    """uint8 (B, F, H, W, 3) RGB clips -> float32 (B, 3, F, S, S) resized (bilinear) and ImageNet-normalised."""
+def preprocess_clips(clips: np.ndarray | Tensor, input_size: int, device: torch.device | str = "cpu",
+                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
+    """uint8 (B, F, H, W, 3) RGB clips -> float32 (B, 3, F, S, S) resized (bilinear) and normalised with the
+    teacher's ``mean``/``std`` (on [0, 1] values)."""
     x = torch.as_tensor(np.asarray(clips) if not isinstance(clips, Tensor) else clips).to(device)
     if x.ndim != 5 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, F, H, W, 3) clips, got {tuple(x.shape)}")
@@ -254,14 +262,12 @@ def preprocess_clips(clips: np.ndarray | Tensor, input_size: int, device: torch.
     x = x.permute(0, 1, 4, 2, 3).reshape(b * f, 3, h, w).float().div_(255)
     if (h, w) != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return x.reshape(b, f, 3, input_size, input_size).transpose(1, 2).contiguous()
 
 
 @torch.no_grad()
 def embed_clips(model: nn.Module, clips: np.ndarray | Tensor, device: torch.device | str = "cpu") -> Tensor:
     """Embed uint8 (B, F, H, W, 3) clips with a frozen teacher: float32 (B, D) on ``device``."""
-    x = preprocess_clips(clips, int(model.input_size), device)
+    x = preprocess_clips(clips, int(model.input_size), device, model.mean, model.std)
     return model(x).float()

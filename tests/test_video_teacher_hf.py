@@ -44,6 +44,26 @@ def test_hf_checkpoint_loads_and_matches_transformers(hf_model, tmp_path, fmt):
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_embed_clips_preprocesses_as_the_checkpoints_image_processor(hf_model, tmp_path):
+    """uint8 frames -> embedding, end to end: our preprocessing against transformers' VideoMAEImageProcessor
+    with the values of facebook/timesformer-base-finetuned-k400's preprocessor_config.json (mean 0.45, std
+    0.225, shortest edge = crop = the input size)."""
+    import numpy as np
+    from transformers import VideoMAEImageProcessor
+
+    from distillkit.preprocess.video_encoder import embed_clips
+
+    torch.save(hf_model.state_dict(), tmp_path / "model.bin")
+    teacher, _ = load_video_teacher("timesformer", tmp_path / "model.bin")
+    clips = np.random.default_rng(0).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
+    proc = VideoMAEImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                  image_mean=[0.45] * 3, image_std=[0.225] * 3)
+    pixels = proc([list(clip) for clip in clips], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = hf_model.timesformer(pixel_values=pixels).last_hidden_state.mean(1)
+    torch.testing.assert_close(embed_clips(teacher, clips), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_mapping_reads_sizes_and_rejects_incomplete_state(hf_model):
     state, config = from_hf_timesformer(hf_model.state_dict())
     assert config == {"dim": 128, "depth": 2, "heads": 2, "patch": 8, "input_size": 32, "frames": 4}

@@ -20,6 +20,7 @@ ENTRIES: dict[str, str] = {
     "build": "bench.suite.build",
     "streaming": "bench.suite.streaming",
     "trainer": "bench.suite.trainer",
+    "comodo": "bench.suite.comodo",
     "logmel": "bench.suite.logmel",
     "uniap": "bench.suite.uniap",
     "extrapolation": "bench.suite.extrapolation",
