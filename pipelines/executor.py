@@ -114,7 +114,9 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
         n_workers=workers,
         threads_per_worker=threads_per_worker,
         processes=True,
-        dashboard_address=None,
+        # the scheduler serves HTTP (health, metrics) even without a dashboard: any free port, so two builds on
+        # one machine never collide on 8787
+        dashboard_address=":0",
         silence_logs=logging.ERROR,
         # One BLAS/OpenMP thread per worker thread: the parallelism is across shards.
         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
