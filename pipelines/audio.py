@@ -27,7 +27,14 @@ from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
 from distillkit.pipelines.placement import DEVICES, resolve_device, run_stage
 from distillkit.preprocess.logmel import LogMelConfig, cut_segment, logmel, segment_bounds, valid_frames
-from distillkit.sensors.audio import AUDIO_EXTENSIONS, AudioReadError, flac_bytes, list_audio, read_audio, read_labels
+from distillkit.sensors.audio import (
+    AUDIO_EXTENSIONS,
+    AudioReadError,
+    flac_bytes,
+    list_audio,
+    read_audio,
+    read_label_rows,
+)
 
 SCHEMA = {
     "source": {
@@ -128,14 +135,13 @@ class AudioPipeline(Pipeline):
 
     def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
         root = Path(m.get("source.root"))
-        labels: dict[str, str] = {}
-        if m.get("source.labels"):
-            csv_path = root / m.get("source.labels")
-            if csv_path.is_file():
-                try:
-                    labels = read_labels(csv_path)
-                except ValueError as exc:
-                    raise ManifestError(m.path, "source.labels", str(exc)) from None
+        labels: dict[str, tuple[str, str | None]] = {}
+        csv_path = root / m.get("source.labels") if m.get("source.labels") else None
+        if csv_path is not None and csv_path.is_file():
+            try:
+                labels = read_label_rows(csv_path)
+            except ValueError as exc:
+                raise ManifestError(m.path, "source.labels", str(exc)) from None
         refs, rejected, seen = [], [], {}
         for rel in list_audio(root, tuple(m.get("source.extensions"))):
             key = sanitise_key(rel)
@@ -144,7 +150,14 @@ class AudioPipeline(Pipeline):
                                  "reason": f"{root / rel}: shard key {key!r} collides with {seen[key]}"})
                 continue
             seen[key] = rel
-            refs.append(SampleRef(key, rel, {"files": [str(root / rel)], "label": labels.get(rel)}))
+            label, group = labels.get(rel, (None, None))
+            refs.append(SampleRef(key, rel, {"files": [str(root / rel)], "label": label}
+                                  | ({"group": group} if group else {})))
+        if labels and refs and not any(r.payload["label"] is not None for r in refs):
+            # paths relative to another folder: every file would go unlabelled, found only at evaluation
+            raise ManifestError(m.path, "source.labels", f"{csv_path}: none of its {len(labels)} paths (e.g. "
+                                f"{next(iter(labels))!r}) names one of the {len(refs)} audio files under {root} "
+                                f"(e.g. {refs[0].source!r}); paths must be relative to source.root")
         return refs, rejected
 
     def refs_per_shard(self, m: Manifest) -> int:
@@ -170,7 +183,7 @@ class AudioPipeline(Pipeline):
         bounds = segment_bounds(len(audio.samples), seg_len, last)
         if not bounds:
             raise Rejected("segment", f"{path}: {audio.duration_s:.3f} s is shorter than one "
-                                      f"{seg_len / rate:g} s segment (stages.segments.last = \"drop\")")
+                                      f"{seg_len / rate:g} s segment (stages.segments.last = \"{last}\")")
         store = m.get("stages.audio.store_waveform")
         label = ref.payload.get("label")
         for i, (start, end) in enumerate(bounds):
@@ -179,7 +192,7 @@ class AudioPipeline(Pipeline):
             meta = {"source": ref.source, "start_s": start / rate, "duration_s": n_valid / rate,
                     "sample_rate": rate, **cfg.meta(), "segment": i, "segment_s": seg_len / rate,
                     "source_sample_rate": audio.source_rate, "source_channels": audio.source_channels,
-                    "decoder": audio.decoder}
+                    "decoder": audio.decoder} | ({"group": ref.payload["group"]} if "group" in ref.payload else {})
             fields = {"meta.json": json_bytes(meta)}
             if store:
                 fields["audio.flac"] = flac_bytes(wave[:n_valid], rate)

@@ -39,7 +39,13 @@ from distillkit.pipelines.base import (
 from distillkit.pipelines.codecs import LABEL_IMAGE_SUFFIXES, SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
 from distillkit.pipelines.placement import DEVICES, run_stage
-from distillkit.sensors.image_files import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageFileError, read_image_file
+from distillkit.sensors.image_files import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    UNSUPPORTED_IMAGE_SUFFIXES,
+    ImageFileError,
+    read_image_file,
+)
 from distillkit.sensors.images import decode_rgb, encode_labels_png
 
 IMAGE_FIELDS = ("image.jpg", "image.png", "image.webp", "image.bmp", "image.tif")
@@ -183,6 +189,9 @@ class UnisegPipeline(Pipeline):
         if not root.is_dir():
             raise ManifestError(m.path, "source.root", f"not a folder: {root}")
         images = find_images(root)
+        rejected = [{"source": p.relative_to(root).as_posix(), "stage": "plan",
+                     "reason": f"{p}: {p.suffix} images are not supported; convert them to JPEG or PNG"}
+                    for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in UNSUPPORTED_IMAGE_SUFFIXES]
         rels = [p.relative_to(root).as_posix() for p in images]
         keys = [sanitise_key(r) for r in rels]
         counts: dict[str, int] = {}
@@ -197,7 +206,7 @@ class UnisegPipeline(Pipeline):
             gt = ground_truth_of(p) if use_gt else {"inst": None, "sem": None}
             files = [str(p), *(g for g in gt.values() if g)] + ([str(ckpt)] if ckpt else [])
             refs.append(SampleRef(key, rel, {"image": str(p), "rel": rel, "gt": gt, "files": files}))
-        return refs, []
+        return refs, rejected
 
     # ---- build (worker) ----------------------------------------------------------------
     def setup(self, m: Manifest) -> None:

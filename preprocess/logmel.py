@@ -53,6 +53,8 @@ class LogMelConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` for settings that cannot make a spectrogram."""
+        if self.n_fft < 2 or self.n_fft % 2:
+            raise ValueError(f"n_fft must be even (centred frames: the frame count assumes it), got {self.n_fft}")
         if not 0 < self.win_length <= self.n_fft:
             raise ValueError(f"win_length must be in 1..n_fft ({self.n_fft}), got {self.win_length}")
         if self.hop_length < 1 or self.n_mels < 1:

@@ -198,9 +198,10 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _quant_bits(compactness: float, convert2lab: bool) -> int:
-    """Fractional bits Q of the fixed-point colours: as many as keep |colour| * 2**Q below 2**30 (int32)."""
+    """Fractional bits Q of the fixed-point colours: as many as keep |colour| * 2**Q below 2**24, so that the
+    float32 features made from them (``q * 2**-Q``) are exactly the values the integer seed sums add up."""
     bound = (135.0 if convert2lab else 1.0) / compactness
-    return int(max(0, min(16, math.floor(math.log2(2.0**30 / bound)))))
+    return int(max(0, min(16, math.floor(math.log2(2.0**24 / bound)))))
 
 
 @dataclass
@@ -504,10 +505,10 @@ def enforce_connectivity(labels: torch.Tensor, min_size: int, max_size: int) -> 
     Each 4-connected component of a label becomes a segment. A component larger than ``max_size`` is cut
     along a grid of square tiles of ``floor(sqrt(max_size))`` px (skimage cuts it where its breadth-first
     search reaches ``max_size`` pixels; both bound the size, the shapes of the pieces differ). A segment
-    smaller than ``min_size`` joins an adjacent earlier segment (skimage: the last one its search met;
-    here: the one sharing the longest boundary). skimage gives a small first segment (the one holding the
-    top-left pixel, which has no earlier neighbour) the same number as the next segment, which may not be
-    connected to it; here it joins its longest-boundary neighbour.
+    smaller than ``min_size`` joins the adjacent earlier segment skimage's breadth-first flood met last, in
+    parallel form (``_merge_targets``: the last ring of the flood; docs/superpixels.md). skimage gives a small
+    first segment (the one holding the top-left pixel, which has no earlier neighbour) the number of the next
+    segment, which may not touch it; here it joins a neighbour by the same rule.
 
     Args:
         labels: (B, H, W) integer labels.
@@ -605,6 +606,8 @@ def slic_torch(
         from distillkit.preprocess.slic_triton import triton_available
 
         use_triton = dev.type == "cuda" and triton_available()
+    elif use_triton and dev.type != "cuda":
+        raise ValueError(f"use_triton=True needs CUDA tensors, got {dev.type}")
     table = None if use_triton else _pixel_table(q)
     seeds = initial_seeds(grid, b, dev)
     labels = torch.zeros(b, h, w, dtype=torch.int32, device=dev)

@@ -9,9 +9,12 @@ One program per (block of ``sy x sx`` pixels, image). All pixels of a block shar
 increasing seed order), so the program loads each candidate's position, colour and window as scalars and
 keeps, per pixel, the best distance and the slot that gave it: the same arithmetic, in the same order, as
 ``slic_torch.assign_torch``. It then sums ``[1, y, x, q0, q1, q2]`` of its pixels per winning slot into
-``LANES`` int64 lanes (the last lane for pixels no window covers) with in-program reductions: no atomics,
-so the partial sums, and the seed sums the host makes from them with an integer ``index_add_``, are exact
-and independent of scheduling.
+``LANES`` int64 lanes (the last lane for pixels no window covers) with in-program reductions; the host makes
+the seed sums from them with an integer ``index_add_``. Integer sums are exact in any order (atomic int64
+adds would be too; the reductions were chosen to keep one write per lane, not for exactness). The launch
+disables FMA contraction so the distances round as the torch path's separate operations do. Checked in
+Triton's interpreter (TRITON_INTERPRET=1, Triton 3.9 on CPU): labels and sums equal to the torch path
+round by round, uncovered pixels included; compiled for sm_90 without error.
 """
 
 from __future__ import annotations
@@ -161,7 +164,9 @@ def assign_and_sum(q: torch.Tensor, qbits: int, seeds: Seeds, grid: Grid, labels
     _slic_round_kernel[(grid.nbx, grid.nby, b)](
         q.contiguous(), data, win, cand, labels, exc, part,
         h, w, h * w, k_n + 1, c, grid.nby, grid.nbx, grid.sy, grid.sx, 2.0**-qbits, 1.0 / (grid.step * grid.step),
-        LANES_=lanes, BLOCK_=BLOCK, NEED_SUMS=need_sums, num_warps=8)
+        # no fused multiply-adds: the plain torch path rounds every product and sum, so must the kernel for
+        # the labels to be equal bit for bit (Triton contracts a*b+c into one FMA by default)
+        LANES_=lanes, BLOCK_=BLOCK, NEED_SUMS=need_sums, num_warps=8, enable_fp_fusion=False)
     if not need_sums:
         return labels, None
     return labels, combine_partial_sums(part, cand, exc, labels, q, k_n)

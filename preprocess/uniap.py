@@ -164,7 +164,7 @@ class _NumpyGraph:
     def contract(self, cl: np.ndarray, n_new: int) -> None:
         from scipy.sparse import csr_matrix
 
-        m = csr_matrix((np.ones(len(cl)), (cl, np.arange(len(cl)))), shape=(n_new, len(cl)))
+        m = csr_matrix((np.ones(len(cl), dtype=self.x.dtype), (cl, np.arange(len(cl)))), shape=(n_new, len(cl)))
         self.size = np.bincount(cl, weights=self.size, minlength=n_new).astype(np.int64)
         self.label = cl[self.label]
         if self.cfg.update == "softmax":

@@ -22,6 +22,7 @@ size (as DINO's feature extraction does). Output patch tokens ``(B, h, w, D)`` w
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -386,7 +387,9 @@ def load_vit(path: str | Path, num_heads: int | None = None) -> ViT:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # DINO's training checkpoints also hold its argparse Namespace ("args"): allow that one class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):

@@ -70,15 +70,29 @@ def read_labels(path: Path | str) -> dict[str, str]:
     """``path,label`` rows of a labels CSV (header required; paths relative to the source root).
 
     Args:
-        path: the CSV file.
+        path: the CSV file (UTF-8, with or without a byte-order mark as spreadsheets write it).
 
     Raises:
         ValueError: no ``path`` and ``label`` columns, an empty label, or a path listed twice
             with different labels (the message names the file and the line).
     """
+    return {rel: label for rel, (label, _) in read_label_rows(path).items()}
+
+
+def read_label_rows(path: Path | str) -> dict[str, tuple[str, str | None]]:
+    """``path -> (label, group)`` of a labels CSV; ``group`` is the optional column that ties files cut from one
+    recording together (ESC-50's clip id, VoxCeleb's video), so the evaluation never splits them; None without it.
+
+    Args:
+        path: the CSV file.
+
+    Raises:
+        ValueError: as :func:`read_labels`.
+    """
     path = Path(path)
     labels: dict[str, str] = {}
-    with path.open(newline="", encoding="utf-8") as f:
+    groups: dict[str, str | None] = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs a header with 'path' and 'label' columns, got {reader.fieldnames}")
@@ -90,7 +104,8 @@ def read_labels(path: Path | str) -> dict[str, str]:
             if labels.get(rel, label) != label:
                 raise ValueError(f"{path}:{reader.line_num}: {rel} listed with labels {labels[rel]!r} and {label!r}")
             labels[rel] = label
-    return labels
+            groups[rel] = (row.get("group") or "").strip() or None
+    return {rel: (labels[rel], groups[rel]) for rel in labels}
 
 
 def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
@@ -117,7 +132,9 @@ def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         return np.ascontiguousarray(data.T), int(rate), "soundfile"
-    except (sf.LibsndfileError, RuntimeError, TypeError) as first:
+    except MemoryError:  # a corrupt header claiming billions of frames: soundfile allocates them up front
+        raise AudioReadError(f"{path}: header claims more audio than memory holds (corrupt?)") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as first:
         first_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
         first_reason = first_reason.split("': ", 1)[-1]  # libsndfile repeats the path: keep the reason
     # Formats libsndfile lacks (e.g. MP3 before 1.1, AAC in an .mp3 misnomer): audioread/ffmpeg.
@@ -130,8 +147,9 @@ def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
             warnings.simplefilter("ignore")  # librosa warns about the fallback itself; the reason is ours
             data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
     except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise AudioReadError(f"{path}: not decodable audio (soundfile: {first_reason}; "
-                             f"librosa: {type(exc).__name__})") from None
+                             f"librosa: {type(exc).__name__}{': ' + reason if reason else ''})") from None
     data = np.atleast_2d(np.asarray(data, dtype=np.float32))
     return np.ascontiguousarray(data), int(rate), "librosa"
 
@@ -183,6 +201,9 @@ def read_audio(path: Path | str, target_rate: int = 16000) -> Audio:
     if bad:
         raise AudioReadError(f"{path}: {bad} non-finite (NaN/inf) sample(s)")
     mono = resample(to_mono(data), rate, target_rate)
+    if len(mono) == 0:  # a handful of samples at a higher rate resamples to nothing
+        raise AudioReadError(f"{path}: no samples left after resampling {data.shape[1]} sample(s) from {rate} "
+                             f"to {target_rate} Hz")
     return Audio(mono, int(target_rate), rate, int(data.shape[0]), decoder)
 
 

@@ -36,7 +36,10 @@ import numpy as np
 
 from distillkit.sensors.images import decode_rgb
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Image files found in the wild that are not read (no decoder here, or animations): listed as rejected, not
+# skipped in silence (HEIC is the iPhone's default).
+UNSUPPORTED_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".gif", ".jp2", ".raw", ".cr2", ".nef", ".dng")
 DEFAULT_MAX_PIXELS = 40_000_000
 # Pillow format name -> the extension of the stored field (``image.{ext}``).
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
@@ -78,14 +81,17 @@ def _pillow_rgb(im, notes: list[str]) -> np.ndarray:
     """A loaded Pillow image -> (H, W, 3) uint8 by the module's rules (EXIF already applied)."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im)
-        if arr.dtype != np.uint16 and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0:
-            arr = arr.astype(np.uint16)
-        if arr.dtype == np.uint16 or arr.max(initial=0) > 255:
-            arr = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-            notes.append("16-bit reduced to 8 bits")
-        else:
+        arr = np.asarray(im).astype(np.int64)
+        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
+            arr = np.clip(arr, 0, 65535)  # 32-bit integer pixels: a shift alone would wrap around
+            notes.append("32-bit values clipped to 0..65535")
+        if arr.max(initial=0) <= 255:
+            # 8-bit data in a 16-bit container: reducing by 8 bits would turn it black (what OpenCV does)
+            notes.append("16-bit image with values <= 255 kept as 8-bit values")
             arr = arr.astype(np.uint8)
+        else:
+            arr = (arr >> 8).astype(np.uint8)
+            notes.append("16-bit reduced to 8 bits")
         return np.repeat(arr[..., None], 3, axis=2)
     if mode == "F":
         arr = np.asarray(im, np.float32)
@@ -125,6 +131,10 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own bomb limit (~89 M pixels) must not undercut max_pixels, which is checked just below
+            # before anything is decoded; raising it for this process only ever widens it to a larger request
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width * height > max_pixels:

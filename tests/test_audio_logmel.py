@@ -61,10 +61,22 @@ def test_torch_path_agrees_within_005_db():
 
 def test_torch_path_batches_match_single_items():
     sig = signals()
-    batch = np.stack([sig["clicks"], sig["white_noise"]])
+    # a quiet item (half of it near-silent) beside a loud one: a batch-wide top_db floor would lift the
+    # quiet item's near-silent bins to the loud item's max - 80 dB
+    quiet = sig["white_noise"] * 1e-4
+    quiet[: N // 2] *= 1e-3
+    batch = np.stack([quiet, sig["square_full_scale"]])
     both = logmel(batch, CFG, backend="torch")
     one = logmel(batch[:1], CFG, backend="torch")
+    # a batch-wide floor would cut the quiet item well above its own lowest bins
+    assert one[0].min() < both[1].max() - CFG.top_db - 20
     assert np.abs(both[0] - one[0]).max() < 1e-3  # the top_db floor is per item, not per batch
+    assert np.abs(both[1] - logmel(batch[1:], CFG, backend="torch")[0]).max() < 1e-3
+
+
+def test_odd_n_fft_is_refused():
+    with pytest.raises(ValueError, match="n_fft must be even"):
+        LogMelConfig(n_fft=1023, win_length=1023).check()
 
 
 def test_segments_pad_or_drop():

@@ -128,3 +128,31 @@ def test_manifest_errors_and_key_collisions(source, tmp_path):
     refs, rejected = AudioPipeline().plan(manifest(other, tmp_path / "y"))
     assert [r.key for r in refs] == ["a_b_wav"] and "collides" in rejected[0]["reason"]
     assert json.dumps([r.payload for r in refs])
+
+
+def test_label_groups_bom_and_unmatched_labels(source, tmp_path):
+    """labels.csv written by a spreadsheet (UTF-8 BOM) with a ``group`` column: the group reaches meta.json and
+    the evaluation keeps a group's files on one side; labels whose paths match no file are a manifest error."""
+    from distillkit.pipelines.audio import AudioPipeline
+    from distillkit.train.audio import load_labelled
+    from distillkit.train.clip_probe import group_split
+
+    root, keep, _ = source
+    src = tmp_path / "src"
+    src.mkdir()
+    for rel in keep:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, src / rel)
+    rows = ["path,label,group"] + [f"{rel},{'a' if i % 2 else 'b'},rec{i // 2}" for i, rel in enumerate(keep)]
+    (src / "labels.csv").write_bytes(b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())
+    build(manifest(src, tmp_path / "out"), progress=False)
+    metas = [s["meta.json"] for s in samples(tmp_path / "out").values()]
+    assert {m["group"] for m in metas} == {f"rec{i}" for i in range(len(keep) // 2 + len(keep) % 2)}
+    _, labels, groups, _ = load_labelled([tmp_path / "out"])
+    assert len(set(groups)) < len({m["source"] for m in metas})  # grouped by recording, not by file
+    for seed in range(5):
+        train, test = group_split(groups, 0.3, seed=seed, labels=labels)
+        assert not {groups[i] for i in train} & {groups[i] for i in test}
+    (src / "labels.csv").write_text("path,label\n" + "".join(f"elsewhere/{rel},a\n" for rel in keep))
+    with pytest.raises(ManifestError, match="relative to source.root"):
+        AudioPipeline().plan(manifest(src, tmp_path / "out2"))

@@ -67,6 +67,16 @@ def test_ema_teacher_follows_student_with_cosine_momentum(loss):
     s, t, init = m.student.state_dict()[w], m.teacher.state_dict()[w], t0[w]
     assert not torch.equal(t, init) and not torch.equal(t, s)  # moved towards the student, not onto it
     assert (t - init).norm() < (s - init).norm()
+    # one more step checked exactly: teacher = m * teacher + (1 - m) * student, m = cosine momentum of step 3
+    from distillkit.train.ema import cosine_momentum
+
+    before = m.teacher.state_dict()[w].clone()
+    m.loss(batch).backward()
+    opt.step()
+    with torch.no_grad():
+        m.after_step(4, 10)
+    mom = cosine_momentum(3, 10, 0.99)
+    torch.testing.assert_close(m.teacher.state_dict()[w], mom * before + (1 - mom) * m.student.state_dict()[w])
 
 
 def test_byol_loss_range():

@@ -42,9 +42,9 @@ def test_keys_and_source_layout(tmp_path):
     root = tmp_path / "src"
     (root / "sub").mkdir(parents=True)
     rgb = np.full((24, 32, 3), 100, np.uint8)
-    for name in ("a.jpg", "a.png", "sub/b.webp", "c.tiff", "c.sem.png", "notes.txt"):
+    for name in ("a.jpg", "a.png", "sub/b.webp", "c.tiff", "c.sem.png", "notes.txt", "sub/phone.HEIC"):
         p = root / name
-        if name.endswith(".txt"):
+        if name.endswith((".txt", ".HEIC")):
             p.write_text("x")
         elif name.endswith(".sem.png"):
             cv2.imwrite(str(p), np.zeros((24, 32), np.uint8))
@@ -52,7 +52,10 @@ def test_keys_and_source_layout(tmp_path):
             Image.fromarray(rgb).save(p)
     assert [p.relative_to(root).as_posix() for p in find_images(root)] == ["a.jpg", "a.png", "c.tiff", "sub/b.webp"]
     m = manifest(root, tmp_path / "out")
-    refs, _ = manifest_plan(m)
+    refs, rejected = manifest_plan(m)
+    # not read, but not skipped in silence either
+    assert [(r["source"], r["stage"]) for r in rejected] == [("sub/phone.HEIC", "plan")]
+    assert "convert them to JPEG or PNG" in rejected[0]["reason"]
     keys = [r.key for r in refs]
     assert keys[2:] == ["c", "sub_b"] and keys[0].startswith("a_") and keys[1].startswith("a_") and keys[0] != keys[1]
     assert refs[2].payload["gt"]["sem"] is not None and refs[2].payload["gt"]["inst"] is None
@@ -203,3 +206,21 @@ def test_show_draws_levels(synth, tmp_path):
     assert pic.std() > 20
     info = json.loads((tmp_path / "out" / "index.json").read_text())
     assert info["stats"]["images_with_ground_truth"] == 1
+
+
+def test_wide_integer_images_keep_their_content(tmp_path):
+    """32-bit integer pixels are clipped before the 16 -> 8 bit reduction (no wrap-around), and 8-bit data
+    in a 16-bit container is kept rather than turned black."""
+    from PIL import Image
+
+    from distillkit.sensors.image_files import read_image_file
+
+    ramp = np.tile(np.arange(64, dtype=np.int64) * 2000, (8, 1))  # 0 .. 126000: past 16 bits
+    Image.fromarray(ramp.astype(np.int32), mode="I").save(tmp_path / "i32.tif")
+    img = read_image_file(tmp_path / "i32.tif")
+    want = (np.clip(ramp, 0, 65535) >> 8).astype(np.uint8)
+    assert np.array_equal(img.rgb[..., 0], want) and "32-bit values clipped to 0..65535" in img.notes
+    low = (np.arange(48 * 64).reshape(48, 64) % 256).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "low16.png"), low)
+    img = read_image_file(tmp_path / "low16.png")
+    assert np.array_equal(img.rgb[..., 0], low.astype(np.uint8)) and any("<= 255" in n for n in img.notes)

@@ -113,3 +113,22 @@ def test_trainer_checkpoint_is_a_pipeline_backbone(tmp_path):
     torch.testing.assert_close(bb.model.cls_token, m.teacher.backbone.cls_token)
     rgb = np.zeros((24, 40, 3), np.uint8)
     assert bb([rgb])[0].shape == (3, 5, 96)
+
+
+def test_init_checkpoint_starts_student_teacher_and_baseline(tmp_path):
+    """``init_checkpoint`` (a DINO backbone, as the paper starts from): student and teacher begin with its
+    weights and architecture, and the evaluation's baseline is it rather than a random initialisation."""
+    from distillkit.preprocess.vit import vit
+    from distillkit.train.uniseg import initial_backbone
+
+    torch.manual_seed(5)
+    dino = vit("small", patch=16)  # not the small size's tiny ViT/8: the checkpoint decides
+    torch.save(dino.state_dict(), tmp_path / "dino.pth")
+    config = UnisegTrainer.resolve_config({"init_checkpoint": str(tmp_path / "dino.pth")})
+    m = build_method(config, total_steps=10)
+    for branch in (m.student, m.teacher):
+        assert branch.backbone.patch == (16, 16) and branch.backbone.embed_dim == 384
+        torch.testing.assert_close(branch.backbone.pos_embed, dino.pos_embed)
+    torch.testing.assert_close(initial_backbone(config).blocks[3].attn.qkv.weight, dino.blocks[3].attn.qkv.weight)
+    plain = build_method(UnisegTrainer.resolve_config({}), total_steps=10)
+    assert plain.student.backbone.embed_dim != 384

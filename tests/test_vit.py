@@ -45,7 +45,11 @@ def test_vits16_checkpoint_layout_loads_strict(tmp_path):
     sd = {k: torch.randn(s, generator=g) * 0.02 for k, s in expected.items()}
     model.load_state_dict(sd, strict=True)
     # DINO training checkpoint wrapping: teacher/student with module./backbone. prefixes and a head
-    wrapped = {"teacher": {"backbone." + k: v for k, v in sd.items()}, "student": {}}
+    # DINO's main_dino.py also saves its argparse Namespace: weights_only loading must accept it
+    import argparse
+
+    wrapped = {"teacher": {"backbone." + k: v for k, v in sd.items()}, "student": {},
+               "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005)}
     wrapped["teacher"]["head.last_layer.weight_g"] = torch.ones(10, 1)
     torch.save(wrapped, tmp_path / "ckpt.pth")
     loaded = load_vit(tmp_path / "ckpt.pth")

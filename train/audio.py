@@ -13,10 +13,11 @@ shared loop (``train.loop``).
 Sizes: ``small`` = ViT 96-d x 2 blocks (3 heads), projector/predictor 256 -> 64, batch 16, 2 s crops,
 for CPU runs; ``paper`` = ATST-Clip small (ViT-S 384-d x 12, 6 heads; projector 4096 -> 256, predictor;
 EMA 0.99 -> 1; batch 256 per device); ``base`` = ATST-Clip base (ViT-B 768-d, EMA 0.9995 -> 1).
-Deviations from the released recipe (docs/audio.md): the EMA update of step k runs at the start of
-step k+1 (the shared loop has no after-step hook), mixup partners come from the batch instead of a
-per-worker memory bank, weight decay is constant (ATST: 0.04 -> 0.4 cosine) and the learning rate
-is ``lr * batch / 256`` with the loop's cosine schedule and warm-up.
+Optimisation as ATST: AdamW with DINO's parameter groups (biases and norms undecayed), weight decay on a
+cosine from 0.04 to 0.4, lr ``lr * batch / 256`` with warm-up and cosine; the EMA update follows each
+optimiser step (the loop's ``after_step``). Deviations from the released recipe (docs/audio.md): mixup
+partners come from the batch instead of a per-worker memory bank, and log-mels are standardised with the
+dataset's mean/std instead of ATST's fixed min/max scaling to [-1, 1].
 
 Evaluation (``distillkit eval audio``): clip embeddings (CLS and mean patch token, concatenated, of
 the teacher encoder by default, averaged over ``crop_s`` windows of the segment's audio) of every
@@ -358,7 +359,8 @@ def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list
             specs.append(audio_frames(s["logmel.npy"], s["meta.json"]))
             label = s["label.txt"]
             labels.append(label.decode("utf-8").strip() if isinstance(label, bytes) else str(label).strip())
-            groups.append(f"{d}:{s['meta.json']['source']}")
+            # files cut from one recording share a group (labels.csv's group column): never split them
+            groups.append(f"{d}:{s['meta.json'].get('group') or s['meta.json']['source']}")
             keys.append(s["__key__"])
     if not specs:
         raise ValueError(f"{', '.join(map(str, shards))}: no segment has label.txt; cannot evaluate "

@@ -158,7 +158,7 @@ def evaluate(checkpoint: Path | None, shards: Sequence[Path], config: dict[str, 
         epochs: probe epochs.
         size: evaluation image side in px (default: the size's global view).
     """
-    from distillkit.train.uniseg import SIZES, build_backbone
+    from distillkit.train.uniseg import SIZES, initial_backbone
 
     size = size or SIZES[config["size"]].global_size
     items = load_labelled([Path(d) for d in shards], size)
@@ -170,13 +170,15 @@ def evaluate(checkpoint: Path | None, shards: Sequence[Path], config: dict[str, 
     n_classes = int(max(int(t[2].max()) for t in items)) + 1
     result: dict[str, Any] = {
         "protocol": f"linear probe of frozen patch tokens, {size}x{size} px, {epochs} epochs; "
-                    f"train {len(train)} / test {len(test)} images (key halves)",
+                    f"train {len(train)} / test {len(test)} images (key halves); baseline ('random'): "
+                    + (f"the init checkpoint {Path(config['init_checkpoint']).name}" if config.get("init_checkpoint")
+                       else "the seed's random initialisation"),
     }
     runs: list[tuple[str, dict[str, torch.Tensor] | None]] = [("random", None)]
     if checkpoint is not None:
         runs.append(("distilled", teacher_state(Path(checkpoint))))
     for name, state in runs:
-        net = build_backbone(config["size"], config["seed"], config.get("vit"), config.get("patch"))
+        net = initial_backbone(config).eval()
         if state is not None:
             net.load_state_dict(state)
         result[name] = probe(net, train, test, n_classes, device, epochs, config["seed"])
