@@ -63,6 +63,7 @@ stage build 90 $PY -m distillkit build manifests/demo-slidr.toml --quiet --worke
   --set "source.dataroot=$DATA" --set "output.dir=$WORK/shards" --set output.samples_per_shard=1 || exit 1
 if [ -z "${TESTS:-}" ]; then
   TESTS="tests/test_gpu.py tests/test_gpu_superpixels.py tests/test_uniseg_gpu.py tests/test_placement.py"
+  TESTS="$TESTS tests/test_audio_logmel_gpu.py"  # CUDA vs CPU torch path: needs no librosa
   $PY -c "import librosa" 2>/dev/null && TESTS="$TESTS tests/test_audio_logmel.py"
 fi
 # not slow: the slow test here is this script's own smoke run

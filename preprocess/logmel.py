@@ -3,9 +3,9 @@
 - ``logmel_librosa`` is the reference: ``librosa.feature.melspectrogram`` (centred frames,
   zero padding, periodic Hann window, power 2, Slaney mel scale and norm) then
   ``librosa.power_to_db(ref=1.0, amin=1e-10, top_db=80)``.
-- ``logmel_torch`` computes a batch of equal-length segments with ``torch.stft`` and the mel
-  filterbank taken from ``librosa.filters.mel`` (so both paths share one filterbank), on CPU or
-  CUDA. It agrees with the reference within 0.05 dB on every bin above the ``top_db`` floor
+- ``logmel_torch`` computes a batch of equal-length segments with ``torch.stft`` and the Slaney mel
+  filterbank of :func:`mel_filterbank` (librosa's, computed here to float32 rounding, so a GPU worker
+  needs no librosa), on CPU or CUDA. It agrees with the reference within 0.05 dB on every bin above the ``top_db`` floor
   (tests/test_audio_logmel.py).
 
 Units: waveforms are float32 in [-1, 1] at ``sample_rate`` Hz; spectrograms are ``(n_mels, T)``
@@ -77,16 +77,37 @@ class LogMelConfig:
         return 1 + n_samples // self.hop_length
 
 
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, ``htk=False``): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    linear = f / (200.0 / 3)
+    logstep = math.log(6.4) / 27.0
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-12) / 1000.0) / logstep, linear)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    logstep = math.log(6.4) / 27.0
+    return np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), m * (200.0 / 3))
+
+
 @lru_cache(maxsize=8)
 def mel_filterbank(cfg: LogMelConfig) -> np.ndarray:
-    """(n_mels, 1 + n_fft // 2) float32 Slaney mel filterbank from ``librosa.filters.mel``.
+    """(n_mels, 1 + n_fft // 2) float32 Slaney-normalised mel filterbank: ``librosa.filters.mel``'s defaults,
+    computed here (float64, then float32 as librosa does) so the torch path needs no librosa on a GPU worker;
+    tests/test_audio_logmel.py checks it against librosa's.
 
     Args:
         cfg: front-end settings.
     """
-    import librosa
-
-    fb = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+    freqs = np.fft.rfftfreq(cfg.n_fft, d=1.0 / cfg.sample_rate)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(cfg.fmin), _hz_to_mel(cfg.fmax), cfg.n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    fb = np.maximum(0.0, np.minimum(lower, upper)) * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    fb = fb.astype(np.float32)
     fb.setflags(write=False)
     return fb
 
@@ -149,8 +170,18 @@ def logmel_librosa(samples: np.ndarray, cfg: LogMelConfig = LogMelConfig()) -> n
     stft = librosa.stft(y, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
                         window="hann", center=True, pad_mode="constant")
     power = np.abs(stft) ** 2
-    mel = mel_filterbank(cfg) @ power
+    mel = _librosa_filterbank(cfg) @ power
     return power_to_db(mel, cfg)
+
+
+@lru_cache(maxsize=8)
+def _librosa_filterbank(cfg: LogMelConfig) -> np.ndarray:
+    """The reference path's filterbank: librosa's own (``mel_filterbank`` equals it to float32 rounding)."""
+    import librosa
+
+    fb = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+    fb.setflags(write=False)
+    return fb
 
 
 def logmel_torch(samples: Any, cfg: LogMelConfig = LogMelConfig(), device: str | None = None) -> Any:

@@ -74,6 +74,17 @@ def test_torch_path_batches_match_single_items():
     assert np.abs(both[1] - logmel(batch[1:], CFG, backend="torch")[0]).max() < 1e-3
 
 
+@pytest.mark.parametrize("cfg", [CFG, LogMelConfig(n_fft=512, win_length=400, n_mels=80, fmin=0.0, fmax=8000.0),
+                                 LogMelConfig(sample_rate=32000, n_fft=1024, n_mels=128, fmin=50.0, fmax=14000.0)])
+def test_filterbank_is_librosas(cfg):
+    from distillkit.preprocess.logmel import mel_filterbank
+
+    ref = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+    ours = mel_filterbank(cfg)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)
+
+
 def test_odd_n_fft_is_refused():
     with pytest.raises(ValueError, match="n_fft must be even"):
         LogMelConfig(n_fft=1023, win_length=1023).check()

@@ -7,6 +7,7 @@ real GPU too."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from distributed import get_task_stream
@@ -20,9 +21,14 @@ TORCH = "stages.superpixels.backend=torch"
 ONE_SCENE = ('source.scenes=["scene-0061"]', "output.samples_per_shard=1")  # 3 keyframes, 3 shards
 
 
-def test_torch_stage_batches_go_to_the_gpu_worker_and_bytes_match_serial(synth_nuscenes, tmp_path):
-    serial = build(slidr_manifest(synth_nuscenes, tmp_path / "serial", TORCH, *ONE_SCENE, "cluster.scheduler=serial"),
-                   progress=False)
+def test_torch_stage_batches_go_to_the_gpu_worker_and_bytes_match_serial(synth_nuscenes, tmp_path, caplog):
+    import torch
+
+    with caplog.at_level(logging.INFO, logger="distillkit"):
+        serial = build(slidr_manifest(synth_nuscenes, tmp_path / "serial", TORCH, *ONE_SCENE,
+                                      "cluster.scheduler=serial"), progress=False)
+    said = [r.getMessage() for r in caplog.records if "CPU torch path" in r.getMessage()]
+    assert len(said) == (0 if torch.cuda.is_available() else 1), said  # without a GPU: said once, not per shard
     with dask_client("", workers=1, gpu_workers=1) as client:
         workers = client.scheduler_info()["workers"]
         gpu = {a for a, w in workers.items() if w.get("resources", {}).get("GPU")}
@@ -35,8 +41,6 @@ def test_torch_stage_batches_go_to_the_gpu_worker_and_bytes_match_serial(synth_n
         ran.setdefault("shard" if "-shard-" in str(task["key"]) else "stage", set()).add(task["worker"])
     assert ran["shard"] and not ran["shard"] & gpu, "shard tasks must stay off the GPU worker"
     assert ran["stage"] == gpu, "every superpixel batch must run on the GPU worker"
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine "auto" is CUDA in both builds
     index = json.loads(placed.index_path.read_text())
     assert index["torch_stages"] == {"superpixels": {"backend": "torch", "requested": "auto", "gpu_workers": 1,
