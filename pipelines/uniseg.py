@@ -44,6 +44,7 @@ from distillkit.sensors.image_files import (
     IMAGE_SUFFIXES,
     UNSUPPORTED_IMAGE_SUFFIXES,
     ImageFileError,
+    apply_orientation,
     read_image_file,
 )
 from distillkit.sensors.images import decode_rgb, encode_labels_png
@@ -125,12 +126,19 @@ def ground_truth_of(image: Path) -> dict[str, str | None]:
     return out
 
 
-def read_label_png(path: str, shape: tuple[int, int]) -> bytes:
+def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, notes: list[str] | None = None) -> bytes:
     """A ground-truth label image -> 8/16-bit single-channel PNG bytes (ids kept; palette PNGs as indices).
+
+    Label files carry no EXIF tag. A label of the displayed image's size is taken as drawn on the displayed
+    image; one of the stored (unrotated) size of an image with a rotating EXIF orientation (5-8, not square)
+    is turned with the image. Orientations 2-4 keep the size, so there the label is assumed drawn on the
+    displayed image (what annotation tools that honour EXIF show).
 
     Args:
         path: the label file.
-        shape: (H, W) the image it belongs to decodes to.
+        shape: (H, W) the image it belongs to decodes to (EXIF orientation applied).
+        orientation: the EXIF orientation applied to the image.
+        notes: where to say that the label was turned.
 
     Raises:
         Rejected: unreadable, colour (not ids), or a size other than the image's.
@@ -147,6 +155,10 @@ def read_label_png(path: str, shape: tuple[int, int]) -> bytes:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
         raise Rejected("ground_truth", f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if arr.shape != tuple(shape) and orientation in (5, 6, 7, 8) and arr.shape == tuple(shape)[::-1]:
+        arr = apply_orientation(arr, orientation)
+        if notes is not None:
+            notes.append(f"{Path(path).name}: turned by EXIF orientation {orientation} (drawn on the stored pixels)")
     if arr.shape != tuple(shape):
         raise Rejected("ground_truth", f"{path}: {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
     if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
@@ -250,7 +262,7 @@ class UnisegPipeline(Pipeline):
         if H < patch or W < patch:
             raise Rejected("image", f"{ref.payload['image']}: {W}x{H} is smaller than one {patch}x{patch} patch")
         grid = grid_for(H, W, patch, m.data["stages"]["features"]["max_side"])
-        gt = {k: read_label_png(p, (H, W)) for k, p in ref.payload["gt"].items() if p}
+        gt = {k: read_label_png(p, (H, W), img.orientation, img.notes) for k, p in ref.payload["gt"].items() if p}
         return {"img": img, "grid": grid, "input": resize_to_grid(img.rgb, grid, patch), "gt": gt}
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:

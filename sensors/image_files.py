@@ -62,6 +62,7 @@ class ImageFile:
         rgb: (H, W, 3) uint8 RGB, exactly ``decode_rgb(data)``.
         mode: Pillow's mode of the file ("RGB", "L", "I;16", "CMYK", "RGBA", ...).
         notes: what was done beyond plain decoding (EXIF rotation, alpha dropped, re-encoded, ...).
+        orientation: the EXIF orientation tag applied to ``rgb`` (1 = none).
     """
 
     path: Path
@@ -70,11 +71,31 @@ class ImageFile:
     rgb: np.ndarray
     mode: str
     notes: list[str] = field(default_factory=list)
+    orientation: int = 1
 
     @property
     def reencoded(self) -> bool:
         """True when ``data`` is a re-encoding rather than the original bytes."""
         return any(n.startswith("re-encoded") for n in self.notes)
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """``arr`` (H, W, ...) as EXIF ``orientation`` says to display it: Pillow's ``exif_transpose`` on arrays.
+
+    Args:
+        arr: pixels as stored in the file.
+        orientation: EXIF tag 0x0112 (1-8).
+    """
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: np.swapaxes(a, 0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
 
 
 def _pillow_rgb(im, notes: list[str]) -> np.ndarray:
@@ -147,7 +168,7 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
             if getattr(im, "n_frames", 1) > 1:
                 notes.append(f"first of {im.n_frames} frames")
             im.load()
-            orientation = im.getexif().get(0x0112, 1)
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
             if orientation not in (None, 1):
                 im = ImageOps.exif_transpose(im)
                 notes.append(f"EXIF orientation {orientation} applied")
@@ -180,7 +201,7 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
                 if diff > DECODER_TOLERANCE:
                     reason = f"OpenCV and Pillow colours differ by {diff:.1f} levels on average"
     if reason is None:
-        return ImageFile(path, data, ext, rgb, mode, notes)  # type: ignore[arg-type]
+        return ImageFile(path, data, ext, rgb, mode, notes, orientation)  # type: ignore[arg-type]
     import cv2
 
     ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb_pil), cv2.COLOR_RGB2BGR))
@@ -188,4 +209,4 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
         raise ImageFileError(f"{path}: PNG re-encoding failed")
     notes.append(f"re-encoded as PNG ({reason})")
     png = buf.tobytes()
-    return ImageFile(path, png, "png", decode_rgb(png), mode, notes)
+    return ImageFile(path, png, "png", decode_rgb(png), mode, notes, orientation)

@@ -224,3 +224,48 @@ def test_wide_integer_images_keep_their_content(tmp_path):
     cv2.imwrite(str(tmp_path / "low16.png"), low)
     img = read_image_file(tmp_path / "low16.png")
     assert np.array_equal(img.rgb[..., 0], low.astype(np.uint8)) and any("<= 255" in n for n in img.notes)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_is_pillows_exif_transpose(orientation):
+    import io
+
+    from PIL import Image, ImageOps
+
+    from distillkit.sensors.image_files import apply_orientation
+
+    a = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 5, 3)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "PNG", exif=exif.tobytes())
+    buf.seek(0)
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(Image.open(buf))), apply_orientation(a, orientation))
+
+
+def test_ground_truth_drawn_on_stored_pixels_turns_with_the_image(tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6) with its label drawn on the stored pixels: the label
+    is turned with the image, so the labelled region covers the same pixels after the rotation."""
+    from PIL import Image
+
+    from distillkit.pipelines.uniseg import read_label_png
+    from distillkit.sensors.image_files import read_image_file
+    from distillkit.sensors.images import decode_labels
+
+    raw = np.full((40, 64, 3), 30, np.uint8)
+    raw[:10, :16] = (250, 20, 20)  # a red patch in the stored top-left corner
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "photo.jpg", quality=95, exif=exif.tobytes())
+    label = np.zeros((40, 64), np.uint8)
+    label[:10, :16] = 1
+    Image.fromarray(label).save(tmp_path / "photo.sem.png")
+    img = read_image_file(tmp_path / "photo.jpg")
+    assert img.orientation == 6 and img.rgb.shape[:2] == (64, 40)
+    gt = decode_labels(read_label_png(str(tmp_path / "photo.sem.png"), img.rgb.shape[:2], img.orientation,
+                                      img.notes))
+    red = img.rgb[..., 0] > 150
+    assert gt.shape == red.shape and (gt == 1).sum() == 160 and (red & (gt == 1)).sum() > 0.9 * red.sum()
+    assert any("turned by EXIF orientation 6" in n for n in img.notes)
