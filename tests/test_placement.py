@@ -68,3 +68,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(synth_nuscenes, tmp_path):
 
 def test_skimage_build_records_no_torch_stage(slidr_shards):
     assert "torch_stages" not in json.loads((slidr_shards / "index.json").read_text())
+
+
+def _on_gpu_worker(_: int) -> bool:
+    from distillkit.pipelines.placement import _on_gpu_worker
+
+    return _on_gpu_worker()
+
+
+def test_a_gpu_worker_knows_it_is_one():
+    """A shard task that lands on a GPU worker (a cluster of GPU workers only) runs its torch stage in place:
+    shipping it to a GPU worker from the only GPU worker's only thread would wait for itself."""
+    with dask_client("", workers=1, gpu_workers=1) as client:
+        workers = client.scheduler_info()["workers"]
+        for address, info in workers.items():
+            has_gpu = bool(info.get("resources", {}).get("GPU"))
+            assert client.submit(_on_gpu_worker, 0, workers=[address], pure=False).result() is has_gpu
+    assert _on_gpu_worker(0) is False  # not in a worker at all
