@@ -189,7 +189,9 @@ class AudioPipeline(Pipeline):
         for i, (start, end) in enumerate(bounds):
             wave = cut_segment(audio.samples, start, end)
             n_valid = min(end, len(audio.samples)) - start
-            meta = {"source": ref.source, "start_s": start / rate, "duration_s": n_valid / rate,
+            # float files scaled like integer PCM (peaks in the thousands) pass through unscaled: say so
+            peak = float(np.abs(wave[:n_valid]).max(initial=0.0))
+            meta = {"source": ref.source, "start_s": start / rate, "duration_s": n_valid / rate, "peak": round(peak, 6),
                     "sample_rate": rate, **cfg.meta(), "segment": i, "segment_s": seg_len / rate,
                     "source_sample_rate": audio.source_rate, "source_channels": audio.source_channels,
                     "decoder": audio.decoder} | ({"group": ref.payload["group"]} if "group" in ref.payload else {})
@@ -268,7 +270,7 @@ class AudioPipeline(Pipeline):
         return {"samples": 1.0, "seconds": float(meta["duration_s"]),
                 "padded": float(meta["duration_s"] < meta.get("segment_s", meta["duration_s"])),
                 "labelled": float("label.txt" in sample), "bins": float(x.size), "db_sum": float(x.sum()),
-                "db_sqsum": float((x**2).sum())}
+                "db_sqsum": float((x**2).sum()), "over_range": float(meta.get("peak", 0.0) > 1.0)}
 
     def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
         n = totals.get("bins", 0.0)
@@ -276,7 +278,8 @@ class AudioPipeline(Pipeline):
             return {}
         mean = totals["db_sum"] / n
         return {"samples": totals["samples"], "seconds": totals["seconds"], "padded_segments": totals["padded"],
-                "labelled_segments": totals["labelled"], "logmel_mean": mean,
+                "labelled_segments": totals["labelled"], "over_range_segments": totals.get("over_range", 0.0),
+                "logmel_mean": mean,
                 "logmel_std": float(np.sqrt(max(totals["db_sqsum"] / n - mean**2, 0.0)))}
 
     def render(self, sample: SampleView) -> Any:

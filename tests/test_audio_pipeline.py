@@ -156,3 +156,19 @@ def test_label_groups_bom_and_unmatched_labels(source, tmp_path):
     (src / "labels.csv").write_text("path,label\n" + "".join(f"elsewhere/{rel},a\n" for rel in keep))
     with pytest.raises(ManifestError, match="relative to source.root"):
         AudioPipeline().plan(manifest(src, tmp_path / "out2"))
+
+
+def test_float_files_over_full_scale_are_counted(tmp_path):
+    """A float WAV scaled like integer PCM (peaks near 100) is kept unscaled, as the file says; each segment's
+    ``meta.json`` records its peak and ``index.json`` counts the segments above full scale."""
+    import soundfile as sf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    t = np.arange(16000 * 3) / 16000
+    sf.write(src / "hot.wav", (100 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, subtype="FLOAT")
+    sf.write(src / "ok.wav", (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, subtype="FLOAT")
+    build(manifest(src, tmp_path / "out"), progress=False)
+    peaks = {k.split("_wav")[0]: s["meta.json"]["peak"] for k, s in samples(tmp_path / "out").items()}
+    assert peaks["hot"] == pytest.approx(100, rel=1e-3) and peaks["ok"] == pytest.approx(0.5, rel=1e-3)
+    assert load_index(tmp_path / "out")["stats"]["over_range_segments"] == 1
