@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.suite import ENTRIES, Context, entry  # noqa: E402
-from bench.suite.common import machine  # noqa: E402
+from bench.suite.common import OUT, machine  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -42,7 +42,7 @@ def run(device: str, only: list[str], quick: bool, scratch: Path | None = None,
         scratch: data and shard directory (default ``bench/out``).
         save: called with the results after every entry, so a run cut short keeps what it measured.
     """
-    ctx = Context(device=device, quick=quick) if scratch is None else Context(device=device, quick=quick, out=scratch)
+    ctx = Context(device=device, quick=quick, out=scratch or OUT)
     ctx.out.mkdir(parents=True, exist_ok=True)
     out = {"device": device, "quick": quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": machine(), "entries": {}}
@@ -57,14 +57,12 @@ def run(device: str, only: list[str], quick: bool, scratch: Path | None = None,
             traceback.print_exc()
             out["entries"][name] = {"title": name, "figures": [], "extra": {}, "seconds": time.perf_counter() - t,
                                     "notes": [f"did not run: {type(exc).__name__}: {exc}"]}
-            if save:
-                save(out)
-            continue
-        ctx.results[name] = result
-        out["entries"][name] = {**result.to_json(), "seconds": time.perf_counter() - t}
-        for f in result.figures:
-            print(f"   {f.name}: {f.value:.4g} {f.unit} | {f.reference}: {f.reference_value:.4g} | "
-                  f"ratio {f.ratio:.3g}", flush=True)
+        else:
+            ctx.results[name] = result
+            out["entries"][name] = {**result.to_json(), "seconds": time.perf_counter() - t}
+            for f in result.figures:
+                print(f"   {f.name}: {f.value:.4g} {f.unit} | {f.reference}: {f.reference_value:.4g} | "
+                      f"ratio {f.ratio:.3g}", flush=True)
         if save:
             save(out)
     return out

@@ -237,8 +237,8 @@ class AudioPipeline(Pipeline):
 
         def flush() -> Iterator[Built]:
             segs = [s for s in pending if isinstance(s, Segment)]
-            waves = np.stack([s.wave for s in segs]) if segs else None
-            specs = run_stage(m, "logmel", "logmel_batch", waves, cfg, device=lm["device"]) if segs else []
+            specs = run_stage(m, "logmel", "logmel_batch", np.stack([s.wave for s in segs]), cfg,
+                              device=lm["device"]) if segs else []
             it = iter(specs)
             for item in pending:
                 yield _finish(item, next(it)) if isinstance(item, Segment) else item

@@ -425,6 +425,7 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
                      f"{len(labels)} segments, split by file ({len(train_idx)} train / {len(test_idx)} test "
                      f"segments), {len(names)} classes, {epochs} full-batch AdamW steps"),
     }
+    per_split: dict[str, list[dict[str, float]]] = {}
     runs: list[tuple[str, Path | None]] = [("random_init", None)]
     if checkpoint is not None:
         runs.append(("distilled", Path(checkpoint)))
@@ -437,18 +438,14 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
         probes = [linear_probe(emb[tr], y[tr], emb[te], y[te], names, epochs=epochs, lr=lr, seed=config["seed"])
                   for tr, te in cuts]
         result[name] = probes[0]
-        if splits > 1:
-            result.setdefault("splits", {})[name] = [{k: p[k] for k in ("accuracy", "balanced_accuracy")}
-                                                     for p in probes]
+        per_split[name] = [{k: p[k] for k in ("accuracy", "balanced_accuracy")} for p in probes]
         log.info("linear probe %s: accuracy %.3f", name, result[name]["accuracy"])
     if "distilled" in result:
         for metric in ("accuracy", "balanced_accuracy"):
-            if splits > 1:
-                pairs = zip(result["splits"]["distilled"], result["splits"]["random_init"], strict=True)
-                result[f"gain_{metric}"] = float(np.mean([d[metric] - r[metric] for d, r in pairs]))
-            else:
-                result[f"gain_{metric}"] = result["distilled"][metric] - result["random_init"][metric]
+            pairs = zip(per_split["distilled"], per_split["random_init"], strict=True)
+            result[f"gain_{metric}"] = float(np.mean([d[metric] - r[metric] for d, r in pairs]))
     if splits > 1:
+        result["splits"] = per_split
         result["protocol"] += f"; gains are the mean over {splits} splits (table: the first)"
     return result
 

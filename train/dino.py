@@ -167,18 +167,15 @@ class DINOLoss(nn.Module):
         return teacher_temperature(step, self.warmup_teacher_temp, self.teacher_temp, self.warmup_steps)
 
     def forward(
-        self, student: torch.Tensor, teacher: torch.Tensor, step: int, weight: torch.Tensor | None = None,
-        center_from: torch.Tensor | None = None,
+        self, student: torch.Tensor, teacher: torch.Tensor, step: int, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mean cross-entropy over matched rows; updates the centre (training only).
+        """Mean cross-entropy over matched rows; updates the centre from ``teacher`` (training only).
 
         Args:
             student: (N, K) student logits of N matched items (regions, views).
             teacher: (N, K) teacher logits of the same items.
             step: optimisation step (for the temperature schedule).
             weight: optional (N,) non-negative weights; the loss is their weighted mean.
-            center_from: (M, K) teacher outputs the centre is updated from, each once (DINO: the batch's teacher
-                outputs); default ``teacher``, whose rows may repeat a teacher output once per matched student item.
         """
         if student.shape != teacher.shape:
             raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
@@ -188,7 +185,7 @@ class DINOLoss(nn.Module):
         else:
             loss = (ce * weight).sum() / weight.sum().clamp_min(1e-12)
         if self.training:
-            self.update_center(teacher if center_from is None else center_from)
+            self.update_center(teacher)
         return loss
 
     def multicrop(
