@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from distillkit.pipelines.registry import get_pipeline
+from distillkit.preprocess.devices import DEVICES, resolve_device
 
 if TYPE_CHECKING:
     from distillkit.pipelines.base import Pipeline
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 GPU = "GPU"
 """The dask worker resource that marks a worker owning one GPU."""
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["DEVICES", "GPU", "gpu_worker_env", "resolve_device", "run_stage", "shard_context", "worker_pipeline"]
 
 _READY: dict[tuple[str, str], Pipeline] = {}
 _READY_LOCK = threading.Lock()
@@ -46,25 +47,6 @@ def worker_pipeline(m: Manifest) -> Pipeline:
             pipeline.setup(m)
             _READY[key] = pipeline
         return _READY[key]
-
-
-def resolve_device(requested: str) -> str:
-    """``"cpu"`` or ``"cuda"`` for a stage's requested device in this process.
-
-    Raises:
-        RuntimeError: ``"cuda"`` was asked for and this process sees no CUDA device.
-    """
-    if requested not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {requested!r}")
-    if requested == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if requested == "cuda":
-        raise RuntimeError("device = \"cuda\" but this process sees no CUDA device")
-    return "cpu"
 
 
 @contextmanager

@@ -18,11 +18,10 @@ import numpy as np
 from distillkit.pipelines.base import Demo, FieldSpec, Pipeline, Rejected, SampleRef
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
-from distillkit.pipelines.placement import run_stage
+from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
 from distillkit.preprocess.projection import project_points
 from distillkit.preprocess.superpixels import BACKENDS as SP_BACKENDS
-from distillkit.preprocess.superpixels import DEVICES as SP_DEVICES
 from distillkit.preprocess.superpixels import slic_superpixels_batch
 from distillkit.sensors.images import decode_rgb, encode_labels_png
 from distillkit.sensors.nuscenes_reader import CAMERAS, DatasetError, load_nuscenes, plan_keyframes, read_lidar_bin
@@ -47,7 +46,7 @@ SCHEMA = {
             "backend": Key(str, "skimage", choices=SP_BACKENDS,
                            doc='"skimage" (the reference, CPU) or "torch" (same algorithm, batched over a '
                                "keyframe's cameras; fused Triton kernel on CUDA; see docs/superpixels.md)"),
-            "device": Key(str, "auto", choices=SP_DEVICES,
+            "device": Key(str, "auto", choices=DEVICES,
                           doc='torch backend only: "auto" (CUDA when the worker has it), "cpu" or "cuda"'),
         },
     },

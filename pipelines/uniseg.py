@@ -222,8 +222,9 @@ class UnisegPipeline(Pipeline):
 
     # ---- build (worker) ----------------------------------------------------------------
     def setup(self, m: Manifest) -> None:
-        # On the CPU: its patch size and description serve every worker; the torch stages make
-        # their own copy on their device (``partition``), on a GPU worker when the cluster has one.
+        # Its patch size and description serve every worker; a ViT's weights are only read when a
+        # torch stage first runs it (``partition``), on that stage's device, so a CPU worker whose
+        # batches go to a GPU worker never builds the model, and a GPU worker builds it once.
         self._backbone = self._backbone_on(m.data["stages"]["features"], "cpu")
 
     def _backbone_on(self, f: dict[str, Any], device: str) -> Any:

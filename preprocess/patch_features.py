@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -136,35 +137,53 @@ class StatsBackbone:
 class ViTBackbone:
     """A frozen ViT from a local checkpoint (module docstring).
 
+    Construction reads only the checkpoint's shapes (patch size, width, depth, heads), so a process
+    that needs the backbone's description but never runs it (a CPU worker whose torch stages go to
+    a GPU worker) does not build the model; the first call builds it on ``device``.
+
     Args:
         checkpoint: the checkpoint file.
         feature: "key" (last block's keys) or "feat" (last block's output tokens).
         device: torch device.
+
+    Raises:
+        FileNotFoundError, ValueError: the checkpoint is missing, unreadable, holds no ViT, or has
+            non-square patches (at construction, not at the first call).
     """
 
     def __init__(self, checkpoint: str | Path, feature: str = "key", device: str = "cpu") -> None:
         import torch
 
-        from distillkit.preprocess.vit import load_vit
+        from distillkit.preprocess.vit import read_vit_state_dict, vit_config
 
         if feature not in ("key", "feat"):
             raise ValueError(f"feature must be 'key' or 'feat', got {feature!r}")
         self.checkpoint = str(checkpoint)
-        self.model = load_vit(checkpoint).to(device)
-        self.model.requires_grad_(False)
+        self.config = vit_config(read_vit_state_dict(checkpoint))
         self.feature = feature
         self.device = torch.device(device)
-        ph, pw = self.model.patch
+        ph, pw = self.config["patch"]
         if ph != pw:
             raise ValueError(f"{checkpoint}: patch {ph}x{pw} is not square; image backbones need square patches")
         self.patch = ph
         self.name = "vit"
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The frozen ``ViT`` on ``device``, built at first use."""
+        if self._model is None:
+            from distillkit.preprocess.vit import load_vit
+
+            model = load_vit(self.checkpoint, num_heads=self.config["num_heads"]).to(self.device)
+            self._model = model.requires_grad_(False)
+        return self._model
 
     def describe(self) -> dict:
         """What ``uniap.json`` records about the backbone."""
-        m = self.model
-        return {"kind": "vit", "patch": self.patch, "channels": m.embed_dim, "depth": len(m.blocks),
-                "heads": m.num_heads, "feature": self.feature, "checkpoint": Path(self.checkpoint).name}
+        c = self.config
+        return {"kind": "vit", "patch": self.patch, "channels": c["embed_dim"], "depth": c["depth"],
+                "heads": c["num_heads"], "feature": self.feature, "checkpoint": Path(self.checkpoint).name}
 
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Features of images already resized to whole patches; images of equal size run as one batch.

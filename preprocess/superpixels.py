@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from distillkit.preprocess.devices import DEVICES, resolve_device
+
 SLIDR_SLIC = {"n_segments": 150, "compactness": 6.0, "sigma": 3.0}
 BACKENDS = ("skimage", "torch")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def slic_superpixels(
@@ -112,21 +113,11 @@ def slic_superpixels_batch(
 
 
 def torch_device(device: str):
-    """The torch device for ``device`` ("auto": CUDA when available, else the CPU).
-
-    Args:
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-
-    Raises:
-        RuntimeError: ``"cuda"`` was asked for and torch sees no CUDA device.
-    """
+    """The torch device for ``device`` (``"auto"``: CUDA when available, else the CPU); see
+    :func:`distillkit.preprocess.devices.resolve_device`."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("superpixel device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
+    return torch.device(resolve_device(device))
 
 
 def _check_image(image: np.ndarray) -> None:

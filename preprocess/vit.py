@@ -340,10 +340,10 @@ def clean_state_dict(sd: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def vit_from_state_dict(
+def vit_config(
     sd: dict[str, torch.Tensor], num_heads: int | None = None, img_size: int | tuple[int, int] | None = None
-) -> ViT:
-    """Build a ViT whose architecture matches a state dict and load it strictly.
+) -> dict:
+    """The ``ViT`` arguments matching a state dict, read from its tensor shapes (no model is built).
 
     Patch size, channels, width, depth and MLP ratio are read from the shapes. The number of heads
     is not in the shapes: by DINO/DeiT convention it is ``embed_dim // 64`` (ViT-S: 6, ViT-B: 12).
@@ -367,21 +367,35 @@ def vit_from_state_dict(
     # a named size with this width and depth decides the heads (tiny: 96 wide, 3 heads), else dim // 64
     named = [h for d, n, h, _ in SIZES.values() if d == dim and n == depth]
     heads = num_heads or (named[0] if named else max(dim // 64, 1))
-    model = ViT(
-        patch=(ph, pw), in_chans=in_chans, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=ratio,
-        img_size=img_size,
-    )
+    return {"patch": (ph, pw), "in_chans": in_chans, "embed_dim": dim, "depth": depth, "num_heads": heads,
+            "mlp_ratio": ratio, "img_size": img_size}
+
+
+def vit_from_state_dict(
+    sd: dict[str, torch.Tensor], num_heads: int | None = None, img_size: int | tuple[int, int] | None = None
+) -> ViT:
+    """Build a ViT whose architecture matches a state dict (:func:`vit_config`) and load it strictly.
+
+    Args:
+        sd: backbone state dict (see ``clean_state_dict``).
+        num_heads: attention heads; default from ``SIZES``, else ``embed_dim // 64`` (at least 1).
+        img_size: input size the position table was stored for; default square.
+    """
+    model = ViT(**vit_config(sd, num_heads=num_heads, img_size=img_size))
     model.load_state_dict(sd, strict=True)
     return model
 
 
-def load_vit(path: str | Path, num_heads: int | None = None) -> ViT:
-    """A ViT from a local checkpoint file (DINO's public backbones, DINO training checkpoints, or
-    this project's uniseg trainer checkpoint), in eval mode.
+def read_vit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone state dict of a local checkpoint file (DINO's public backbones, DINO training
+    checkpoints, or this project's uniseg trainer checkpoint), memory-mapped on the CPU.
 
     Args:
         path: the ``.pth`` file; read with ``weights_only=True`` (never executes code).
-        num_heads: attention heads, if not ``embed_dim // 64``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable torch checkpoint, or no ViT backbone in it.
     """
     path = Path(path)
     if not path.is_file():
@@ -397,4 +411,14 @@ def load_vit(path: str | Path, num_heads: int | None = None) -> ViT:
     sd = clean_state_dict(obj)
     if "patch_embed.proj.weight" not in sd:
         raise ValueError(f"{path}: no ViT backbone weights (patch_embed.proj.weight missing)")
-    return vit_from_state_dict(sd, num_heads=num_heads).eval()
+    return sd
+
+
+def load_vit(path: str | Path, num_heads: int | None = None) -> ViT:
+    """A ViT from a local checkpoint file (:func:`read_vit_state_dict`), in eval mode.
+
+    Args:
+        path: the ``.pth`` file; read with ``weights_only=True`` (never executes code).
+        num_heads: attention heads, if not ``embed_dim // 64``.
+    """
+    return vit_from_state_dict(read_vit_state_dict(path), num_heads=num_heads).eval()

@@ -108,7 +108,13 @@ def test_vit_backbone_from_checkpoint(synth, tmp_path):
     torch.save({"teacher": {"backbone." + k: v for k, v in net.state_dict().items()}}, ckpt)
     rgb = np.zeros((40, 56, 3), np.uint8)
     for feature in ("key", "feat"):
-        f = ViTBackbone(ckpt, feature=feature)([rgb])[0]
+        bb = ViTBackbone(ckpt, feature=feature)
+        # the description comes from the checkpoint's shapes; the model is built at the first call
+        assert bb.describe() | {"feature": None} == {"kind": "vit", "patch": 8, "channels": 96, "depth": 4,
+                                                     "heads": 3, "feature": None, "checkpoint": "dino_tiny.pth"}
+        assert bb._model is None
+        f = bb([rgb])[0]
+        assert bb._model is not None and bb.model.num_heads == 3
         assert f.shape == (5, 7, 96) and np.isfinite(f).all()
     root = tmp_path / "two"
     root.mkdir()
@@ -119,6 +125,38 @@ def test_vit_backbone_from_checkpoint(synth, tmp_path):
     assert res.written == 2
     meta = next(iter(samples(tmp_path / "out").values()))["uniap.json"]
     assert meta["backbone"]["kind"] == "vit" and meta["backbone"]["checkpoint"] == "dino_tiny.pth"
+
+
+def _built_models(_: int) -> list[str]:
+    """The devices of the ViT models this worker process has built for uniseg pipelines."""
+    from distillkit.pipelines.placement import _READY
+
+    return sorted(str(bb.device) for p in _READY.values() for bb in getattr(p, "_backbones", {}).values()
+                  if getattr(bb, "_model", None) is not None)
+
+
+def test_vit_is_built_only_where_its_stage_runs(synth, tmp_path):
+    """With a GPU worker in the cluster, the CPU worker that reads and writes the shards reads the
+    checkpoint's shapes for the metadata but never builds the ViT; the GPU worker builds it once."""
+    from distillkit.pipelines.executor import dask_client
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "dino_tiny.pth"
+    torch.save(vit("tiny", patch=8, img_size=64).state_dict(), ckpt)
+    root = tmp_path / "three"
+    root.mkdir()
+    for p in sorted((synth / "images").glob("scene_000[012].*")):
+        (root / p.name).write_bytes(p.read_bytes())
+    m = manifest(root, tmp_path / "out", 'stages.features.backbone="vit"', f'stages.features.checkpoint="{ckpt}"',
+                 "stages.features.batch=1")
+    with dask_client("", workers=1, gpu_workers=1) as client:
+        res = build(m, scheduler=client.scheduler.address, progress=False)
+        workers = client.scheduler_info()["workers"]
+        built = {bool(w.get("resources", {}).get("GPU")): client.submit(_built_models, 0, workers=[a], pure=False)
+                 .result() for a, w in workers.items()}
+    assert res.written == 3
+    assert built[False] == [], "the CPU worker must not build the ViT"
+    assert built[True] == ["cuda" if torch.cuda.is_available() else "cpu"], built
 
 
 def write_bad_inputs(root: Path) -> dict[str, str]:
