@@ -12,7 +12,8 @@ the current partition with nodes of fewer than ``min_size`` tokens, or with no e
 in one node), dropped: their tokens are -1. Levels are nested: each partition (dropped nodes included)
 refines the next, so two tokens kept in one region at level l share a region at every later level where
 both are kept (``check_nested``). Unlike the released code, non-square grids are handled and there is no
-dense N x N matrix: memory is O(h w C).
+dense N x N matrix: memory is O(h w C). The paper options below need affinity rows over the image's
+N tokens, computed a bounded block of rows at a time (``CHUNK_ELEMENTS``).
 
 **Paper options** (Method, Eqs. 1-5):
 
@@ -48,6 +49,10 @@ import numpy as np
 THRESHOLDS: tuple[float, ...] = (0.8, 0.7, 0.6, 0.5, 0.4)
 SIGMA = 0.07
 EPS = 1e-10
+CHUNK_ELEMENTS = 1 << 24
+"""The paper options' dense terms (an edge's or node's affinity row over the image's N tokens) are
+computed this many row x token elements at a time (128 MiB in float64), so their memory stays bounded
+on large grids; the results do not depend on it."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,43 @@ def _cos(x: np.ndarray, e: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b) / (na * nb)
 
 
+def _row_blocks(n_rows: int, n_cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
+    return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def _spatial_l1(mu, e0, e1, tok_hat):
+    """Per edge (i, j), (1/N) ||(mu_i - mu_j) F̂ᵀ||_1, the L1 distance of the two nodes' mean affinity
+    rows over the image's N tokens; NumPy arrays or torch tensors, a block of edges at a time."""
+    parts = [abs((mu[e0[b]] - mu[e1[b]]) @ tok_hat.T).sum(1) for b in _row_blocks(len(e0), len(tok_hat))]
+    if isinstance(tok_hat, np.ndarray):
+        return (np.concatenate(parts) if parts else np.zeros(0, tok_hat.dtype)) / len(tok_hat)
+    import torch
+
+    return (torch.cat(parts) if parts else tok_hat.new_zeros(0)) / len(tok_hat)
+
+
+def _softmax_pool(sums, tok_hat, sigma: float):
+    """Eq. 5 before normalisation: softmax((M_i F̂) F̂ᵀ / σ) F̂ per node, over the image's tokens;
+    NumPy arrays or torch tensors, a block of nodes at a time."""
+    blocks = _row_blocks(len(sums), len(tok_hat))
+    if isinstance(tok_hat, np.ndarray):
+        out = np.empty((len(sums), tok_hat.shape[1]), tok_hat.dtype)
+        for b in blocks:
+            logits = sums[b] @ tok_hat.T / sigma
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=1, keepdims=True)
+            out[b] = p @ tok_hat
+        return out
+    import torch
+
+    out = tok_hat.new_empty((len(sums), tok_hat.shape[1]))
+    for b in blocks:
+        out[b] = torch.softmax(sums[b] @ tok_hat.T / sigma, dim=1) @ tok_hat
+    return out
+
+
 class _NumpyGraph:
     """Nodes of one image for the reference path."""
 
@@ -157,8 +199,7 @@ class _NumpyGraph:
         if w > 0 and e.shape[1]:
             mu = self.member_sum() / self.size[:, None]
             # ||P_i - P_j||_1 / HW with P_i = mu_i F̂ᵀ, the mean affinity row of i's members
-            l1 = np.abs((mu[e[0]] - mu[e[1]]) @ self.tok_hat.T).sum(axis=1) / len(self.label)
-            s = (1 - w) * s + w * (1.0 - l1)
+            s = (1 - w) * s + w * (1.0 - _spatial_l1(mu, e[0], e[1], self.tok_hat))
         return s
 
     def contract(self, cl: np.ndarray, n_new: int) -> None:
@@ -168,11 +209,7 @@ class _NumpyGraph:
         self.size = np.bincount(cl, weights=self.size, minlength=n_new).astype(np.int64)
         self.label = cl[self.label]
         if self.cfg.update == "softmax":
-            logits = self.member_sum() @ self.tok_hat.T / self.cfg.sigma
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            v = p @ self.tok_hat
+            v = _softmax_pool(self.member_sum(), self.tok_hat, self.cfg.sigma)
             self.x = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
         else:
             self.x = np.asarray(m @ self.x)
@@ -234,11 +271,7 @@ def _semantic_level(g: _NumpyGraph, inst: np.ndarray, tau: float, cfg: UniAPConf
     sg.label = flat[tok_idx].astype(np.int64)
     sg.size = np.bincount(sg.label, minlength=k).astype(np.int64)
     if cfg.update == "softmax":
-        logits = sg.member_sum() @ sg.tok_hat.T / cfg.sigma
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        v = p @ sg.tok_hat
+        v = _softmax_pool(sg.member_sum(), sg.tok_hat, cfg.sigma)
         sg.x = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
     else:
         sums = np.zeros((k, g.tok.shape[1]), g.tok.dtype)
@@ -384,8 +417,7 @@ class _TorchBatch:
             for i, sl in self._per_image():  # affinity rows are over one image's tokens
                 sel = img_e == i
                 if sel.any():
-                    d = (mu[e[0][sel]] - mu[e[1][sel]]) @ self.tok_hat[sl].T
-                    l1[sel] = d.abs().sum(1) / self.n_tok[i]
+                    l1[sel] = _spatial_l1(mu, e[0][sel], e[1][sel], self.tok_hat[sl])
             s = (1 - w) * s + w * (1.0 - l1)
         return s
 
@@ -402,8 +434,7 @@ class _TorchBatch:
             v = torch.zeros_like(sums)
             for i, sl in self._per_image():
                 sel = self.img_of_node == i
-                logits = sums[sel] @ self.tok_hat[sl].T / self.cfg.sigma
-                v[sel] = torch.softmax(logits, dim=1) @ self.tok_hat[sl]
+                v[sel] = _softmax_pool(sums[sel], self.tok_hat[sl], self.cfg.sigma)
             self.x = torch.nn.functional.normalize(v, dim=1, eps=EPS)
         else:
             self.x = torch.zeros(n_new, self.x.shape[1], dtype=self.x.dtype, device=dev).index_add_(0, cl, self.x)
@@ -500,7 +531,7 @@ def _torch_semantic(g: _TorchBatch, inst, tau: float, cfg: UniAPConfig):
         for i, sl in sg._per_image():
             sel = sg.img_of_node == i
             if sel.any():
-                v[sel] = torch.softmax(sums[sel] @ sg.tok_hat[sl].T / cfg.sigma, dim=1) @ sg.tok_hat[sl]
+                v[sel] = _softmax_pool(sums[sel], sg.tok_hat[sl], cfg.sigma)
         sg.x = torch.nn.functional.normalize(v, dim=1, eps=EPS)
     else:
         sg.x = sums
