@@ -6,7 +6,8 @@ Decisions (docs/audio.md):
   which reads every sample exactly and fast; what libsndfile cannot open falls back to
   ``librosa.load(sr=None, mono=False)`` (audioread/ffmpeg where installed). Samples come out as
   float32 in [-1, 1] for integer formats; float formats are passed through unchanged.
-- **Mix-down** is the mean of the channels (librosa's ``to_mono``), so a 6-channel file keeps its level.
+- **Mix-down** is the mean of the channels (librosa's ``to_mono``), so a 6-channel file keeps its level;
+  soundfile's output is mixed a block at a time, so a long multichannel file is never held whole.
 - **Resampling** is soxr at quality "HQ", exactly librosa's default ``res_type="soxr_hq"``: one
   band-limited, high-quality resampler for every rate (8 kHz is upsampled: the band above 4 kHz
   stays empty, and that is recorded, not invented). All of it in float32.
@@ -108,36 +109,54 @@ def read_label_rows(path: Path | str) -> dict[str, tuple[str, str | None]]:
     return {rel: (labels[rel], groups[rel]) for rel in labels}
 
 
-def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
-    """Decode a file to float32 ``(channels, N)`` at its own rate.
+BLOCK_FRAMES = 1 << 16
+"""Frames soundfile decodes at a time: a long multichannel file is never held whole, only its mono mix."""
 
-    Args:
-        path: the audio file.
 
-    Returns:
-        (samples, sample_rate, decoder name).
+def _mix_down(block: np.ndarray) -> np.ndarray:
+    """``(b, C)`` -> ``(b,)`` float32: the channels summed in order and divided by C, the arithmetic of
+    ``np.mean(x, axis=0, dtype=np.float32)`` on ``(C, N)`` (librosa's ``to_mono``), so a file mixed
+    a block at a time is bit-equal to one mixed whole."""
+    acc = block[:, 0].astype(np.float32, copy=True)
+    for c in range(1, block.shape[1]):
+        acc += block[:, c]
+    if block.shape[1] > 1:
+        acc /= block.shape[1]
+    return acc
 
-    Raises:
-        AudioReadError: empty or undecodable file.
-    """
+
+def _read_soundfile(path: Path) -> tuple[np.ndarray, int, int, int]:
+    """Decode with soundfile and mix down a block at a time: (mono float32, rate, channels, non-finite count).
+
+    Memory is the mono mix plus one block; decoding the file whole and transposing it held twice the
+    decoded (channels x frames) array, 2 GB for an hour of 48 kHz stereo."""
     import soundfile as sf
 
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise AudioReadError(f"{path}: cannot stat ({exc.strerror or exc})") from None
-    if size == 0:
-        raise AudioReadError(f"{path}: empty file (0 bytes)")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return np.ascontiguousarray(data.T), int(rate), "soundfile"
-    except MemoryError:  # a corrupt header claiming billions of frames: soundfile allocates them up front
-        raise AudioReadError(f"{path}: header claims more audio than memory holds (corrupt?)") from None
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as first:
-        first_reason = str(first).splitlines()[0] if str(first) else type(first).__name__
-        first_reason = first_reason.split("': ", 1)[-1]  # libsndfile repeats the path: keep the reason
-    # Formats libsndfile lacks (e.g. MP3 before 1.1, AAC in an .mp3 misnomer): audioread/ffmpeg.
+    with sf.SoundFile(str(path)) as f:
+        rate, channels, frames = int(f.samplerate), int(f.channels), max(int(f.frames), 0)
+        out = np.empty(frames, np.float32)  # a corrupt header's billions of frames fail here: MemoryError
+        pos, bad, extra = 0, 0, []
+        while True:
+            block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+            mono = _mix_down(block)
+            n = min(len(mono), frames - pos)
+            out[pos : pos + n] = mono[:n]
+            pos += n
+            if n < len(mono):  # more frames than the header said
+                extra.append(mono[n:])
+    if extra:
+        out = np.concatenate([out, *extra])
+    elif pos < frames:  # fewer (a truncated file): keep what was read
+        out = out[:pos].copy()
+    return out, rate, channels, bad
+
+
+def _read_librosa(path: Path, first_reason: str) -> tuple[np.ndarray, int]:
+    """Formats libsndfile lacks (e.g. MP3 before 1.1, AAC in an .mp3 misnomer): audioread/ffmpeg,
+    ``(C, N)`` float32 at the file's rate."""
     import warnings
 
     import librosa
@@ -150,8 +169,7 @@ def decode(path: Path | str) -> tuple[np.ndarray, int, str]:
         reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise AudioReadError(f"{path}: not decodable audio (soundfile: {first_reason}; "
                              f"librosa: {type(exc).__name__}{': ' + reason if reason else ''})") from None
-    data = np.atleast_2d(np.asarray(data, dtype=np.float32))
-    return np.ascontiguousarray(data), int(rate), "librosa"
+    return np.atleast_2d(np.asarray(data, dtype=np.float32)), int(rate)
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -192,19 +210,39 @@ def read_audio(path: Path | str, target_rate: int = 16000) -> Audio:
         AudioReadError: empty or undecodable file, no samples, or NaN/inf samples (a decoder
             would carry them into every spectrogram frame they touch; no repair is guessed).
     """
-    data, rate, decoder = decode(path)
-    if data.shape[-1] == 0:
-        raise AudioReadError(f"{path}: no audio samples ({data.shape[0]} channel(s), {rate} Hz)")
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise AudioReadError(f"{path}: cannot stat ({exc.strerror or exc})") from None
+    if size == 0:
+        raise AudioReadError(f"{path}: empty file (0 bytes)")
+    try:
+        mono, rate, channels, bad = _read_soundfile(path)
+        decoder = "soundfile"
+    except MemoryError:  # a corrupt header claiming billions of frames
+        raise AudioReadError(f"{path}: header claims more audio than memory holds (corrupt?)") from None
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as first:
+        reason = str(first).splitlines()[0] if str(first) else type(first).__name__
+        data, rate = _read_librosa(path, reason.split("': ", 1)[-1])  # libsndfile repeats the path
+        channels, decoder = int(data.shape[0]), "librosa"
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        mono = to_mono(data)
+        del data
+    if len(mono) == 0:
+        raise AudioReadError(f"{path}: no audio samples ({channels} channel(s), {rate} Hz)")
     if rate <= 0:
         raise AudioReadError(f"{path}: invalid sample rate {rate}")
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise AudioReadError(f"{path}: {bad} non-finite (NaN/inf) sample(s)")
-    mono = resample(to_mono(data), rate, target_rate)
+    n_source = len(mono)
+    mono = resample(mono, rate, target_rate)
     if len(mono) == 0:  # a handful of samples at a higher rate resamples to nothing
-        raise AudioReadError(f"{path}: no samples left after resampling {data.shape[1]} sample(s) from {rate} "
+        raise AudioReadError(f"{path}: no samples left after resampling {n_source} sample(s) from {rate} "
                              f"to {target_rate} Hz")
-    return Audio(mono, int(target_rate), rate, int(data.shape[0]), decoder)
+    return Audio(mono, int(target_rate), rate, channels, decoder)
 
 
 def flac_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

@@ -34,6 +34,59 @@ def test_read_mixes_down_and_resamples(tmp_path):
     assert abs(np.sqrt(np.mean(a.samples[2000:-2000] ** 2)) - 0.75 * 0.5 / np.sqrt(2)) < 1e-3
 
 
+@pytest.mark.parametrize("channels", [1, 2, 6, 9])
+def test_blockwise_mix_down_equals_librosa_on_the_whole_file(tmp_path, monkeypatch, channels):
+    """Decoded and mixed a block at a time (blocks that do not divide the file), the mono signal is
+    bit-equal to librosa's ``to_mono`` of the whole decoded file, for channel counts on both sides of
+    NumPy's 8-wide pairwise summation."""
+    import distillkit.sensors.audio as mod
+
+    rng = np.random.default_rng(channels)
+    x = rng.uniform(-1, 1, (10007, channels)).astype(np.float32)
+    sf.write(tmp_path / "m.wav", x, 16000, subtype="FLOAT")
+    monkeypatch.setattr(mod, "BLOCK_FRAMES", 999)
+    a = read_audio(tmp_path / "m.wav", 16000)
+    whole, _ = sf.read(tmp_path / "m.wav", dtype="float32", always_2d=True)
+    assert np.array_equal(a.samples, librosa.to_mono(np.ascontiguousarray(whole.T)))
+    assert a.source_channels == channels
+
+
+def test_long_multichannel_file_is_never_held_whole(tmp_path):
+    """A 6-channel file is 6x its mono mix: reading it keeps the mix and one block, far below the
+    decoded array (measured with tracemalloc, which sees NumPy's and soundfile's allocations)."""
+    import tracemalloc
+
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (48000 * 20, 6)).astype(np.float32)
+    sf.write(tmp_path / "long.wav", x, 48000, subtype="PCM_16")
+    decoded = x.nbytes  # 23 MB; the mix is 3.8 MB and one block 1.6 MB
+    del x
+    tracemalloc.start()
+    try:
+        a = read_audio(tmp_path / "long.wav", 48000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(a.samples) == 48000 * 20
+    assert peak < 0.4 * decoded, f"peak {peak / 1e6:.1f} MB for a {decoded / 1e6:.1f} MB decoded file"
+
+
+def test_truncated_file_keeps_what_it_holds(tmp_path):
+    """A WAV cut short (its header still claims every frame) reads the frames present, or is rejected
+    naming the file; never padded with garbage."""
+    x = (0.25 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    sf.write(tmp_path / "full.wav", x, 16000, subtype="PCM_16")
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    try:
+        a = read_audio(tmp_path / "cut.wav", 16000)
+    except AudioReadError as err:
+        assert "cut.wav" in str(err)
+        return
+    n = len(a.samples)
+    assert 0 < n < 16000
+    np.testing.assert_allclose(a.samples, x[:n], atol=1 / 32768)
+
+
 def test_bad_inputs_are_rejected_naming_the_file_or_handled(tmp_path):
     expect = write_bad_audio(tmp_path)
     assert expect == BAD_INPUTS
