@@ -58,6 +58,11 @@ SCHEMA = {
                     doc='"images" (SPEC.md\'s "image_dir" is accepted as the same thing)'),
         "root": Key("existing_path", required=True, doc="folder searched recursively for images"),
         "ground_truth": Key(bool, True, doc="store {stem}.inst.png / {stem}.sem.png found beside an image"),
+        "ground_truth_on": Key(str, "displayed", choices=("displayed", "stored"),
+                               doc="pixels the labels were drawn on for images with an EXIF orientation: "
+                                   '"displayed" (as EXIF-aware viewers show them; a sideways label of the '
+                                   'stored size is still turned) or "stored" (the file\'s raw pixels: every '
+                                   "label is turned with its image)"),
     },
     "stages": {
         "image": {
@@ -126,19 +131,22 @@ def ground_truth_of(image: Path) -> dict[str, str | None]:
     return out
 
 
-def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, notes: list[str] | None = None) -> bytes:
+def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, notes: list[str] | None = None,
+                   drawn_on: str = "displayed") -> bytes:
     """A ground-truth label image -> 8/16-bit single-channel PNG bytes (ids kept; palette PNGs as indices).
 
-    Label files carry no EXIF tag. A label of the displayed image's size is taken as drawn on the displayed
-    image; one of the stored (unrotated) size of an image with a rotating EXIF orientation (5-8, not square)
-    is turned with the image. Orientations 2-4 keep the size, so there the label is assumed drawn on the
-    displayed image (what annotation tools that honour EXIF show).
+    Label files carry no EXIF tag. With ``drawn_on="displayed"`` a label of the displayed image's size is
+    taken as drawn on the displayed image (what annotation tools that honour EXIF show), and one of the
+    stored (unrotated) size of an image with a rotating EXIF orientation (5-8, not square) is turned with
+    the image. Orientations 2-4 (mirrored, upside down) keep the size, so only the dataset can say which
+    pixels its labels were drawn on: ``drawn_on="stored"`` turns every label with its image.
 
     Args:
         path: the label file.
         shape: (H, W) the image it belongs to decodes to (EXIF orientation applied).
         orientation: the EXIF orientation applied to the image.
         notes: where to say that the label was turned.
+        drawn_on: ``"displayed"`` or ``"stored"`` (the manifest's ``source.ground_truth_on``).
 
     Raises:
         Rejected: unreadable, colour (not ids), or a size other than the image's.
@@ -155,7 +163,11 @@ def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, note
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
         raise Rejected("ground_truth", f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if arr.shape != tuple(shape) and orientation in (5, 6, 7, 8) and arr.shape == tuple(shape)[::-1]:
+    if drawn_on not in ("displayed", "stored"):
+        raise ValueError(f"drawn_on must be 'displayed' or 'stored', got {drawn_on!r}")
+    stored_size = tuple(shape)[::-1] if orientation in (5, 6, 7, 8) else tuple(shape)
+    sideways = arr.shape != tuple(shape) and orientation in (5, 6, 7, 8) and arr.shape == stored_size
+    if orientation > 1 and (sideways or (drawn_on == "stored" and arr.shape == stored_size)):
         arr = apply_orientation(arr, orientation)
         if notes is not None:
             notes.append(f"{Path(path).name}: turned by EXIF orientation {orientation} (drawn on the stored pixels)")
@@ -263,7 +275,8 @@ class UnisegPipeline(Pipeline):
         if H < patch or W < patch:
             raise Rejected("image", f"{ref.payload['image']}: {W}x{H} is smaller than one {patch}x{patch} patch")
         grid = grid_for(H, W, patch, m.data["stages"]["features"]["max_side"])
-        gt = {k: read_label_png(p, (H, W), img.orientation, img.notes) for k, p in ref.payload["gt"].items() if p}
+        on = m.data["source"]["ground_truth_on"]
+        gt = {k: read_label_png(p, (H, W), img.orientation, img.notes, on) for k, p in ref.payload["gt"].items() if p}
         return {"img": img, "grid": grid, "input": resize_to_grid(img.rgb, grid, patch), "gt": gt}
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:

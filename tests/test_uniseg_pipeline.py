@@ -282,6 +282,38 @@ def test_apply_orientation_is_pillows_exif_transpose(orientation):
     assert np.array_equal(np.asarray(ImageOps.exif_transpose(Image.open(buf))), apply_orientation(a, orientation))
 
 
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_ground_truth_on_stored_pixels_is_turned_for_every_orientation(tmp_path, orientation):
+    """``source.ground_truth_on = "stored"``: a label drawn on the file's raw pixels is turned with the image
+    for every EXIF orientation, including the size-keeping 2-4 that "displayed" (the default) cannot tell
+    apart; under "displayed" a label of the displayed size is kept as it is. Checked through a build."""
+    from PIL import Image
+
+    from distillkit.sensors.image_files import read_image_file
+
+    raw = np.full((40, 64, 3), 30, np.uint8)
+    raw[:10, :16] = (250, 20, 20)  # a red patch in the stored top-left corner
+    im = Image.fromarray(raw)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    root = tmp_path / "src"
+    root.mkdir()
+    im.save(root / "photo.jpg", quality=95, exif=exif.tobytes())
+    label = np.zeros((40, 64), np.uint8)
+    label[:10, :16] = 1
+    Image.fromarray(label).save(root / "photo.sem.png")
+    img = read_image_file(root / "photo.jpg")
+    red = img.rgb[..., 0] > 150
+    for on in ("stored", "displayed"):
+        build(manifest(root, tmp_path / on, f'source.ground_truth_on="{on}"'), progress=False)
+        gt = samples(tmp_path / on)["photo"]["gt.sem.png"]
+        covered = (red & (gt == 1)).sum() / red.sum()
+        if on == "stored" or orientation >= 5:  # 5-8 under "displayed": the stored size gives it away
+            assert gt.shape == red.shape and covered > 0.9, (on, covered)
+        elif orientation in (2, 3, 4):  # "displayed" takes the label as drawn on the displayed pixels
+            np.testing.assert_array_equal(gt, label)
+
+
 def test_ground_truth_drawn_on_stored_pixels_turns_with_the_image(tmp_path):
     """A phone photo stored sideways (EXIF orientation 6) with its label drawn on the stored pixels: the label
     is turned with the image, so the labelled region covers the same pixels after the rotation."""
