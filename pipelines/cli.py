@@ -98,6 +98,7 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
     """Build the shards MANIFEST describes (a path or a packaged name; resumes a partial build)."""
     from distillkit.pipelines.catalog import load_manifest
     from distillkit.pipelines.executor import ClusterError
+    from distillkit.pipelines.runner import BuildError
     from distillkit.pipelines.runner import build as run_build
 
     try:
@@ -105,10 +106,14 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
         if workers is not None and workers < 1:
             raise ManifestError(manifest, "--workers", "must be >= 1")
         result = run_build(m, scheduler=scheduler, workers=workers, progress=not quiet, raise_errors=raise_errors)
-    except ManifestError as exc:
+    except (ManifestError, ClusterError, BuildError) as exc:
         _fail(str(exc))
-    except ClusterError as exc:
-        _fail(str(exc))
+    except Exception as exc:  # a task failed outside any input (disk full, a bug): the build is unfinished
+        if raise_errors:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(f"build did not finish: {type(exc).__name__}{': ' + reason if reason else ''} "
+              "(finished shards are kept; rerun to resume, --raise-errors for the traceback)", 3)
     click.echo(
         f"{result.written} samples from {result.planned} inputs in {result.built_shards + result.reused_shards} "
         f"shards ({result.reused_shards} reused), {len(result.rejected)} rejected: {result.index_path}"

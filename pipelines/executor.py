@@ -98,7 +98,7 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:  # unreachable, or not an address at all
             raise ClusterError(f"cannot reach dask scheduler {scheduler}: {exc}") from None
         try:
             yield client

@@ -11,10 +11,13 @@ where it stopped and produces the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from distillkit.build_info import build_info
 from distillkit.pipelines.base import Rejection, SampleRef
 from distillkit.pipelines.executor import ClusterError, Executor, open_executor
-from distillkit.pipelines.manifest import Manifest
+from distillkit.pipelines.manifest import Manifest, ManifestError
 from distillkit.pipelines.placement import shard_context, worker_pipeline
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
@@ -32,6 +35,12 @@ from distillkit.pipelines.shards import ShardRecord, sha256_file, shard_filename
 
 log = logging.getLogger(__name__)
 INDEX_FORMAT_VERSION = 1
+LOCK_FILE = ".distillkit.lock"
+
+
+class BuildError(Exception):
+    """The build cannot start or could not finish (the output folder is unusable or taken, a task
+    failed); the message is one line."""
 
 
 @dataclass
@@ -151,18 +160,33 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
         rejected=rejected,
         stats=stats,
         devices={stage: sorted(used) for stage, used in devices.items()},
+        built_by=built_by(),
     )
     write_json_atomic(path.with_suffix(".json"), record.to_json())
     return task.index, record, False
+
+
+def built_by() -> str:
+    """``version@commit`` (``-dirty`` when the checkout had changes) of this process's distillkit."""
+    info = build_info()
+    commit = (info["commit"] or "unknown")[:12]
+    return f"{info['version']}@{commit}{'-dirty' if info['dirty'] else ''}"
 
 
 def plan_tasks(m: Manifest, raise_errors: bool = False) -> tuple[list[ShardTask], list[dict[str, str]], int, str]:
     """Plan the build: (tasks, inputs rejected while planning, planned refs, fingerprint)."""
     pipeline = get_pipeline(m.pipeline)
     refs, plan_rejected = pipeline.plan(m)
-    keys = [r.key for r in refs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("pipeline plan produced duplicate sample keys")
+    if not refs and not plan_rejected:
+        source = m.data.get("source", {})
+        where = next((f"source.{k} = {source[k]}" for k in ("root", "dataroot") if k in source), "the source")
+        raise ManifestError(m.path, "source", f"no inputs found under {where}")
+    first: dict[str, SampleRef] = {}
+    for ref in refs:
+        if ref.key in first:
+            raise ManifestError(m.path, "source", f"two inputs give the sample key {ref.key!r}: "
+                                                  f"{first[ref.key].source} and {ref.source}; rename one")
+        first[ref.key] = ref
     per = pipeline.refs_per_shard(m)
     content = m.content_hash()
     tasks = []
@@ -187,12 +211,22 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
             instead of rejecting that input (``Rejected`` inputs are still recorded).
     """
     out_dir = m.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ManifestError(m.path, "output.dir", f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    with _build_lock(out_dir, m):
+        return _build_locked(m, out_dir, scheduler, workers, progress, raise_errors)
+
+
+def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: int | None, progress: bool,
+                  raise_errors: bool) -> BuildResult:
     tasks, rejected, planned, fingerprint = plan_tasks(m, raise_errors)
     pipeline = get_pipeline(m.pipeline)
     cluster = m.data["cluster"]
     scheduler = cluster["scheduler"] if scheduler is None else scheduler
     workers = cluster["workers"] if workers is None else workers
+    _claim_output(out_dir, m)
     _remove_stale(out_dir, m.name, len(tasks))
     records: dict[int, ShardRecord] = {}
     reused = 0
@@ -205,7 +239,10 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         remote = _place_torch_stages(torch_stages, executor)
         for task in tasks:
             task.gpu_remote = remote
-        keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}" for t in tasks]
+        # A token per build: the fingerprint leaves out output.dir, so two builds of one manifest into
+        # two folders on one shared scheduler would otherwise share task keys and one would write nothing.
+        run = uuid.uuid4().hex[:8]
+        keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}-{run}" for t in tasks]
         bar = tqdm(total=len(tasks), desc=f"build {m.name}", unit="shard", disable=not progress)
         for index, record, was_reused in executor.map(build_shard, tasks, keys, spare_gpu_workers=remote):
             records[index] = record
@@ -222,6 +259,10 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
             totals[k] = totals.get(k, 0.0) + v
     written = sum(r.samples for r in shard_records)
     info = build_info()
+    makers = sorted({r.built_by or "unrecorded" for r in shard_records})
+    if len(makers) > 1:
+        log.warning("%s: its shards were written by %d versions of distillkit (%s); remove the folder to "
+                    "rebuild it with one", out_dir, len(makers), ", ".join(makers))
     index = {
         "format_version": INDEX_FORMAT_VERSION,
         "pipeline": m.pipeline,
@@ -230,11 +271,12 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         "manifest_hash": m.content_hash(),
         "package_version": info["version"],
         "git": {"commit": info["commit"], "dirty": info["dirty"]},
+        "built_by": makers,
         "input_fingerprint": fingerprint,
         "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
         "shards": [
             {k: v for k, v in r.to_json().items()
-             if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp", "devices")}
+             if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp", "devices", "built_by")}
             for r in shard_records
         ],
         "rejected": rejected,
@@ -285,13 +327,69 @@ def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> boo
     return False
 
 
+class _Locked:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _build_lock(out_dir: Path, m: Manifest) -> _Locked:
+    """An exclusive lock on the output folder for the whole build: a second build into it (which
+    would delete the first's temporary files and mix two manifests' shards) stops at once.
+
+    Raises:
+        BuildError: another build holds the folder.
+    """
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
+                         "or set a different output.dir") from None
+    return _Locked(fd)
+
+
+def _claim_output(out_dir: Path, m: Manifest) -> None:
+    """Take the output folder for this build before anything in it changes.
+
+    ``index.json`` marks a finished dataset (readers trust it), so it goes first: a rebuild killed
+    midway then leaves no index over a mix of old and new shards. A folder holding a dataset of
+    another name is refused rather than mixed with or deleted.
+
+    Raises:
+        BuildError: the folder holds another dataset.
+    """
+    index = out_dir / "index.json"
+    if not index.is_file():
+        return
+    try:
+        old = json.loads(index.read_text()).get("name")
+    except (ValueError, OSError, AttributeError):
+        old = None
+    if old is not None and old != m.name:
+        raise BuildError(f"{out_dir} holds the dataset {old!r}, not {m.name!r}: set a different output.dir "
+                         "or remove that dataset first")
+    index.unlink()
+
+
 def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:
     """Shards numbered past the current plan (a smaller plan, bigger shards) would look like
-    part of the dataset to a glob; remove them and leftover temporary files."""
+    part of the dataset to a glob; remove them and leftover temporary files. Only this dataset's
+    exact names match (``uni-000003.tar``, not ``uni-b-000003.tar``)."""
+    shard = re.compile(rf"{re.escape(name)}-(\d{{6}})\.tar")
     for path in out_dir.glob(f"{name}-*.tar"):
-        stem = path.stem.rsplit("-", 1)[-1]
-        if stem.isdigit() and int(stem) >= n_tasks:
+        match = shard.fullmatch(path.name)
+        if match and int(match.group(1)) >= n_tasks:
             path.unlink()
             path.with_suffix(".json").unlink(missing_ok=True)
-    for tmp in out_dir.glob(f".{name}-*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    temp = re.compile(rf"\.({re.escape(name)}-\d{{6}}\.(tar|json)|index\.json)\.tmp-.*")
+    for tmp in out_dir.glob(".*.tmp-*"):
+        if temp.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class ShardRecord:
     stats: dict[str, float] = field(default_factory=dict)
     devices: dict[str, list[str]] = field(default_factory=dict)
     """Torch stage -> the devices it ran on for this shard (``"cpu"``, ``"cuda"``)."""
+    built_by: str = ""
+    """The distillkit that wrote this shard (``version@commit``): a build resumed after an upgrade
+    reuses shards of the old code (the version is not part of the fingerprint), and says so."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,26 +70,58 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     """Write ``(key, {field: bytes})`` samples to ``path`` atomically.
 
     Fields are written in sorted order as ``key.field``; the tar goes to a temporary name
-    in the same directory, is fsynced and renamed, so a killed build never leaves a
-    truncated shard under its final name. Returns (bytes, sha256, samples written).
+    in the same directory (unique per writer, removed if writing fails), is fsynced and
+    renamed, so a killed build never leaves a truncated shard under its final name.
+    Returns (bytes, sha256, samples written); the sha256 is of the bytes as written.
+
+    The format is POSIX pax: identical to ustar for ASCII member names of up to 100
+    characters, and with a pax ``path`` record (deterministic) for longer or non-ASCII ones,
+    which ustar cannot hold; GNU tar, bsdtar and Python's tarfile (stock webdataset) read it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
     n = 0
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, fields in samples:
-                check_key(key)
-                for fname in sorted(fields):
-                    if fname.lower().endswith(UNSAFE_EXTENSIONS):
-                        raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
-                    data = fields[fname]
-                    tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))
-                n += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size, sha256_file(path), n
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            hashed = _HashingWriter(raw, digest)
+            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for key, fields in samples:
+                    check_key(key)
+                    for fname in sorted(fields):
+                        if fname.lower().endswith(UNSAFE_EXTENSIONS):
+                            raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
+                        data = fields[fname]
+                        tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))
+                    n += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; shards are for every reader
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hashed.size, digest.hexdigest(), n
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it, so a shard's sha256 is of the bytes
+    this writer produced, not re-read from a path another process might have replaced."""
+
+    def __init__(self, raw: Any, digest: Any) -> None:
+        self.raw, self.digest, self.size = raw, digest, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, b: Any) -> int:
+        self.digest.update(b)
+        self.size += len(b)
+        return self.raw.write(b)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -121,11 +157,20 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name and rename, so readers never see half a file."""
+    """Write JSON to a temporary name, fsync and rename, so readers never see half a file (nor an
+    empty one after a power loss)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def load_index(shard_dir: Path) -> dict[str, Any]:
