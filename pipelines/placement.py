@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,10 @@ GPU = "GPU"
 """The dask worker resource that marks a worker owning one GPU."""
 __all__ = ["DEVICES", "GPU", "gpu_worker_env", "resolve_device", "run_stage", "shard_context", "worker_pipeline"]
 
-_READY: dict[tuple[str, str], Pipeline] = {}
+_READY: OrderedDict[tuple[str, str], Pipeline] = OrderedDict()
+_KEEP_READY = 4
+"""Set-up pipelines a process keeps (the most recently used): a long-lived worker of a shared cluster
+serves build after build, and each may hold a model on its GPU."""
 _READY_LOCK = threading.Lock()
 _task = threading.local()
 
@@ -46,6 +50,9 @@ def worker_pipeline(m: Manifest) -> Pipeline:
             pipeline = type(get_pipeline(m.pipeline))()  # a private instance: setup may hold state
             pipeline.setup(m)
             _READY[key] = pipeline
+            while len(_READY) > _KEEP_READY:
+                _READY.popitem(last=False)
+        _READY.move_to_end(key)
         return _READY[key]
 
 

@@ -85,3 +85,19 @@ def test_a_gpu_worker_knows_it_is_one():
             has_gpu = bool(info.get("resources", {}).get("GPU"))
             assert client.submit(_on_gpu_worker, 0, workers=[address], pure=False).result() is has_gpu
     assert _on_gpu_worker(0) is False  # not in a worker at all
+
+
+def test_a_worker_keeps_only_its_recent_pipelines(synth_nuscenes, tmp_path):
+    """A long-lived worker of a shared cluster sets up one pipeline per manifest (models included) and
+    keeps the few it used last, not every manifest it ever served."""
+    from distillkit.pipelines import placement
+
+    placement._READY.clear()
+    ms = [slidr_manifest(synth_nuscenes, tmp_path / f"o{i}", f"stages.superpixels.n_segments={20 + i}")
+          for i in range(placement._KEEP_READY + 2)]
+    for m in ms:
+        placement.worker_pipeline(m)
+    assert len(placement._READY) == placement._KEEP_READY
+    kept = placement.worker_pipeline(ms[-1])
+    assert kept is placement.worker_pipeline(ms[-1])  # still set up once
+    assert (ms[0].pipeline, ms[0].content_hash()) not in placement._READY
