@@ -38,12 +38,17 @@ from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
 from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
-from distillkit.sensors.imu import CHANNELS
+from distillkit.sensors.imu import CHANNELS, ImuRecord
 
 log = logging.getLogger(__name__)
 
 OFFSET_MODES = ("auto", "given", "estimate", "zero")
-MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows out of order or duplicated above which a recording is rejected
+MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows displaced or duplicated above which a recording is rejected
+# A step back in IMU time longer than this many median intervals is a clock jump, not logger jitter: sorting would
+# interleave two stretches of the recording, so the recording is rejected whatever its share of displaced rows.
+MAX_BACKSTEP_INTERVALS = 4.0
+# Video files of a recording, compared case-insensitively (GoPro writes GX010001.MP4, phones .MOV).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts")
 ESTIMATE_WIDTH = 96  # px: frames are decoded this wide (luma only) to measure motion energy
 
 
@@ -76,6 +81,8 @@ class ComodoPipeline(Pipeline):
                 "size": Key(int, 224, doc="side of the centre-cropped square frames, px"),
                 "crop_top_px": Key(int, 0, doc="rows cut off the top of every frame first (overlays, counters)"),
                 "jpeg_quality": Key(int, 90),
+                "max_frame_distance": Key(float, 1.5, doc="a frame further than this many median frame intervals "
+                                                          "from its instant (a hole in the video) rejects the window"),
             },
             "offset": {
                 "mode": Key(str, "auto", choices=OFFSET_MODES,
@@ -98,7 +105,7 @@ class ComodoPipeline(Pipeline):
     }
 
     def __init__(self) -> None:
-        self._teachers: dict[str, Any] = {}
+        self._teachers: dict[str, tuple[tuple[Any, ...], Any]] = {}  # device -> (checkpoint identity, teacher)
 
     # ---- client ----------------------------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -111,11 +118,13 @@ class ComodoPipeline(Pipeline):
             "stages.frames.n_frames": frames["n_frames"] >= 1,
             "stages.frames.size": frames["size"] >= 8,
             "stages.frames.jpeg_quality": 1 <= frames["jpeg_quality"] <= 100,
+            "stages.frames.crop_top_px": frames["crop_top_px"] >= 0,
+            "stages.frames.max_frame_distance": frames["max_frame_distance"] > 0,
             "output.recordings_per_shard": m.get("output.recordings_per_shard") >= 1,
         }
         for key, ok in checks.items():
             if not ok:
-                raise ManifestError(m.path, key, "out of range")
+                raise ManifestError(m.path, key, "must be >= 0" if key.endswith("crop_top_px") else "out of range")
         if abs(imu["window_s"] * imu["rate_hz"] - round(imu["window_s"] * imu["rate_hz"])) > 1e-6:
             raise ManifestError(m.path, "stages.imu.window_s", "window_s * rate_hz must be a whole number of samples")
         if m.get("stages.teacher.checkpoint") and not Path(m.get("stages.teacher.checkpoint")).is_file():
@@ -123,23 +132,25 @@ class ComodoPipeline(Pipeline):
 
     def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
         root = Path(m.get("source.root"))
-        videos = {p.stem: p for p in sorted((root / "full_scale").glob("*.mp4"))}
-        imus = {p.stem: p for p in sorted((root / "imu").glob("*.csv"))}
+        videos = _files_by_uid(root / "full_scale", VIDEO_SUFFIXES)
+        imus = _files_by_uid(root / "imu", (".csv",))
         if not videos and not imus:
             raise ManifestError(m.path, "source.root", f"{root} has no full_scale/*.mp4 or imu/*.csv")
         offsets = _read_offsets(root / m.get("source.offsets"), m)
         labels = _read_labels(root / m.get("source.labels"), m)
+        # The teacher's weights decide teacher.npy: a retrained checkpoint at the same path must rebuild the shards,
+        # so it stamps every recording's inputs (Pipeline.input_files) with the video and the CSV.
+        ckpt = m.get("stages.teacher.checkpoint") if m.get("stages.teacher.enabled") else ""
         refs, rejected = [], []
         for uid in sorted(videos.keys() | imus.keys()):
-            if uid not in imus:
-                rejected.append({"source": f"full_scale/{uid}.mp4", "stage": "plan", "reason": "no imu/{uid}.csv"})
+            problem = _pairing_problem(uid, videos.get(uid, []), imus.get(uid, []))
+            if problem is not None:
+                rejected.append({"source": problem[0], "stage": "plan", "reason": problem[1]})
                 continue
-            if uid not in videos:
-                rejected.append({"source": f"imu/{uid}.csv", "stage": "plan", "reason": "no full_scale/{uid}.mp4"})
-                continue
-            payload = {"uid": uid, "files": [str(videos[uid]), str(imus[uid])], "offset_ms": offsets.get(uid),
-                       "labels": labels.get(uid, [])}
-            refs.append(SampleRef(sanitise(uid), f"full_scale/{uid}.mp4", payload))
+            video, imu = videos[uid][0], imus[uid][0]
+            files = [str(video), str(imu)] + ([str(ckpt)] if ckpt else [])
+            payload = {"uid": uid, "files": files, "offset_ms": offsets.get(uid), "labels": labels.get(uid, [])}
+            refs.append(SampleRef(sanitise(uid), f"full_scale/{video.name}", payload))
         return refs, rejected
 
     def refs_per_shard(self, m: Manifest) -> int:
@@ -152,13 +163,16 @@ class ComodoPipeline(Pipeline):
 
     def teacher_embed(self, clips: np.ndarray, t: dict[str, Any], device: str) -> np.ndarray:
         """The teacher stage (``pipelines.placement``): (B, T, H, W, 3) uint8 clips -> (B, D) float16.
-        The teacher is loaded on first use, in the process and on the device that runs it."""
+        The teacher is loaded on first use, in the process and on the device that runs it, and again when its
+        checkpoint file changed since (a worker process outlives builds: a teacher retrained into the same path
+        must not be served from memory)."""
         from distillkit.preprocess.video_encoder import embed_clips, load_video_teacher
 
-        if device not in self._teachers:
+        identity = (t["arch"], t["seed"], *_file_identity(t["checkpoint"]))
+        if device not in self._teachers or self._teachers[device][0] != identity:
             teacher, _ = load_video_teacher(t["arch"], t["checkpoint"], t["seed"])
-            self._teachers[device] = teacher.to(device)
-        return embed_clips(self._teachers[device], clips, device).cpu().numpy().astype(np.float16)
+            self._teachers[device] = (identity, teacher.to(device))
+        return embed_clips(self._teachers[device][1], clips, device).cpu().numpy().astype(np.float16)
 
     def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
         from distillkit.preprocess.alignment import frame_instants, nearest_frames
@@ -166,7 +180,7 @@ class ComodoPipeline(Pipeline):
         from distillkit.sensors.imu import read_imu_csv
         from distillkit.sensors.video import VideoReader, frame_times_ms, probe_video
 
-        video_path, imu_path = ref.payload["files"]
+        video_path, imu_path = ref.payload["files"][:2]  # then the teacher checkpoint, when there is one
         uid = ref.payload["uid"]
         st = m.data["stages"]
         imu_cfg, fr = st["imu"], st["frames"]
@@ -174,13 +188,7 @@ class ComodoPipeline(Pipeline):
             rec = read_imu_csv(imu_path)
         except ValueError as exc:
             raise Rejected("imu", f"{uid}: {exc}") from None
-        if len(rec.t_ms) < 2:
-            raise Rejected("imu", f"{uid}: fewer than two IMU samples")
-        for what, count in (("out of order", rec.n_out_of_order), ("duplicated", rec.n_duplicates)):
-            # A few such rows are logger hiccups (sorted / dropped by read_imu_csv); many mean a broken clock.
-            if count > MAX_BAD_TIMESTAMPS * rec.n_rows:
-                raise Rejected("imu", f"{uid}: {count} of {rec.n_rows} IMU timestamps are {what} "
-                                      f"(more than {MAX_BAD_TIMESTAMPS:.0%}): the IMU clock cannot be trusted")
+        _check_imu_clock(rec, uid, imu_path)
         try:
             info = probe_video(video_path)
             pts = frame_times_ms(video_path)
@@ -188,6 +196,11 @@ class ComodoPipeline(Pipeline):
             raise Rejected("video", f"{uid}: {exc}") from None
         if len(pts) == 0:
             raise Rejected("video", f"{uid}: {video_path} has no frames")
+        rot = (info.rotation_deg // 90) % 4
+        height = info.width if rot % 2 else info.height  # as displayed, the rows crop_top_px cuts
+        if fr["crop_top_px"] >= height:
+            raise Rejected("video", f"{uid}: stages.frames.crop_top_px = {fr['crop_top_px']} leaves nothing of "
+                                    f"{video_path}'s {height} px high frames")
         offset_ms, source, peak = self._offset(ref, m, rec, video_path, pts, info)
         window_ms = imu_cfg["window_s"] * 1000.0
         # The span both streams cover, on the IMU clock (video time - offset).
@@ -200,7 +213,10 @@ class ComodoPipeline(Pipeline):
                 f"less than one {imu_cfg['window_s']:g} s window"))
         n = int(round(imu_cfg["window_s"] * imu_cfg["rate_hz"]))
         starts = window_starts(begin, end, window_ms, imu_cfg["stride_s"] * 1000.0)
-        rot = (info.rotation_deg // 90) % 4
+        # A frame may be this far from its instant: nearest-frame choice on a steady stream is within half an
+        # interval, a dropped frame or two stay within 1.5; further means a hole and a stale frame.
+        interval = float(np.median(np.diff(pts))) if len(pts) > 1 else info.duration_ms
+        max_distance = fr["max_frame_distance"] * interval
         with VideoReader(video_path) as reader:
             for k, t0 in enumerate(starts):
                 where = f"{ref.source}@{t0:.0f}ms"
@@ -212,6 +228,13 @@ class ComodoPipeline(Pipeline):
                     continue
                 want = frame_instants(float(t0), window_ms, fr["n_frames"]) + offset_ms
                 chosen = pts[nearest_frames(pts, want)]
+                far = int(np.argmax(np.abs(chosen - want)))
+                if abs(chosen[far] - want[far]) > max_distance:
+                    yield Rejection(where, "video", (
+                        f"{uid} window {k}: nearest frame {chosen[far]:.1f} ms is {abs(chosen[far] - want[far]):.1f} "
+                        f"ms from its instant {want[far]:.1f} ms (video clock), a hole in the video (limit "
+                        f"{max_distance:.1f} ms = stages.frames.max_frame_distance x the median frame interval)"))
+                    continue
                 try:
                     frames, got = reader.frames_at(chosen)
                 except ValueError as exc:
@@ -252,11 +275,17 @@ class ComodoPipeline(Pipeline):
         use = pts[pts < pts[0] + cfg["estimate_s"] * 1000.0]
         if len(use) < 3:
             raise Rejected("offset", f"{uid}: too few frames ({len(use)}) to estimate the clock offset")
-        energy = _motion_energy(video_path, use, m.get("stages.frames.crop_top_px"))
+        energy = _motion_energy(video_path, use, m.get("stages.frames.crop_top_px"), (info.rotation_deg // 90) % 4)
         try:
             est = estimate_offset(rec.t_ms, rec.x[3:], use, energy, max_offset_ms=cfg["max_offset_ms"])
         except ValueError as exc:
             raise Rejected("offset", f"{uid}: {exc}") from None
+        if est.at_edge:
+            # The correlation still rises towards the end of the searched range: the true offset is probably
+            # beyond it, and the estimate (with its possibly high peak) is only the range's end.
+            raise Rejected("offset", f"{uid}: clock offset estimate {est.offset_ms:+.1f} ms for {video_path} is at the "
+                                     f"edge of the searched +-{cfg['max_offset_ms']:g} ms: the offset may lie beyond "
+                                     "it; raise stages.offset.max_offset_ms")
         if est.peak < cfg["min_peak"]:
             raise Rejected("offset", f"{uid}: clock offset estimate {est.offset_ms:+.1f} ms is unreliable "
                                      f"(correlation peak {est.peak:.2f} < stages.offset.min_peak {cfg['min_peak']})")
@@ -339,7 +368,13 @@ class ComodoPipeline(Pipeline):
 # ---- helpers -------------------------------------------------------------------------------
 def square_crop(img: np.ndarray, size: int, crop_top_px: int = 0) -> np.ndarray:
     """(H, W, 3) -> (size, size, 3): cut ``crop_top_px`` rows off the top, take the centred square, resize
-    (area interpolation when shrinking, bicubic when enlarging)."""
+    (area interpolation when shrinking, bicubic when enlarging).
+
+    Raises:
+        ValueError: ``crop_top_px`` is negative or leaves no row.
+    """
+    if not 0 <= crop_top_px < img.shape[0]:
+        raise ValueError(f"crop_top_px {crop_top_px} must be in [0, {img.shape[0]}) for {img.shape[0]} px high frames")
     img = img[crop_top_px:]
     h, w = img.shape[:2]
     s = min(h, w)
@@ -369,8 +404,9 @@ def window_label(intervals: list[list[Any]], a_ms: float, b_ms: float) -> str | 
     return max(sorted(cover), key=lambda lab: cover[lab])
 
 
-def _motion_energy(video_path: str, pts: np.ndarray, crop_top_px: int) -> np.ndarray:
-    """Motion energy between consecutive frames at ``pts``: luma planes (no colour conversion), shrunk to
+def _motion_energy(video_path: str, pts: np.ndarray, crop_top_px: int, rot: int = 0) -> np.ndarray:
+    """Motion energy between consecutive frames at ``pts``: luma planes (no colour conversion), turned by ``rot``
+    quarter turns so that ``crop_top_px`` cuts the displayed top (as for the stored frames), shrunk to
     ``ESTIMATE_WIDTH`` px with OpenCV (cheaper than a swscale context per frame), in chunks of 64 frames."""
     from distillkit.preprocess.alignment import motion_energy
     from distillkit.sensors.video import VideoReader
@@ -379,16 +415,90 @@ def _motion_energy(video_path: str, pts: np.ndarray, crop_top_px: int) -> np.nda
     with VideoReader(video_path) as reader:
         for i in range(0, len(pts), 64):
             frames, got = reader.frames_at(pts[i:i + 64], pixel_format="gray")
-            frames = frames[:, crop_top_px:]
+            frames = (np.rot90(frames, rot, axes=(1, 2)) if rot else frames)[:, crop_top_px:]
             h, w = frames.shape[1:]
             scale = min(1.0, ESTIMATE_WIDTH / w)
             size = (max(round(w * scale), 2), max(round(h * scale), 2))
-            gray = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+            gray = np.stack([cv2.resize(np.ascontiguousarray(f), size, interpolation=cv2.INTER_AREA) for f in frames])
             if last is not None:
                 gray, got = np.concatenate([last[0][None], gray]), np.concatenate([[last[1]], got])
             energies.append(motion_energy(gray, got)[0])
             last = (gray[-1], got[-1])
     return np.concatenate(energies)
+
+
+def _file_identity(path: str) -> tuple[Any, ...]:
+    """(path, size, mtime ns) of a file, the runner's notion of "changed" (``inputs_stamp``); ``(path,)`` for ""
+    or a file that cannot be read (its loading then reports why)."""
+    if not path:
+        return (path,)
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (path,)
+    return path, st.st_size, st.st_mtime_ns
+
+
+def _files_by_uid(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Files of ``folder`` whose suffix is one of ``suffixes`` in any case (``GX010001.MP4``), by stem (the
+    recording uid), sorted.
+
+    Args:
+        folder: ``full_scale/`` or ``imu/`` of the source root.
+        suffixes: lower-case suffixes with their dot.
+    """
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.glob("*")):
+        if path.suffix.lower() in suffixes and path.is_file():
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def _pairing_problem(uid: str, videos: list[Path], imus: list[Path]) -> tuple[str, str] | None:
+    """(source, reason) when recording ``uid`` has no video, no CSV, or several of either (``a.mp4`` and
+    ``a.MOV``: which one is meant?); None when it has one of each.
+
+    Args:
+        uid: the recording id (the files' stem).
+        videos: its files in ``full_scale/``.
+        imus: its files in ``imu/``.
+    """
+    for folder, paths in (("full_scale", videos), ("imu", imus)):
+        if len(paths) > 1:
+            return f"{folder}/{paths[0].name}", (f"{uid}: several files in {folder}/ for one recording: "
+                                                 f"{', '.join(p.name for p in paths)}")
+    if not imus:
+        return f"full_scale/{videos[0].name}", f"{uid}: no imu/{uid}.csv for full_scale/{videos[0].name}"
+    if not videos:
+        return f"imu/{imus[0].name}", f"{uid}: no video full_scale/{uid}.mp4 (or .mov, ...) for imu/{imus[0].name}"
+    return None
+
+
+def _check_imu_clock(rec: ImuRecord, uid: str, imu_path: str) -> None:
+    """Reject a recording whose IMU clock cannot be trusted (``Rejected``, one line naming the file).
+
+    A few displaced or conflicting rows are logger hiccups (sorted / dropped by ``read_imu_csv``); many mean a
+    broken clock, and one step back by more than ``MAX_BACKSTEP_INTERVALS`` median intervals is a clock jump
+    (sorting would interleave two stretches of the recording, whatever the share of displaced rows).
+
+    Args:
+        rec: the recording (``sensors.imu.ImuRecord``).
+        uid: its id, for the message.
+        imu_path: its CSV, for the message.
+    """
+    if len(rec.t_ms) < 2:
+        raise Rejected("imu", f"{uid}: fewer than two IMU samples in {imu_path}")
+    interval = rec.median_interval_ms
+    if rec.max_backstep_ms > MAX_BACKSTEP_INTERVALS * interval:
+        raise Rejected("imu", f"{uid}: IMU clock steps back {rec.max_backstep_ms:.1f} ms after "
+                              f"{rec.backstep_at_ms:.1f} ms in {imu_path} ({rec.max_backstep_ms / interval:.0f} "
+                              f"median intervals, limit {MAX_BACKSTEP_INTERVALS:g}; {rec.n_out_of_order} of "
+                              f"{rec.n_rows} rows out of order): the IMU clock jumped")
+    for what, count in (("out of order", rec.n_out_of_order), ("duplicated with different values",
+                                                                rec.n_duplicates)):
+        if count > MAX_BAD_TIMESTAMPS * rec.n_rows:
+            raise Rejected("imu", f"{uid}: {count} of {rec.n_rows} IMU timestamps in {imu_path} are {what} "
+                                  f"(more than {MAX_BAD_TIMESTAMPS:.0%}): the IMU clock cannot be trusted")
 
 
 def _read_offsets(path: Path, m: Manifest) -> dict[str, float]:

@@ -14,7 +14,9 @@ frame-difference energy (mean absolute grey-level change per ms between consecut
 candidate offset the gyro magnitude is averaged over exactly the IMU-clock interval between two frames
 (``[p_i - o, p_{i+1} - o]``, from its running integral), and the Pearson correlation with the frames' motion
 energy is taken over the frame pairs the IMU covers; the best candidate on a ``step_ms`` grid is refined by a
-parabola through its neighbours. The correlation peak (r in [-1, 1]) says how much to trust it.
+parabola through its neighbours. The correlation peak (r in [-1, 1]) says how much to trust it, except when the
+best candidate is at the edge of the searched range (``OffsetEstimate.at_edge``): the true offset is then likely
+beyond the range and the peak is just the correlation's value where the search stopped.
 """
 
 from __future__ import annotations
@@ -91,11 +93,15 @@ class OffsetEstimate:
         offset_ms: IMU time + offset = video time, ms.
         peak: Pearson correlation at the offset (1 = the two motion signals agree perfectly).
         n_pairs: frame pairs the correlation used at the peak.
+        at_edge: the best candidate is the first or last scored one, or next to it: the score may still rise
+            beyond the searched range, so the true offset may lie outside it and ``offset_ms`` (whatever its
+            ``peak``) is only where the search stopped. The caller should not use the estimate.
     """
 
     offset_ms: float
     peak: float
     n_pairs: int
+    at_edge: bool = False
 
 
 def estimate_offset(
@@ -119,7 +125,8 @@ def estimate_offset(
         min_pairs: fewest frame pairs inside the IMU recording for a candidate to count.
 
     Returns:
-        :class:`OffsetEstimate`.
+        :class:`OffsetEstimate`; ``at_edge`` when the best candidate is within one ``step_ms`` of either end of
+        the scored candidates (``+-max_offset_ms``, or nearer where fewer than ``min_pairs`` pairs are left).
 
     Raises:
         ValueError: no candidate offset leaves ``min_pairs`` frame pairs inside the IMU recording, or
@@ -142,6 +149,8 @@ def estimate_offset(
         raise ValueError(f"no offset within +-{max_offset_ms:.0f} ms leaves {min_pairs} frame pairs inside the "
                          "IMU recording with motion in both streams")
     best = int(np.argmax(scores))
+    scored = np.flatnonzero(np.isfinite(scores))
+    at_edge = bool(best <= scored[0] + 1 or best >= scored[-1] - 1)
     offset = float(lags[best])
     if 0 < best < len(lags) - 1 and np.isfinite(scores[best - 1]) and np.isfinite(scores[best + 1]):
         a, b, c = scores[best - 1], scores[best], scores[best + 1]
@@ -151,7 +160,7 @@ def estimate_offset(
     peak, n_pairs = _score(t, integral, pts, e, offset, min_pairs)
     if not np.isfinite(peak):
         peak, n_pairs = float(scores[best]), int(counts[best])
-    return OffsetEstimate(offset_ms=offset, peak=float(peak), n_pairs=int(n_pairs))
+    return OffsetEstimate(offset_ms=offset, peak=float(peak), n_pairs=int(n_pairs), at_edge=at_edge)
 
 
 def _score(t: np.ndarray, integral: np.ndarray, pts: np.ndarray, e: np.ndarray, o: float,

@@ -3,11 +3,14 @@
 Times are float64 milliseconds on the IMU clock; samples are float32 (6, T) in ``sensors.imu.CHANNELS`` order
 (accel x/y/z in m/s^2, gyro x/y/z in rad/s), COMODO's layout (5 s at 200 Hz: T = 1000).
 
-Resampling is linear interpolation between the two source samples around each grid time
-(``sensors.imu.resample_imu``): Ego4D's IMU is already ~200 Hz with jitter, so the grid moves samples by at most
-half an interval and no anti-aliasing filter is needed; COMODO's published preparation resamples whole
-recordings with ``torchaudio.functional.resample`` from a rate estimated as ``int(1000 / mean(diff))``, which
-smears the jitter and every gap over the recording instead of reporting them.
+Resampling (``sensors.imu.resample_imu``) is linear interpolation between the two source samples around each
+grid time when the source is near the grid rate: Ego4D's IMU is already ~200 Hz with jitter, so the grid moves
+samples by at most half an interval and a filter would only smear them. A faster source (more than 1.2x the grid
+rate, e.g. Aria's 1 kHz IMU in EgoExo4D) is low-passed first (zero-phase windowed sinc, flat to 0.8x the grid's
+Nyquist, -60 dB from it, never across a hole), since decimating by interpolation alone folds everything above
+the grid's Nyquist into the window. COMODO's published preparation resamples whole recordings with
+``torchaudio.functional.resample`` (which also low-passes) from a rate estimated as ``int(1000 / mean(diff))``,
+which smears the jitter and every gap over the recording instead of reporting them.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ shards' ``imu.npy``.
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import math
 import pathlib
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 
@@ -30,10 +31,18 @@ class ImuRecord:
         x: float32 (6, N) samples, rows in :data:`CHANNELS` order.
         n_rows: data rows in the file (before cleaning).
         n_nan: rows dropped because the timestamp or a channel was NaN/empty.
-        n_duplicates: rows dropped because their timestamp equalled an earlier row's (the first is kept).
-        n_out_of_order: rows whose timestamp was below the previous row's (the rows were then sorted).
+        n_duplicates: rows dropped because their timestamp equalled an earlier row's while their values differ
+            (the first, in file order, is kept): two different readings claim one instant.
+        n_out_of_order: displaced rows: rows whose timestamp is below the largest timestamp of the rows before
+            them in the file (the rows were then sorted). A clock that steps back displaces every row until it
+            catches up again, not just the one row at the step.
         nan_t_ms: float64 (K,) sorted timestamps of the rows dropped for a NaN/empty channel value (rows whose
             timestamp itself is missing cannot be placed and are only counted), so a window can count them.
+        n_exact_duplicates: rows dropped because an earlier row had the same timestamp *and* the same values (a
+            logger writing a row twice): harmless, so not counted in ``n_duplicates`` nor ``n_out_of_order``.
+        max_backstep_ms: the largest step back in time between consecutive rows in file order (0 when the
+            timestamps never decrease), ms.
+        backstep_at_ms: the timestamp of the row just before that step (NaN when there is none), ms.
     """
 
     path: str
@@ -44,15 +53,29 @@ class ImuRecord:
     n_duplicates: int
     n_out_of_order: int
     nan_t_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    n_exact_duplicates: int = 0
+    max_backstep_ms: float = 0.0
+    backstep_at_ms: float = math.nan
 
     @property
     def rate_hz(self) -> float:
         """Median sampling rate (Hz), from the median interval; NaN with fewer than two samples."""
-        return 1000.0 / float(np.median(np.diff(self.t_ms))) if len(self.t_ms) > 1 else math.nan
+        return 1000.0 / self.median_interval_ms
+
+    @property
+    def median_interval_ms(self) -> float:
+        """Median interval between consecutive (sorted) samples, ms; NaN with fewer than two samples."""
+        return float(np.median(np.diff(self.t_ms))) if len(self.t_ms) > 1 else math.nan
 
 
 def _normalise(name: str) -> str:
     return name.strip().strip('"').strip("'").strip().lower().replace(" ", "_")
+
+
+# Data lines parsed per block: bounds the text held at once (~10 MB of Python strings for an Ego4D CSV) while
+# numpy's C parser still does the work; a block numpy refuses (an empty field, quoted numbers) goes through the csv
+# module on its own.
+CSV_BLOCK_LINES = 65536
 
 
 def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
@@ -61,8 +84,11 @@ def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
     Columns are found by name (``canonical_timestamp_ms`` and :data:`CHANNELS`), so their order may change and
     extra columns (Ego4D's ``component_*``, ...) are ignored; header names are compared after stripping spaces
     and quotes and lower-casing (inner spaces become ``_``). Windows line endings and a UTF-8 BOM are accepted.
-    Rows with a NaN or empty value in a used column are dropped and counted; rows are sorted by time (stable)
-    if not monotonic; of rows with exactly equal timestamps the first (after sorting) is kept.
+    The file is streamed in blocks of :data:`CSV_BLOCK_LINES` lines, so memory holds the parsed numbers and one
+    block of text, never the whole text. Cleaning: rows with a NaN or empty value in a used column are dropped
+    and counted; rows repeating an earlier row exactly (time and values) are dropped as harmless; rows are
+    sorted by time (stable) if not monotonic, counting the displaced rows and the largest step back; of rows
+    with equal timestamps but different values the first (in file order) is kept and the others counted.
 
     Args:
         path: the CSV file.
@@ -74,33 +100,22 @@ def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
         ValueError: unreadable file, a missing column, a non-numeric value or no valid row, naming the file.
     """
     try:
-        text = pathlib.Path(path).read_text(encoding="utf-8-sig")  # -sig: drop a BOM if present
+        # -sig: drop a BOM if present; newline=None: universal newlines (CRLF and CR become \n).
+        with open(path, encoding="utf-8-sig", newline=None) as fh:
+            header = [_normalise(h) for h in next(csv.reader([fh.readline()]), [])]
+            wanted = (TIME_COLUMN, *CHANNELS)
+            missing = [c for c in wanted if c not in header]
+            if missing:
+                raise ValueError(f"{path}: missing IMU column(s) {missing} (header: {header})")
+            data = _read_blocks(fh, [header.index(c) for c in wanted], path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read IMU file ({exc})") from exc
-    lines = io.StringIO(text, newline=None)  # universal newlines: CRLF and CR become \n
-    header_line = lines.readline()
-    header = [_normalise(h) for h in next(csv.reader([header_line]), [])]
-    wanted = (TIME_COLUMN, *CHANNELS)
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise ValueError(f"{path}: missing IMU column(s) {missing} (header: {header})")
-    cols = [header.index(c) for c in wanted]
-    body = lines.read()
-    if not body.strip():
-        raise ValueError(f"{path}: no IMU rows")
-    try:
-        # Fast path: numpy's C parser, reading only the wanted columns (extra columns may be text).
-        data = np.loadtxt(io.StringIO(body), delimiter=",", usecols=cols, dtype=np.float64, ndmin=2)
-    except ValueError:
-        data = _parse_slow(body, cols, path)  # empty fields (missing values) or quoted numbers
-    if data.size == 0:
-        data = np.zeros((0, len(wanted)), np.float64)
     n_rows = len(data)
     finite = np.isfinite(data).all(axis=1)
     nan_t = np.sort(data[~finite & np.isfinite(data[:, 0]), 0])
-    data = data[finite]
-    n_out_of_order = int(np.count_nonzero(np.diff(data[:, 0]) < 0))
-    if n_out_of_order:
+    data, n_exact = _drop_exact_duplicates(data[finite])
+    n_displaced, backstep, back_at = _clock_steps(data[:, 0])
+    if n_displaced:
         data = data[np.argsort(data[:, 0], kind="stable")]
     keep = np.ones(len(data), bool)
     keep[1:] = np.diff(data[:, 0]) != 0
@@ -110,14 +125,51 @@ def read_imu_csv(path: str | pathlib.Path) -> ImuRecord:
     return ImuRecord(
         path=str(path), t_ms=np.ascontiguousarray(data[:, 0]), x=np.ascontiguousarray(data[:, 1:].T, np.float32),
         n_rows=n_rows, n_nan=n_rows - int(finite.sum()), n_duplicates=int((~keep).sum()),
-        n_out_of_order=n_out_of_order, nan_t_ms=nan_t,
+        n_out_of_order=n_displaced, nan_t_ms=nan_t, n_exact_duplicates=n_exact, max_backstep_ms=backstep,
+        backstep_at_ms=back_at,
     )
 
 
-def _parse_slow(body: str, cols: list[int], path: str | pathlib.Path) -> np.ndarray:
-    """The csv module's parser, for what ``np.loadtxt`` refuses: empty fields read as NaN, quoted numbers."""
+def _read_blocks(fh: TextIO, cols: list[int], path: str | pathlib.Path) -> np.ndarray:
+    """(rows, len(cols)) float64 of the data lines left in ``fh``, block by block.
+
+    Args:
+        fh: the open text file, positioned after the header line.
+        cols: the column indices to read, in output order.
+        path: the file, for messages.
+    """
+    blocks, lineno, seen_text = [], 2, False
+    while True:
+        lines = list(itertools.islice(fh, CSV_BLOCK_LINES))
+        if not lines:
+            break
+        if not any(line.strip() for line in lines):
+            lineno += len(lines)
+            continue  # only blank lines (np.loadtxt would warn about an empty input)
+        seen_text = True
+        try:
+            # Fast path: numpy's C parser, reading only the wanted columns (extra columns may be text).
+            block = np.loadtxt(lines, delimiter=",", usecols=cols, dtype=np.float64, ndmin=2)
+        except ValueError:
+            block = _parse_slow(lines, cols, path, lineno)  # empty fields (missing values) or quoted numbers
+        blocks.append(block.reshape(-1, len(cols)))
+        lineno += len(lines)
+    if not seen_text:
+        raise ValueError(f"{path}: no IMU rows")
+    return np.concatenate(blocks) if blocks else np.zeros((0, len(cols)), np.float64)
+
+
+def _parse_slow(lines: list[str], cols: list[int], path: str | pathlib.Path, first_lineno: int) -> np.ndarray:
+    """The csv module's parser, for what ``np.loadtxt`` refuses: empty fields read as NaN, quoted numbers.
+
+    Args:
+        lines: one block of data lines.
+        cols: the column indices to read.
+        path: the file, for messages.
+        first_lineno: the file line number of ``lines[0]`` (the header is line 1).
+    """
     rows = []
-    for lineno, row in enumerate(csv.reader(io.StringIO(body)), start=2):
+    for lineno, row in enumerate(csv.reader(lines), start=first_lineno):
         if not row or all(not f.strip() for f in row):
             continue  # blank line
         try:
@@ -127,12 +179,56 @@ def _parse_slow(body: str, cols: list[int], path: str | pathlib.Path) -> np.ndar
     return np.asarray(rows, np.float64).reshape(-1, len(cols))
 
 
+def _drop_exact_duplicates(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """``data`` (rows: time, channels) without the rows that repeat an earlier row exactly; (rows, dropped).
+
+    Only rows sharing their timestamp with another row are compared (usually none), so this costs one sort.
+
+    Args:
+        data: (N, 7) finite rows in file order.
+    """
+    t = data[:, 0]
+    order = np.argsort(t, kind="stable")
+    same = t[order][1:] == t[order][:-1]
+    if not same.any():
+        return data, 0
+    shared = np.zeros(len(t), bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    idx = order[shared]  # rows in a group of equal times; within a group still in file order (stable sort)
+    _, first = np.unique(data[idx], axis=0, return_index=True)  # first occurrence of each distinct row
+    repeat = np.ones(len(idx), bool)
+    repeat[first] = False
+    return np.delete(data, idx[repeat], axis=0), int(repeat.sum())
+
+
+def _clock_steps(t: np.ndarray) -> tuple[int, float, float]:
+    """(displaced rows, largest step back ms, time before that step ms) of timestamps in file order.
+
+    A displaced row is one below the running maximum of the rows before it: counting only the rows below their
+    predecessor would count a clock that jumps back by 10 s as *one* bad row, though every row until the clock
+    catches up interleaves with rows already seen.
+
+    Args:
+        t: float64 (N,) finite timestamps in file order.
+    """
+    if len(t) < 2:
+        return 0, 0.0, math.nan
+    displaced = int(np.count_nonzero(t[1:] < np.maximum.accumulate(t)[:-1]))
+    steps = np.diff(t)
+    worst = int(np.argmin(steps))
+    if steps[worst] >= 0:
+        return displaced, 0.0, math.nan
+    return displaced, float(-steps[worst]), float(t[worst])
+
+
 @dataclass(frozen=True)
 class ImuWindow:
     """IMU resampled onto a uniform grid.
 
     Attributes:
-        x: float32 (6, n) samples at ``grid_ms`` (linear interpolation between the two nearest samples).
+        x: float32 (6, n) samples at ``grid_ms`` (linear interpolation between the two nearest samples, of the
+            low-passed source when it is much faster than the grid: :func:`resample_imu`).
         grid_ms: float64 (n,) ``t0_ms + k * 1000 / rate_hz``.
         max_gap_ms: the longest interval between consecutive source samples that overlaps
             ``[grid_ms[0], grid_ms[-1]]``; ``inf`` when the grid reaches beyond the recording (those grid points
@@ -144,12 +240,80 @@ class ImuWindow:
     max_gap_ms: float
 
 
+# Anti-aliasing (see resample_imu). The source is low-passed when its rate exceeds the target's by this factor:
+# below it (Ego4D's ~200 Hz jittering around a 200 Hz grid) interpolation only moves samples by a fraction of an
+# interval and a filter would just smear them.
+ANTIALIAS_RATIO = 1.2
+PASSBAND_EDGE = 0.8  # share of the target Nyquist kept flat (80 Hz for a 200 Hz grid)
+STOPBAND_DB = 60.0  # attenuation from the target Nyquist on: an aliased component ends 1000x weaker
+FILTER_GAP_INTERVALS = 4.0  # a longer interval between source samples splits the filtering (no filter across it)
+
+
+def lowpass_taps(source_hz: float, target_hz: float) -> np.ndarray:
+    """Zero-phase (odd-length, symmetric) Kaiser-windowed sinc low-pass for resampling ``source_hz`` to
+    ``target_hz``: flat to ``PASSBAND_EDGE`` x the target Nyquist, ``STOPBAND_DB`` down from the target Nyquist.
+
+    Args:
+        source_hz: the (uniform) rate the filter runs at, Hz.
+        target_hz: the rate the output will be sampled at, Hz (< ``source_hz``).
+
+    Returns:
+        float64 (L,) taps summing to 1 (a constant passes exactly).
+    """
+    nyquist = target_hz / 2.0
+    width = (1.0 - PASSBAND_EDGE) * nyquist / source_hz  # transition band, cycles per source sample
+    cutoff = (1.0 + PASSBAND_EDGE) / 2.0 * nyquist / source_hz  # -6 dB point, cycles per sample
+    # Kaiser's design formulas for the length and the window's beta.
+    n = int(math.ceil((STOPBAND_DB - 7.95) / (2.285 * 2.0 * math.pi * width))) + 1
+    n += 1 - n % 2  # odd: a whole-sample delay, removed by centring, so the filter has zero phase
+    beta = 0.1102 * (STOPBAND_DB - 8.7)
+    k = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    taps = 2.0 * cutoff * np.sinc(2.0 * cutoff * k) * np.kaiser(n, beta)
+    return taps / taps.sum()
+
+
+def _lowpassed(ts: np.ndarray, xs: np.ndarray, step_ms: float, taps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``xs`` low-passed: each run of samples without a gap is interpolated onto a uniform ``step_ms`` grid,
+    padded by odd reflection at its ends and filtered with ``taps``; runs are filtered separately, so nothing
+    leaks across a hole in the recording. Returns the runs' uniform times and filtered values, concatenated.
+
+    Args:
+        ts: float64 (M,) increasing source times, ms.
+        xs: float64 (C, M) source samples.
+        step_ms: the source's median interval, ms.
+        taps: :func:`lowpass_taps` for the source rate ``1000 / step_ms``.
+    """
+    half = len(taps) // 2
+    breaks = np.flatnonzero(np.diff(ts) > FILTER_GAP_INTERVALS * step_ms) + 1
+    out_t, out_x = [], []
+    for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(ts)], strict=True):
+        run_t = ts[a:b]
+        grid = run_t[0] + np.arange(int(math.floor((run_t[-1] - run_t[0]) / step_ms + 1e-9)) + 1) * step_ms
+        filtered = np.empty((xs.shape[0], len(grid)))
+        for c in range(xs.shape[0]):
+            v = np.interp(grid, run_t, xs[c, a:b])
+            # Odd reflection continues the run's level and slope past its ends (zero padding would add a step).
+            padded = np.pad(v, half, mode="reflect", reflect_type="odd") if len(v) > 1 else np.full(2 * half + 1, v)
+            filtered[c] = np.convolve(padded, taps, mode="valid")
+        out_t.append(grid)
+        out_x.append(filtered)
+    return np.concatenate(out_t), np.concatenate(out_x, axis=1)
+
+
 def resample_imu(t_ms: np.ndarray, x: np.ndarray, t0_ms: float, rate_hz: float, n: int) -> ImuWindow:
-    """Linearly interpolate IMU samples onto ``n`` uniform times from ``t0_ms`` at ``rate_hz``.
+    """Resample IMU samples onto ``n`` uniform times from ``t0_ms`` at ``rate_hz``.
 
     The COMODO default is 200 Hz for 5 s (``n = 1000``). Only the source samples around the window are touched,
     so windows of a long recording cost O(n) each (plus a binary search). The caller rejects windows whose
     ``max_gap_ms`` exceeds its limit: interpolation across a gap invents a straight line.
+
+    Near the target rate (source <= ``ANTIALIAS_RATIO`` x ``rate_hz``, e.g. Ego4D's ~200 Hz) this is linear
+    interpolation between the two nearest source samples. A faster source (e.g. a 1 kHz Aria IMU) is first
+    low-passed below the target Nyquist (:func:`lowpass_taps`: zero phase, flat to 0.8 x Nyquist, -60 dB from
+    it), as COMODO's ``torchaudio.functional.resample`` does, because decimating by interpolation alone folds
+    vibration above the target Nyquist (130 Hz in 1 kHz data shows up at 70 Hz in 200 Hz data). The filter reads
+    the source samples up to half its length beyond the window and never filters across an interval longer
+    than ``FILTER_GAP_INTERVALS`` source intervals (the runs on either side are filtered separately).
 
     Args:
         t_ms: float64 (N,) strictly increasing timestamps, ms (e.g. :attr:`ImuRecord.t_ms`).
@@ -175,11 +339,18 @@ def resample_imu(t_ms: np.ndarray, x: np.ndarray, t0_ms: float, rate_hz: float, 
     # The source samples that bracket the grid: the last one at or before t0 to the first one at or after t1.
     lo = max(int(np.searchsorted(t_ms, t0_ms, side="right")) - 1, 0)
     hi = min(int(np.searchsorted(t_ms, t1, side="left")) + 1, len(t_ms))
-    ts, xs = t_ms[lo:hi], x[:, lo:hi].astype(np.float64)
+    ts = t_ms[lo:hi]
     if t0_ms < t_ms[0] or t1 > t_ms[-1]:
         max_gap = math.inf
     else:
         max_gap = float(np.diff(ts).max()) if len(ts) > 1 else 0.0
+    step = float(np.median(np.diff(ts))) if len(ts) > 2 else math.inf
+    if 1000.0 / step > ANTIALIAS_RATIO * rate_hz:
+        taps = lowpass_taps(1000.0 / step, rate_hz)
+        a, b = max(lo - len(taps) // 2 - 1, 0), min(hi + len(taps) // 2 + 1, len(t_ms))
+        ts, xs = _lowpassed(t_ms[a:b], x[:, a:b].astype(np.float64), step, taps)
+    else:
+        xs = x[:, lo:hi].astype(np.float64)
     out = np.empty((x.shape[0], n), np.float32)
     for c in range(x.shape[0]):
         out[c] = np.interp(grid, ts, xs[c])

@@ -43,6 +43,13 @@ VFR_TOLERANCE_MS = 1.0
 # of seeking (consecutive windows of one recording). A seek costs at most one GOP of decoding.
 CONTINUE_MS = 1000.0
 
+# A seek may land after the requested time: MPEG-TS seeks by DTS and may land on a non-keyframe (decoding then
+# starts at the next keyframe), and an open-GOP keyframe's DTS precedes frames presented before it. Such a request
+# seeks again this much earlier, doubling the distance each time (up to SEEK_RETRIES seeks), before decoding from
+# the start of the file, which on a long file would make overlapping windows cost O(file) each.
+SEEK_BACKOFF_MS = 1000.0
+SEEK_RETRIES = 6
+
 
 @dataclass(frozen=True)
 class VideoInfo:
@@ -240,6 +247,7 @@ class VideoReader:
         self._frames: Iterator[tuple[float, av.VideoFrame]] | None = None  # the decoding in progress
         self._last: tuple[float, av.VideoFrame] | None = None  # last frame taken from self._frames
         self._end_ms: float | None = None
+        self._first_pts_ms = 0.0
         self._last_pts_ms = 0.0
         self._interval_ms = 0.0
 
@@ -265,6 +273,7 @@ class VideoReader:
             if len(ticks) == 0:
                 raise ValueError(f"{self.path}: video stream has no timestamped frames")
             self._end_ms = _ms(_end_tick(ticks, durations), self._tb)
+            self._first_pts_ms = _ms(int(ticks[0]), self._tb)
             self._last_pts_ms = _ms(int(ticks[-1]), self._tb)
             self._interval_ms = float(np.median(np.diff(ticks))) * float(self._tb) * 1000 if len(ticks) > 1 else 0.0
         return self._end_ms
@@ -312,7 +321,10 @@ class VideoReader:
         """The frames presented at the given times: for each t, the last frame with PTS <= t.
 
         Decodes only from the keyframe at or before the earliest time to the first frame after the latest
-        one; each returned frame is converted to RGB once, however many times map to it.
+        one; each returned frame is converted to RGB once, however many times map to it. A seek that lands after
+        the earliest time (MPEG-TS, open GOPs) seeks again ``SEEK_BACKOFF_MS`` earlier, then twice that, ...,
+        and decodes from the start of the file only as the last resort; the frames returned do not depend on
+        where decoding started.
 
         Args:
             times_ms: (F,) times in ms on the presentation clock, any order, repeats allowed.
@@ -343,12 +355,8 @@ class VideoReader:
                              f"({end_ms:.1f} ms)")
         order = np.argsort(times, kind="stable")
         chosen = self._assign(times[order], stats)
-        if chosen is None:  # the seek landed after the earliest time (imprecise index): decode from the start
-            self._frames, self._last = self._decode_from(-math.inf, stats), None
-            chosen = self._assign(times[order], stats, resume=True)
-            if chosen is None:
-                raise ValueError(f"{self.path}: no frame is presented at {times.min():.1f} ms "
-                                 "(before the first frame, or no decodable frame)")
+        if chosen is None:  # the seek landed after the earliest time: seek earlier
+            chosen = self._seek_earlier(times[order], stats)
         cache: dict[float, np.ndarray] = {}
         frames: list[np.ndarray] = [np.empty(0, np.uint8)] * len(times)
         pts = np.empty(len(times), np.float64)
@@ -361,6 +369,35 @@ class VideoReader:
             pts[k] = t
             frames[k] = cache[t]
         return np.stack(frames), pts
+
+    def _seek_earlier(self, times: np.ndarray, stats: DecodeStats) -> list[tuple[float, av.VideoFrame]]:
+        """For sorted ``times`` whose seek landed too late: seek ``SEEK_BACKOFF_MS`` before the earliest time,
+        doubling the distance while the decoder still starts too late, and decode from the start of the file
+        after ``SEEK_RETRIES`` tries or once the target is before the first frame.
+
+        Args:
+            times: sorted requested times, ms.
+            stats: counters to increment.
+
+        Raises:
+            ValueError: even decoding from the start gives no frame at the earliest time.
+        """
+        back = SEEK_BACKOFF_MS
+        for _ in range(SEEK_RETRIES):
+            target = float(times[0]) - back
+            if target <= self._first_pts_ms:
+                break
+            self._frames, self._last = self._decode_from(target, stats), None
+            chosen = self._assign(times, stats, resume=True)
+            if chosen is not None:
+                return chosen
+            back *= 2
+        self._frames, self._last = self._decode_from(-math.inf, stats), None
+        chosen = self._assign(times, stats, resume=True)
+        if chosen is None:
+            raise ValueError(f"{self.path}: no frame is presented at {times[0]:.1f} ms "
+                             "(before the first frame, or no decodable frame)")
+        return chosen
 
     def _assign(
         self, times: np.ndarray, stats: DecodeStats, resume: bool = False

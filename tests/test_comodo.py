@@ -181,8 +181,9 @@ def test_bad_recordings_are_rejected_with_reasons_and_the_build_goes_on(ego, tmp
     _, imu = _copy_recording(root, uid, bad, "nooverlap")
     _rewrite_times(imu, lambda rows, c: [r.__setitem__(c, f"{float(r[c]) + 1e6:.3f}") for r in rows])
     _, imu = _copy_recording(root, uid, bad, "backwards")
-    _rewrite_times(imu, lambda rows, c: [rows.__setitem__(i, rows[i + 1]) for i in range(0, len(rows) - 1, 20)])
-    # (every 20th row now repeats its successor: 5% duplicated timestamps)
+    _rewrite_times(imu, lambda rows, c: [rows[i].__setitem__(c, rows[i + 1][c]) for i in range(0, len(rows) - 1, 20)])
+    # (every 20th row now has its successor's timestamp with its own values: 5% conflicting duplicates; exact
+    # repeats of a row are dropped harmlessly, tests/test_comodo_robust.py)
     _, imu = _copy_recording(root, uid, bad, "shuffled")
     _rewrite_times(imu, lambda rows, c: np.random.default_rng(0).shuffle(rows))
     video, _ = _copy_recording(root, uid, bad, "short")
@@ -264,10 +265,11 @@ def test_comodo_loss_and_fifo_queue():
 
 @pytest.mark.slow
 def test_distilled_student_beats_random_init(tmp_path):
-    """The method learns: on 12 synthetic recordings (689 labelled 2 s windows, IMU mounted differently per
+    """The method learns: on 12 synthetic recordings (~690 labelled 2 s windows, IMU mounted differently per
     recording), 150 steps of distillation from a random-init conv3d teacher lift the linear probe on 4 held-out
-    recordings over the same student at random init. Measured at seed 0: balanced accuracy 0.843 -> 0.925
-    (docs/training.md); asserted with a margin."""
+    recordings over the same student at random init. Measured at seed 0: balanced accuracy 0.858 -> 0.922
+    (0.839 -> 0.925 before the synthetic IMU gap moved into the video dropout, windows across video holes were
+    rejected and the queue was drawn by key; docs/training.md); asserted with a margin."""
     from distillkit.pipelines.registry import PIPELINES
     from distillkit.train.registry import TRAINERS
 

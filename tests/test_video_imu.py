@@ -199,7 +199,9 @@ def test_imu_reader_sorts_drops_duplicates_and_nan_rows(tmp_path):
     rec = read_imu_csv(_write(tmp_path / "imu.csv", header + "\n".join(rows) + "\n"))
     np.testing.assert_array_equal(rec.t_ms, [0, 5, 10, 25])
     np.testing.assert_array_equal(rec.x[0], [2, 3, 1, 6])
-    assert (rec.n_rows, rec.n_nan, rec.n_duplicates, rec.n_out_of_order) == (8, 3, 1, 1)
+    # Displaced rows: 0, 5 and 5 all come after 10 in the file (below the running maximum).
+    assert (rec.n_rows, rec.n_nan, rec.n_duplicates, rec.n_out_of_order) == (8, 3, 1, 3)
+    assert rec.max_backstep_ms == 10.0 and rec.backstep_at_ms == 10.0
 
 
 def test_imu_reader_errors_name_the_file(tmp_path):

@@ -26,7 +26,8 @@ turning = steady yaw rate ~1 rad/s (pan); shaking = 3 Hz yaw oscillation (fast p
 looking down at the hands and back up (~0.8 Hz pitch dips with a slight lean).
 
 **Timing exercised.** Recording ``i``: ``i % 3 == 0`` constant 30 fps from PTS 0; ``i % 3 == 1`` variable frame
-rate (intervals of 33-66 ms and a 400 ms dropout), an AAC audio stream and a 400 ms gap in its IMU;
+rate (intervals of 33-66 ms and a 400 ms dropout), an AAC audio stream and a 400 ms gap in its IMU at the same
+moment (a device stall: the windows across it are rejected for the IMU gap and for the hole in the video);
 ``i % 3 == 2`` 30 fps from a non-zero start time. PTS are whole milliseconds in a 1/90000 time base. Every
 recording has three IMU rows with a ``nan`` accelerometer value.
 
@@ -336,8 +337,8 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
         acc_s[nan_rows, int(rng.integers(0, 3))] = np.nan
         nan_ms = t_imu[nan_rows]
         gap = None
-        if kind == "vfr":  # a 400 ms hole in the IMU, in the middle of the recording
-            g0 = float(t_imu[len(t_imu) // 2])
+        if kind == "vfr":  # a 400 ms hole in the IMU during the video's 400 ms dropout (one device stall)
+            g0 = float(frames_ms[int(np.argmax(np.diff(frames_ms)))]) - offset
             gap = [g0, g0 + 400.0]
             keep = (t_imu < gap[0]) | (t_imu >= gap[1])
             t_imu, acc_s, gyro_s = t_imu[keep], acc_s[keep], gyro_s[keep]
