@@ -114,9 +114,17 @@ def make_train_command(name: str) -> click.Command:
         except (ConfigError, ManifestError) as exc:
             fail(str(exc))
         _device_ok(kw["device"])
-        metrics = trainer.train(kw["shards"], kw["out"], config, device=kw["device"], resume=kw["resume"],
-                                strict=kw["strict"])
-        click.echo(format_metrics(metrics))
+        from distillkit.train import distributed
+
+        ranks = distributed.join(kw["device"])  # under torchrun: one process per GPU (train/distributed.py)
+        try:
+            metrics = trainer.train(kw["shards"], kw["out"], config, device=kw["device"], resume=kw["resume"],
+                                    strict=kw["strict"])
+        except distributed.ProcessCountMismatch as exc:
+            fail(str(exc))
+        distributed.leave()  # not on an exception: torchrun stops the other ranks, a barrier would wait for them
+        if ranks.main:
+            click.echo(format_metrics(metrics))
 
     return click.Command(
         name, params=params, callback=run,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
 from distillkit.preprocess.vit import ViT
+from distillkit.train import distributed
 from distillkit.train.audio_aug import (
     audio_frames,
     collate_views,
@@ -316,7 +317,9 @@ class AudioTrainer(Trainer):
         steps = config["max_steps"]
         method = build_method(config, Path(shards), steps)
         np.random.seed(config["seed"])
+        ranks = distributed.ranks()  # under torchrun each rank reads its own shards
         stream = ShardStream(shards, seed=config["seed"], shuffle_buffer=config["shuffle_buffer"],
+                             rank=ranks.rank, world_size=ranks.world_size,
                              required=["logmel.npy", "meta.json"], check=check_sample,
                              transform=CropTransform(method.student.encoder.base_grid[1] * 4), strict=strict)
         lr = (config["lr"] or size.lr) * batch / 256

@@ -16,19 +16,26 @@ tau_s 0.05: the student is sharper), with ``Q = [queue; z_t of the batch]`` and 
 - **Queue.** ``queue_size`` (default 16384) embeddings, first filled with the teacher embeddings of windows
   drawn with a fixed seed from the shards (the released code holds them out of epoch 0; here they are not
   held out) and clipped to the dataset's size when that is smaller. It is a buffer of the method, so it is
-  checkpointed and a resumed run continues with the same queue.
+  checkpointed and a resumed run continues with the same queue. The windows are chosen by key, uniformly over
+  the whole dataset (keys listed from the tar headers, without reading the samples), then one pass reads only
+  those: one window is held at a time, never a shuffle buffer of thousands of windows with all their JPEGs.
 - **Optimiser.** AdamW 3e-4, linear warm-up over 10% of the steps then linear decay (released schedule).
 - **Teacher statistics.** Raw teacher embeddings are standardised per dimension (mean/std of the queue's initial
   windows, kept in the checkpoint) before the frozen head: a randomly initialised teacher's mean-pooled ReLU
   features point almost the same way for every clip (cosine ~0.997 on the synthetic data), which makes the
   teacher's targets uniform and leaves nothing to distil; standardising restores their spread (mean cosine ~0).
 - **Normalisation.** IMU channels are standardised with the per-channel mean/std the build wrote into
-  ``index.json`` (the released code uses raw values; standardising keeps gravity from dominating).
+  ``index.json`` (the released code uses raw values; standardising keeps gravity from dominating). They are
+  buffers of the method, so the checkpoint keeps them, and evaluating a checkpoint standardises with *its*
+  statistics, whatever shards it is evaluated on (the student was trained on those inputs).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +47,11 @@ from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
 from distillkit.sensors.imu import CHANNELS
+from distillkit.train import distributed
 from distillkit.train.base import ConfigError, Trainer
 from distillkit.train.checkpoint import load_checkpoint
 from distillkit.train.loop import LoopConfig, train_loop
-from distillkit.train.streaming import ShardStream, make_loader
+from distillkit.train.streaming import ShardStream, make_loader, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +189,9 @@ class Comodo(nn.Module):
         z_t = self.teacher_embedding(batch)
         z_s = self.student(self.normalise(batch["imu"]))
         loss = comodo_loss(z_s, z_t, self.queue, self.tau_s, self.tau_t)
-        with torch.no_grad():  # FIFO: the batch's teacher embeddings push out the oldest
-            self.queue.copy_(torch.cat([self.queue, z_t.to(self.queue.dtype)], 0)[len(z_t):])
+        with torch.no_grad():  # FIFO: the batch's teacher embeddings (every rank's, as MoCo) push out the oldest
+            z_all = distributed.gather_rows(z_t.detach()).to(self.queue.dtype)
+            self.queue.copy_(torch.cat([self.queue, z_all], 0)[len(z_all):])
         return loss
 
 
@@ -215,9 +224,10 @@ def _check(s: dict[str, Any]) -> None:
 
 
 def make_stream(shards: Path, seed: int, strict: bool, epochs: int | None = None, shuffle: bool = True,
-                shuffle_buffer: int = 512) -> ShardStream:
-    """The training stream: imu.npy + teacher.npy (or the frames when the shards hold no teacher.npy)."""
-    return ShardStream(shards, seed=seed, epochs=epochs, shuffle_shards=shuffle,
+                shuffle_buffer: int = 512, rank: int = 0, world_size: int = 1) -> ShardStream:
+    """The training stream: imu.npy + teacher.npy (or the frames when the shards hold no teacher.npy);
+    ``rank`` of ``world_size`` reads its share of the shards."""
+    return ShardStream(shards, seed=seed, epochs=epochs, shuffle_shards=shuffle, rank=rank, world_size=world_size,
                        shuffle_buffer=shuffle_buffer if shuffle else 0, required=("imu.npy", "times.json"),
                        check=_check, transform=_sample, strict=strict, images="raw")
 
@@ -239,26 +249,118 @@ def shard_info(shards: Path) -> dict[str, Any]:
     return {"mean": mean, "std": std, "samples": int(index["counts"]["written"]), "teacher": teacher}
 
 
+# WebDataset's rule for a tar member's sample key: its path up to the first dot of the file name.
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def shard_keys(shards: Path) -> list[str]:
+    """Every sample key of the shards listed in ``index.json``, in shard order, read from the tar headers only
+    (``tarfile`` seeks over the members' data). An unreadable shard is logged and left out.
+
+    Args:
+        shards: the shard directory.
+    """
+    keys: list[str] = []
+    for path in shard_files(shards):
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    match = _KEY.match(member.name)
+                    if match and (not keys or keys[-1] != match.group(1)):  # a sample's members are contiguous
+                        keys.append(match.group(1))
+        except (tarfile.TarError, OSError) as exc:
+            log.warning("%s: cannot list its samples for the queue (%s): left out", path, exc)
+    return keys
+
+
+class KeySelect:
+    """A ``ShardStream`` ``select`` keeping the samples whose key is in ``keys`` (module-level, so it pickles)."""
+
+    def __init__(self, keys: set[str]):
+        self.keys = keys
+
+    def __call__(self, raw: dict[str, Any]) -> bool:
+        return raw.get("__key__") in self.keys
+
+    def __repr__(self) -> str:
+        return f"{len(self.keys)} windows chosen for the queue"
+
+
+def _queue_item(s: dict[str, Any], rng: Any, gen: Any) -> tuple[str, dict[str, Any]]:
+    """(key, teacher embedding or frames) of one queue window: the frames are decoded only without teacher.npy."""
+    if "teacher.npy" in s:
+        return s["__key__"], {"teacher": torch.from_numpy(s["teacher.npy"].astype(np.float32))}
+    from distillkit.sensors.images import decode_rgb
+
+    return s["__key__"], {"frames": np.stack([decode_rgb(s[k]) for k in sorted(s) if k.startswith("frame")])}
+
+
+def _embed_keys(shards: Path, keys: list[str], video_teacher: nn.Module | None, device: str,
+                batch: int = 64) -> dict[str, Tensor]:
+    """Raw teacher embeddings of the windows ``keys``, by key, in one pass over the shards that holds one window
+    (plus up to ``batch`` decoded clips waiting for the video teacher) at a time.
+
+    Args:
+        shards: the shard directory.
+        keys: the windows wanted.
+        video_teacher: the frozen teacher, for shards without teacher.npy.
+        device: where the video teacher runs.
+        batch: clips per teacher forward.
+    """
+    from distillkit.preprocess.video_encoder import embed_clips
+
+    stream = ShardStream(shards, epochs=1, shuffle_shards=False, required=("imu.npy", "times.json"), check=_check,
+                         transform=_queue_item, images="raw", select=KeySelect(set(keys)))
+    found: dict[str, Tensor] = {}
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            emb = embed_clips(video_teacher, np.stack([f for _, f in pending]), device).cpu()
+            found.update({k: e.float() for (k, _), e in zip(pending, emb, strict=True)})
+            pending.clear()
+
+    with torch.no_grad():
+        for key, item in stream:
+            if "teacher" in item:
+                found[key] = item["teacher"]
+            else:
+                pending.append((key, item["frames"]))
+                if len(pending) == batch:
+                    flush()
+        flush()
+    return found
+
+
 def initial_teacher_embeddings(shards: Path, size: int, seed: int, video_teacher: nn.Module | None,
                                device: str = "cpu") -> Tensor:
-    """Raw teacher embeddings (size, D) of the first ``size`` windows of a seeded shuffled pass."""
-    stream = make_stream(shards, seed=seed + 12345, strict=False, epochs=1, shuffle_buffer=4 * size)
-    out: list[Tensor] = []
-    n = 0
-    with torch.no_grad():
-        for batch in make_loader(stream, 64, collate, drop_last=False):
-            emb = batch.get("teacher")
-            if emb is None:
-                from distillkit.preprocess.video_encoder import embed_clips
+    """Raw teacher embeddings (size, D) of ``size`` windows drawn uniformly with ``seed`` from the whole dataset,
+    in the drawn order.
 
-                emb = embed_clips(video_teacher, batch["frames"], device).cpu()
-            out.append(emb.float())
-            n += len(emb)
-            if n >= size:
-                break
-    if not out:
+    The draw is over keys (:func:`shard_keys`), so memory holds keys and embeddings, not samples; windows that turn
+    out unusable are replaced by the next ones of the same seeded permutation.
+
+    Args:
+        shards: the shard directory.
+        size: windows wanted (fewer when the shards hold fewer usable ones).
+        seed: the draw's seed.
+        video_teacher: the frozen teacher, for shards without teacher.npy.
+        device: where the video teacher runs.
+
+    Raises:
+        ValueError: no usable window.
+    """
+    order = shard_keys(shards)
+    random.Random(f"comodo-queue/{seed}").shuffle(order)
+    found: dict[str, Tensor] = {}
+    used = 0
+    while len(found) < size and used < len(order):
+        wanted = order[used:used + size - len(found)]
+        used += len(wanted)
+        found.update(_embed_keys(shards, wanted, video_teacher, device))
+    if not found:
         raise ValueError(f"{shards}: no usable window for the queue")
-    return torch.cat(out)[:size]
+    return torch.stack([found[k] for k in order[:used] if k in found])
 
 
 def _teacher_for(info: dict[str, Any], config: dict[str, Any], needs_frames: bool) -> tuple[nn.Module | None, int]:
@@ -295,7 +397,11 @@ def build_method(shards: Path, config: dict[str, Any], device: str, with_queue: 
     if with_queue:
         if k < config["queue_size"]:
             log.info("queue clipped to the dataset: %d windows (queue_size %d)", k, config["queue_size"])
-        method.fill_queue(initial_teacher_embeddings(shards, k, config["seed"], teacher))
+        raw = initial_teacher_embeddings(shards, k, config["seed"], teacher)
+        if len(raw) < k:
+            raise ValueError(f"{shards}: only {len(raw)} usable windows for a queue of {k} (index.json counts "
+                             f"{info['samples']}): rebuild the shards or lower queue_size")
+        method.fill_queue(raw)
     return method
 
 
@@ -307,7 +413,8 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     np.random.seed(seed)
     resuming = resume and out is not None and (Path(out) / "latest.pt").is_file()
     method = build_method(Path(shards), config, device, with_queue=not resuming)
-    stream = make_stream(Path(shards), seed, strict)
+    ranks = distributed.ranks()  # under torchrun each rank reads its own shards
+    stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size)
     steps = config["max_steps"]
     cfg = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
                      log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
@@ -359,24 +466,47 @@ def window_features(student: ImuStudent, shards: list[Path], mean: Tensor, std: 
     return np.concatenate(feats), labels, groups
 
 
+def eval_students(checkpoint: Path | None, shards: list[Path],
+                  config: dict[str, Any]) -> tuple[dict[str, ImuStudent], Tensor, Tensor]:
+    """The students to probe (``random_init``, and ``distilled`` from ``checkpoint``) and the per-channel IMU
+    mean/std (6,) both are fed with.
+
+    A checkpoint's own statistics (the method's ``mean``/``std`` buffers, those of the shards it was trained on)
+    standardise the input, not the evaluated shards': the student learned on inputs standardised that way, and
+    another dataset's statistics would shift and rescale them. The random-init baseline gets the same input, so the
+    comparison stays one of weights only. Without a checkpoint (or one from before the buffers) the statistics
+    of ``shards[0]`` are used.
+
+    Args:
+        checkpoint: a ``train comodo`` checkpoint, or None for the baseline alone.
+        shards: the evaluated shard directories.
+        config: the trainer configuration (``size``, ``seed``).
+    """
+    info = shard_info(shards[0])
+    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    size = SIZES[config["size"]]
+    torch.manual_seed(config["seed"])  # the same init as the distilled run started from
+    students = {"random_init": ImuStudent(size)}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)["model"]
+        distilled = ImuStudent(size)
+        distilled.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        students["distilled"] = distilled
+        if "mean" in state and "std" in state:
+            mean, std = state["mean"].reshape(-1).float(), state["std"].reshape(-1).float()
+        else:
+            log.warning("%s holds no IMU mean/std: standardising with %s's statistics", checkpoint, shards[0])
+    return students, mean, std
+
+
 def eval_main(checkpoint: Path | None, shards: list[Path], config: dict[str, Any], device: str = "cpu",
               test_fraction: float = 0.3, probe_epochs: int = 300) -> dict[str, Any]:
     """Linear probe of frozen student features on the window labels, distilled against the same student at
     random init (same seed), test windows from recordings the probe never trained on."""
     from distillkit.train.clip_probe import group_split, linear_probe
 
-    info = shard_info(shards[0])
-    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
-    size = SIZES[config["size"]]
-    torch.manual_seed(config["seed"])  # the same init as the distilled run started from
-    random_student = ImuStudent(size)
+    students, mean, std = eval_students(checkpoint, shards, config)
     results: dict[str, Any] = {}
-    students = {"random_init": random_student}
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)["model"]
-        distilled = ImuStudent(size)
-        distilled.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
-        students["distilled"] = distilled
     split = None
     for name, student in students.items():
         x, labels, groups = window_features(student, shards, mean, std, device)

@@ -18,6 +18,12 @@ correct for any number of loader workers as long as it is the same as in the int
 The RNG states are restored *after* the fast-forward, because in-process loading (num_workers=0)
 draws from the global RNGs (webdataset does) and those draws are already in the saved state;
 the DataLoader gets a private generator so creating its iterator draws nothing global.
+
+Several processes (``torchrun``, ``train.distributed``): the method runs under
+``DistributedDataParallel``; each rank reads its own shards and its own RNG stream (the seed plus the
+rank), rank 0 alone writes the log, the curves and the checkpoint (which holds every rank's RNG
+state, so a resumed run with the same number of processes continues each rank's stream), and at
+every checkpoint the ranks' parameters are checked equal. samples/s counts every rank's samples.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillkit.train import distributed
 from distillkit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distillkit.train.run_log import append_entry, plot_curves, truncate_after
 from distillkit.train.streaming import to_device
@@ -151,6 +158,11 @@ def train_loop(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     method.to(device)
+    ranks = distributed.ranks()
+    if ranks.world_size > 1 and ranks.rank:
+        # Parameters come from rank 0 (DDP broadcasts them); random draws in the steps must differ per rank.
+        torch.manual_seed(torch.initial_seed() + ranks.rank)
+    forward = distributed.wrap(method, device)
     opt = make_optimizer(method.named_parameters(), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch, cfg.schedule)
@@ -164,14 +176,22 @@ def train_loop(
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step = int(st["step"])
+        saved_by = len(st.get("rng_ranks") or [None])
+        if saved_by != ranks.world_size:
+            raise distributed.ProcessCountMismatch(
+                f"{found}: saved by {saved_by} process(es); resume it with as many, not {ranks.world_size} (each "
+                "rank's data and random stream depend on it)")
         log.info("resumed from %s at step %d", found, step)
-    if cfg.out:  # a fresh run starts a fresh log; a resumed one drops what it will train again
+    writes = cfg.out is not None and ranks.main
+    if writes:  # a fresh run starts a fresh log; a resumed one drops what it will train again
         truncate_after(Path(cfg.out), step)
         if step == 0 and cfg.run_config is not None:
             append_entry(Path(cfg.out), {"step": 0, "config": cfg.run_config})
 
     def save() -> None:
-        if ckpt_path is not None:
+        distributed.check_in_sync(method)
+        rngs = _gather_rng_states() if ranks.world_size > 1 else None
+        if ckpt_path is not None and ranks.main:
             save_checkpoint(
                 ckpt_path,
                 {
@@ -181,7 +201,7 @@ def train_loop(
                     "step": step,
                     "rng": rng_state(),
                     "config": cfg.run_config,
-                },
+                } | ({"rng_ranks": rngs} if rngs is not None else {}),
             )
 
     amp = (
@@ -208,7 +228,8 @@ def train_loop(
     if step:
         # After the fast-forward: in-process data loading (num_workers=0) may draw from the global
         # RNGs (webdataset does), and those draws are already contained in the saved state.
-        set_rng_state(st["rng"])
+        per_rank = st.get("rng_ranks")
+        set_rng_state(per_rank[ranks.rank] if ranks.world_size > 1 else st["rng"])
 
     after_step = getattr(method, "after_step", None)
     method.train()
@@ -222,7 +243,7 @@ def train_loop(
         batch = to_device(batch, device)
         t1 = time.perf_counter()
         with amp:
-            loss = method.loss(batch)
+            loss = forward(batch)
         opt.zero_grad(set_to_none=True)
         loss.float().backward()
         if cfg.grad_clip:
@@ -239,7 +260,7 @@ def train_loop(
                 after_step(step, cfg.max_steps)
         last_loss = float(loss.detach())  # syncs the device, so step time below is honest
         t2 = time.perf_counter()
-        n = batch_size(batch) if batch_size else 1
+        n = (batch_size(batch) if batch_size else 1) * ranks.world_size
         win_loss += last_loss
         win_n += 1
         win_wait += t1 - t0
@@ -258,7 +279,7 @@ def train_loop(
                 "samples_per_s": win_samples / max(win_time, 1e-9),
                 "data_wait_fraction": win_wait / max(win_time, 1e-9),
             }
-            log.info(
+            (log.info if ranks.main else log.debug)(
                 "step %d loss %.4f lr %.3g samples/s %.2f data-wait %.0f%%",
                 step,
                 entry["loss"],
@@ -266,13 +287,13 @@ def train_loop(
                 entry["samples_per_s"],
                 100 * entry["data_wait_fraction"],
             )
-            if cfg.out:
+            if writes:
                 append_entry(Path(cfg.out), entry)
             win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             save()
     save()
-    curves = plot_curves(Path(cfg.out)) if cfg.out else None
+    curves = plot_curves(Path(cfg.out)) if writes else None
     return {
         "loss": last_loss,
         "step": step,
@@ -282,6 +303,15 @@ def train_loop(
         "checkpoint": str(ckpt_path) if ckpt_path else None,
         "curves": str(curves) if curves else None,
     }
+
+
+def _gather_rng_states() -> list[Any]:
+    """Every rank's RNG states, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * distributed.ranks().world_size
+    dist.all_gather_object(out, rng_state())
+    return out
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

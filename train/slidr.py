@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
 from distillkit.sensors.nuscenes_splits import ALL, SPLIT_NAMES, split_scenes
+from distillkit.train import distributed
 from distillkit.train.base import ConfigError, Trainer
 from distillkit.train.checkpoint import load_checkpoint
 from distillkit.train.image_decode import decode_crops, nvjpeg_available
@@ -272,10 +273,12 @@ def resolve_schedule(size: str, max_steps: int | None, epochs: int | None, batch
     if epochs is None:
         return int(max_steps), None, batch_size  # type: ignore[arg-type]
     n = count_split_samples(shards, split)
-    per_epoch = n // batch_size  # the loader drops the last partial batch
+    world = distributed.ranks().world_size  # a step takes a batch on every rank
+    per_epoch = n // (batch_size * world)  # the loader drops the last partial batch
     if per_epoch < 1:
         raise ValueError(f"{shards}: {n} samples of split {split!r}, fewer than one batch of {batch_size}")
-    log.info("%d epochs of %d steps (%d samples of split %r, batch %d)", epochs, per_epoch, n, split, batch_size)
+    log.info("%d epochs of %d steps (%d samples of split %r, batch %d, %d rank(s))", epochs, per_epoch, n, split,
+             batch_size, world)
     return epochs * per_epoch, per_epoch, batch_size
 
 
@@ -344,7 +347,9 @@ def train_main(
     torch.manual_seed(seed)
     np.random.seed(seed)
     method = build_method(size, seed, teacher_checkpoint)
-    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split)
+    ranks = distributed.ranks()  # under torchrun each rank reads its own shards
+    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split,
+                         rank=ranks.rank, world_size=ranks.world_size)
 
     def batches() -> Any:
         return make_loader(

@@ -1,0 +1,101 @@
+"""Multi-process training with PyTorch's own stack (train/distributed.py): ``torchrun`` starts two
+CPU processes (gloo), DDP averages their gradients, each reads its own shards, rank 0 alone writes,
+and a run resumes with each rank's RNG stream. The same code runs NCCL on GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distillkit.train import distributed
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "distillkit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_trains_slidr_on_two_processes_and_resumes(slidr_shards, tmp_path):
+    shards = json.loads((slidr_shards / "index.json").read_text())["shards"]
+    assert len(shards) >= 2, "each rank needs a shard of its own"
+    out = tmp_path / "run"
+    base = ["train", "slidr", "--shards", str(slidr_shards), "--split", "all", "--out", str(out), "--log-every", "1"]
+    first = torchrun(*base, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("step=2") == 1, first.stdout  # metrics printed by rank 0 only
+    steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2], steps  # one log, written once (rank 0), not once per rank
+    ckpt = torch.load(out / "latest.pt", weights_only=False)
+    assert len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 2
+    # the two ranks drew different random streams (seed + rank)
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    resumed = torchrun(*base, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(out / "latest.pt", weights_only=False)["step"] == 3
+    from click.testing import CliRunner
+
+    from distillkit.pipelines.cli import main
+
+    alone = CliRunner().invoke(main, [*base, "--max-steps", "4", "--resume"])  # one process, no torchrun
+    assert alone.exit_code == 2 and "saved by 2 process(es); resume it with as many, not 1" in alone.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collectives(rank: int, world: int, port: int, result_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = torch.full((rank + 1, 3), float(rank))  # rank 0 has 1 row, rank 1 has 2
+        gathered = distributed.gather_rows(rows)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        distributed.check_in_sync(model)  # equal: passes
+        if rank == 1:
+            with torch.no_grad():
+                model.bias[0] += 1e-6
+        try:
+            distributed.check_in_sync(model)
+            caught = ""
+        except RuntimeError as exc:
+            caught = str(exc)
+        Path(result_dir, f"{rank}.json").write_text(json.dumps({"gathered": gathered.tolist(), "caught": caught}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_and_the_sync_check_across_processes(tmp_path):
+    mp.spawn(_collectives, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["gathered"] == [[0.0] * 3, [1.0] * 3, [1.0] * 3]  # rank order, unequal row counts kept
+        assert "rank 1's parameter bias differs" in got["caught"]
+
+
+def test_one_process_changes_nothing():
+    assert distributed.ranks() == distributed.Ranks(0, 1, 0)
+    x = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(x) is x
+    method = torch.nn.Linear(2, 1)
+    method.loss = lambda batch: method(batch).sum()  # type: ignore[method-assign]
+    assert not isinstance(distributed.wrap(method, torch.device("cpu")), torch.nn.parallel.DistributedDataParallel)
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+def test_join_without_torchrun_is_a_no_op(device, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.join(device) == distributed.Ranks() and not dist.is_initialized()
