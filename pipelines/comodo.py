@@ -38,7 +38,7 @@ from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_output_outside
 from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
-from distillkit.sensors.imu import CHANNELS, ImuRecord
+from distillkit.sensors.imu import CHANNELS, TIME_COLUMN, ImuRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows displaced or duplicated above whi
 # A step back in IMU time longer than this many median intervals is a clock jump, not logger jitter: sorting would
 # interleave two stretches of the recording, so the recording is rejected whatever its share of displaced rows.
 MAX_BACKSTEP_INTERVALS = 4.0
+# Median sample intervals of real IMUs (10 Hz .. 10 kHz), ms: outside, the timestamps are in another unit.
+IMU_INTERVAL_MS = (0.1, 100.0)
 # Video files of a recording, compared case-insensitively (GoPro writes GX010001.MP4, phones .MOV).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts")
 ESTIMATE_WIDTH = 96  # px: frames are decoded this wide (luma only) to measure motion energy
@@ -489,6 +491,12 @@ def _check_imu_clock(rec: ImuRecord, uid: str, imu_path: str) -> None:
     if len(rec.t_ms) < 2:
         raise Rejected("imu", f"{uid}: fewer than two IMU samples in {imu_path}")
     interval = rec.median_interval_ms
+    if not IMU_INTERVAL_MS[0] <= interval <= IMU_INTERVAL_MS[1]:
+        # Seconds, microseconds or nanoseconds in the millisecond column would otherwise show up only as every
+        # window rejected for a gap or an overlap, never as the one cause.
+        raise Rejected("imu", f"{uid}: median IMU interval {interval:.6g} ms in {imu_path} (a {1000 / interval:.4g} Hz "
+                              f"IMU); {TIME_COLUMN} must be milliseconds (IMUs log at "
+                              f"{1000 / IMU_INTERVAL_MS[1]:g}-{1000 / IMU_INTERVAL_MS[0]:g} Hz)")
     if rec.max_backstep_ms > MAX_BACKSTEP_INTERVALS * interval:
         raise Rejected("imu", f"{uid}: IMU clock steps back {rec.max_backstep_ms:.1f} ms after "
                               f"{rec.backstep_at_ms:.1f} ms in {imu_path} ({rec.max_backstep_ms / interval:.0f} "

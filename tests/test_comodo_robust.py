@@ -111,6 +111,17 @@ def test_a_short_clock_jump_in_a_long_recording_is_rejected_though_few_rows_are_
         _check_imu_clock(rec, "jump", "jump.csv")
 
 
+@pytest.mark.parametrize("unit,scale", [("s", 1e-3), ("us", 1e3), ("ns", 1e6)])
+def test_timestamps_in_another_unit_are_one_rejection_naming_the_column(tmp_path, unit, scale):
+    t = np.arange(2000) * 5.0 * scale  # a 200 Hz IMU logged in seconds, microseconds or nanoseconds
+    rec = read_imu_csv(_write_imu(tmp_path / f"{unit}.csv", t, np.zeros(len(t))))
+    with pytest.raises(Rejected) as err:
+        _check_imu_clock(rec, unit, f"{unit}.csv")
+    assert "canonical_timestamp_ms must be milliseconds" in err.value.reason and "\n" not in err.value.reason
+    ok = read_imu_csv(_write_imu(tmp_path / "ms.csv", np.arange(2000) * 1.0, np.zeros(2000)))  # 1 kHz in ms
+    _check_imu_clock(ok, "ms", "ms.csv")
+
+
 def test_logger_jitter_swapping_neighbours_is_sorted_and_accepted(tmp_path):
     t = np.arange(2000) * 5.0
     t[[100, 101]] = t[[101, 100]]  # two rows written in the wrong order
