@@ -66,7 +66,8 @@ class VideoInfo:
         average_fps: frames per second averaged over the stream (container metadata), ``None`` if unknown.
         real_fps: FFmpeg's guess of the lowest rate all timestamps fit (``guessed_rate``), ``None`` if unknown.
         variable_frame_rate: whether frame intervals differ from their median by more than ``VFR_TOLERANCE_MS``.
-        rotation_deg: display rotation, counter-clockwise degrees (0 when absent); frames are *not* rotated.
+        rotation_deg: display rotation, counter-clockwise degrees in [0, 360) (0 when absent; a phone held
+            upright, FFmpeg's ``rotate=90``, is 270); frames are *not* rotated.
         codec: decoder name, e.g. ``"h264"``.
         has_audio: whether the container also holds an audio stream (ignored by this module).
     """
@@ -209,18 +210,21 @@ def probe_video(path: str | pathlib.Path) -> VideoInfo:
 
 
 def _rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
-    """Display rotation in degrees: the legacy ``rotate`` metadata tag, else the first frame's display matrix
-    (``VideoFrame.rotation``, recent PyAV). Decodes at most one frame."""
+    """Display rotation, counter-clockwise degrees in [0, 360): the legacy ``rotate`` metadata tag (older FFmpeg), else the
+    first frame's display matrix (``VideoFrame.rotation``, recent PyAV). Decodes at most one frame.
+
+    The tag counts clockwise (``rotate=90`` is a phone held upright, shown turned 90 degrees clockwise) and the
+    display matrix counter-clockwise (the same file gives -90), so the tag is negated."""
     tag = stream.metadata.get("rotate")
     if tag is not None:
         try:
-            return int(float(tag))
+            return -int(float(tag)) % 360 or 0
         except ValueError:
             pass
     try:
         container.seek(0, stream=stream, backward=True)
         for frame in container.decode(stream):
-            return int(round(getattr(frame, "rotation", 0) or 0))
+            return int(round(getattr(frame, "rotation", 0) or 0)) % 360
     except av.FFmpegError:
         pass  # rotation is informational; a decoding problem surfaces in frames_at
     return 0

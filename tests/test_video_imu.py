@@ -62,6 +62,25 @@ def test_probe_reports_start_end_rate_and_streams(ego):
     assert max(np.diff(vfr["frame_pts_ms"])) == 400  # and the dropout
 
 
+@pytest.mark.parametrize("matrix,expected", [((0, 1, -1, 0), 270), ((0, -1, 1, 0), 90), ((-1, 0, 0, -1), 180)],
+                         ids=["phone-upright", "phone-other-way", "upside-down"])
+def test_rotation_is_counter_clockwise_degrees_in_0_360(ego, tmp_path, matrix, expected):
+    """A phone video held upright carries a display matrix that FFmpeg's legacy tag called ``rotate=90``
+    (clockwise); ``rotation_deg`` is counter-clockwise, so 270, and ``np.rot90(frame, 3)`` shows it upright."""
+    import struct
+
+    root, truth = ego
+    data = bytearray(_video(root, next(iter(truth))).read_bytes())
+    i = data.find(b"tkhd")
+    version = data[i + 4]
+    # the 3x3 matrix follows version/flags, times, track id, duration, reserved, layer, group, volume
+    at = i + 4 + (4 + 4 * 5 + 8 + 8 if version == 0 else 4 + 8 + 8 + 4 + 4 + 8 + 8 + 8)
+    a, b, c, d = (v * 65536 for v in matrix)
+    data[at : at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
+    (tmp_path / "turned.mp4").write_bytes(data)
+    assert probe_video(tmp_path / "turned.mp4").rotation_deg == expected
+
+
 # ---------------------------------------------------------------- video: which frame comes back
 
 
