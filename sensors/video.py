@@ -27,7 +27,10 @@ file.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -120,8 +123,37 @@ def _ms(ticks: int, time_base: Fraction) -> float:
     return float(ticks * time_base * 1000)
 
 
+_SCANNED: OrderedDict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_KEEP_SCANS = 8
+_SCAN_LOCK = threading.Lock()
+
+
 def _packet_ticks(container: av.container.InputContainer, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """PTS (DTS when PTS is missing) and duration, in ticks, of every video packet, sorted by PTS."""
+    """PTS (DTS when PTS is missing) and duration, in ticks, of every video packet, sorted by PTS (read-only).
+
+    Probing, listing frame times and opening a reader each need them; the packet scan reads the whole file,
+    so the last few files' scans are kept, keyed by path, size and modification time (a replaced file is
+    scanned again)."""
+    try:
+        st = os.stat(path)
+        key: tuple[str, int, int] | None = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    with _SCAN_LOCK:
+        if key is not None and key in _SCANNED:
+            _SCANNED.move_to_end(key)
+            return _SCANNED[key]
+    ticks, durations = _demux_ticks(container, path)
+    ticks.flags.writeable = durations.flags.writeable = False
+    if key is not None:
+        with _SCAN_LOCK:
+            _SCANNED[key] = (ticks, durations)
+            while len(_SCANNED) > _KEEP_SCANS:
+                _SCANNED.popitem(last=False)
+    return ticks, durations
+
+
+def _demux_ticks(container: av.container.InputContainer, path: str) -> tuple[np.ndarray, np.ndarray]:
     stream = container.streams.video[0]
     ticks, durations = [], []
     try:
@@ -210,8 +242,9 @@ def probe_video(path: str | pathlib.Path) -> VideoInfo:
 
 
 def _rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
-    """Display rotation, counter-clockwise degrees in [0, 360): the legacy ``rotate`` metadata tag (older FFmpeg), else the
-    first frame's display matrix (``VideoFrame.rotation``, recent PyAV). Decodes at most one frame.
+    """Display rotation, counter-clockwise degrees in [0, 360): the legacy ``rotate`` metadata tag (older
+    FFmpeg), else the first frame's display matrix (``VideoFrame.rotation``, recent PyAV). Decodes at most one
+    frame.
 
     The tag counts clockwise (``rotate=90`` is a phone held upright, shown turned 90 degrees clockwise) and the
     display matrix counter-clockwise (the same file gives -90), so the tag is negated."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,28 @@ def test_rotation_is_counter_clockwise_degrees_in_0_360(ego, tmp_path, matrix, e
     data[at : at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
     (tmp_path / "turned.mp4").write_bytes(data)
     assert probe_video(tmp_path / "turned.mp4").rotation_deg == expected
+
+
+def test_a_recording_is_demuxed_once_for_probe_times_and_reader(ego, tmp_path, monkeypatch):
+    """Probing, listing frame times and reading windows each need every packet's time; the file is read for
+    them once (a long video is several GB), and again only when it is replaced or touched."""
+    import distillkit.sensors.video as video
+
+    root, truth = ego
+    path = tmp_path / "v.mp4"
+    shutil.copy(_video(root, next(iter(truth))), path)
+    scans = []
+    real = video._demux_ticks
+    monkeypatch.setattr(video, "_demux_ticks", lambda c, p: scans.append(p) or real(c, p))
+    info = probe_video(path)
+    times = frame_times_ms(path)
+    with VideoReader(path) as reader:
+        frames, _ = reader.frames_at([times[3]])
+    assert len(scans) == 1 and frames.shape[0] == 1 and info.n_frames == len(times)
+    mtime = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(mtime, mtime))
+    probe_video(path)
+    assert len(scans) == 2
 
 
 # ---------------------------------------------------------------- video: which frame comes back
