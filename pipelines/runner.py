@@ -11,6 +11,7 @@ where it stopped and produces the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -226,8 +227,7 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
     cluster = m.data["cluster"]
     scheduler = cluster["scheduler"] if scheduler is None else scheduler
     workers = cluster["workers"] if workers is None else workers
-    _claim_output(out_dir, m)
-    _remove_stale(out_dir, m.name, len(tasks))
+    _check_output(out_dir, m)
     records: dict[int, ShardRecord] = {}
     reused = 0
     torch_stages = pipeline.torch_stages(m)
@@ -237,6 +237,10 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
     with open_executor(scheduler, workers, cluster["threads_per_worker"], gpu_workers) as executor:
         log.debug("building %d shards on %s", len(tasks), executor.description)
         remote = _place_torch_stages(torch_stages, executor)
+        # Only now, with the plan made, the cluster up and the torch stages placed, does the folder change:
+        # a rerun that cannot start leaves a finished dataset as it was.
+        _unpublish(out_dir)
+        _remove_stale(out_dir, m.name, len(tasks))
         for task in tasks:
             task.gpu_remote = remote
         # A token per build: the fingerprint leaves out output.dir, so two builds of one manifest into
@@ -327,15 +331,19 @@ def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> boo
     return False
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
 class _Locked:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, locked: bool = True) -> None:
+        self.fd, self.locked = fd, locked
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.locked:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 
@@ -353,15 +361,19 @@ def _build_lock(out_dir: Path, m: Manifest) -> _Locked:
         os.close(fd)
         raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
                          "or set a different output.dir") from None
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            os.close(fd)
+            raise
+        # NFS without lockd, Lustre without -o flock: building is still right, only not guarded.
+        log.warning("%s: this filesystem has no file locks (%s); nothing stops a second build into this folder",
+                    out_dir, exc.strerror or exc)
+        return _Locked(fd, locked=False)
     return _Locked(fd)
 
 
-def _claim_output(out_dir: Path, m: Manifest) -> None:
-    """Take the output folder for this build before anything in it changes.
-
-    ``index.json`` marks a finished dataset (readers trust it), so it goes first: a rebuild killed
-    midway then leaves no index over a mix of old and new shards. A folder holding a dataset of
-    another name is refused rather than mixed with or deleted.
+def _check_output(out_dir: Path, m: Manifest) -> None:
+    """Refuse a folder holding a dataset of another name, rather than mix with or delete it.
 
     Raises:
         BuildError: the folder holds another dataset.
@@ -376,7 +388,12 @@ def _claim_output(out_dir: Path, m: Manifest) -> None:
     if old is not None and old != m.name:
         raise BuildError(f"{out_dir} holds the dataset {old!r}, not {m.name!r}: set a different output.dir "
                          "or remove that dataset first")
-    index.unlink()
+
+
+def _unpublish(out_dir: Path) -> None:
+    """Remove ``index.json`` before any shard changes: it marks a finished dataset (readers trust it), so a
+    rebuild killed midway leaves no index over a mix of old and new shards. Written again at the end."""
+    (out_dir / "index.json").unlink(missing_ok=True)
 
 
 def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:

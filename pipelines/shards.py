@@ -7,6 +7,7 @@ same bytes, and a shard's sha256 can be compared across runs and worker counts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -45,6 +46,21 @@ class ShardRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """``0o666`` less this process's umask: the mode a plain ``open(path, "w")`` gives, so shards of licensed
+    data built under a restrictive umask stay as private as the rest of the user's files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere the only way to read it is to set it (briefly)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def shard_filename(name: str, index: int) -> str:
@@ -97,7 +113,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
                     n += 1
             raw.flush()
             os.fsync(raw.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; shards are for every reader
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -166,7 +182,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
+        os.chmod(tmp_name, file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

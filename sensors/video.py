@@ -123,7 +123,7 @@ def _ms(ticks: int, time_base: Fraction) -> float:
     return float(ticks * time_base * 1000)
 
 
-_SCANNED: OrderedDict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_SCANNED: OrderedDict[tuple[str, int, int, int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _KEEP_SCANS = 8
 _SCAN_LOCK = threading.Lock()
 
@@ -132,11 +132,12 @@ def _packet_ticks(container: av.container.InputContainer, path: str) -> tuple[np
     """PTS (DTS when PTS is missing) and duration, in ticks, of every video packet, sorted by PTS (read-only).
 
     Probing, listing frame times and opening a reader each need them; the packet scan reads the whole file,
-    so the last few files' scans are kept, keyed by path, size and modification time (a replaced file is
-    scanned again)."""
+    so the last few files' scans are kept, keyed by path, inode, size, modification and change times (a
+    replaced file is scanned again, even one copied with its old size and modification time)."""
     try:
         st = os.stat(path)
-        key: tuple[str, int, int] | None = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        key: tuple[str, int, int, int, int] | None = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns,
+                                                      st.st_ctime_ns)
     except OSError:
         key = None
     with _SCAN_LOCK:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -123,22 +122,21 @@ def runner_tarinfo(name: str, size: int):
 
 
 def test_two_builds_of_one_manifest_on_one_scheduler_write_both_folders(images, tmp_path):
+    """Two CLI builds of one manifest into two folders, at the same time, on one shared scheduler: each writes
+    its own shards (their task keys differ though the fingerprints, which leave out output.dir, are equal)."""
+    import sys
+
     from distillkit.pipelines.executor import dask_client
 
-    results = {}
     with dask_client("", workers=2) as client:
-        def run(name: str) -> None:
-            results[name] = build(manifest(images, tmp_path / name), scheduler=client.scheduler.address,
-                                  progress=False)
-
-        threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    for name in ("a", "b"):
-        assert results[name].written == 6 and len(list((tmp_path / name).glob("*.tar"))) == 3
-        assert verify(tmp_path / name).ok
+        runs = [subprocess.Popen([sys.executable, "-m", "distillkit", "build", "demo-uniseg", "--quiet",
+                                  "--scheduler", client.scheduler.address, "--set", f"source.root={images}",
+                                  "--set", f"output.dir={tmp_path / name}", "--set", "output.samples_per_shard=2"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+        outputs = [run.communicate(timeout=300)[0] for run in runs]
+    for name, run, output in zip(("a", "b"), runs, outputs, strict=True):
+        assert run.returncode == 0, output
+        assert len(list((tmp_path / name).glob("*.tar"))) == 3 and verify(tmp_path / name).ok
 
 
 def test_records_say_which_distillkit_wrote_each_shard(images, tmp_path):
@@ -184,3 +182,46 @@ def test_cli_errors_are_one_line(images, tmp_path, monkeypatch):
     failed = CliRunner().invoke(main, [*base, "--set", f"output.dir={tmp_path}/o2", "--scheduler", "serial"])
     assert failed.exit_code == 3, failed.output
     assert "build did not finish: OSError" in failed.output and len(failed.output.strip().splitlines()) == 1
+
+
+def test_a_rerun_that_cannot_start_leaves_the_finished_dataset_readable(images, tmp_path):
+    from distillkit.pipelines.executor import ClusterError
+
+    out = tmp_path / "out"
+    build(manifest(images, out), progress=False)
+    before = (out / "index.json").read_bytes()
+    with pytest.raises(ClusterError, match="cannot reach dask scheduler"):
+        build(manifest(images, out), scheduler="tcp://127.0.0.1:1", progress=False)
+    assert (out / "index.json").read_bytes() == before and verify(out).ok
+
+
+def test_a_filesystem_without_locks_still_builds(images, tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")  # NFS without lockd
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="distillkit"):
+        assert build(manifest(images, tmp_path / "out"), progress=False).written == 6
+    assert any("has no file locks" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_shards_and_records_follow_the_umask(tmp_path, umask):
+    """As files written with open() would: licensed data built under umask 077 is not made world-readable."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); from pathlib import Path; "
+            "from distillkit.pipelines.shards import write_shard, write_json_atomic; "
+            "write_shard(Path(sys.argv[1]) / 'a.tar', [('k', {'x.json': b'{}'})]); "
+            "write_json_atomic(Path(sys.argv[1]) / 'a.json', {})")
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", code, str(out), oct(umask)], check=True)
+    for name in ("a.tar", "a.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~umask, name

@@ -99,3 +99,63 @@ def test_one_process_changes_nothing():
 def test_join_without_torchrun_is_a_no_op(device, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.join(device) == distributed.Ranks() and not dist.is_initialized()
+
+
+def _uniseg_batch():
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    from distillkit.preprocess.patch_features import StatsBackbone, grid_for, resize_to_grid
+    from distillkit.preprocess.uniap import uniap
+    from distillkit.sensors.synth.images import make_images
+    from distillkit.train.uniseg_data import ViewConfig, collate, make_example
+
+    root = make_images(Path(tempfile.mkdtemp()) / "images", seed=2)
+    backbone, items = StatsBackbone(8), []
+    for i, p in enumerate(sorted(root.glob("images/scene_000[0-1].jpg"))):
+        rgb = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+        feats = backbone([resize_to_grid(rgb, grid_for(*rgb.shape[:2], 8, 128), 8)])[0]
+        items.append(make_example(rgb, uniap(feats), ViewConfig(), np.random.default_rng(i)))
+    return collate(items)
+
+
+def _uniseg_steps(rank: int, world: int, port: int, batch: dict, empty_on: list[int], result_dir: str) -> None:
+    import datetime
+
+    from distillkit.train.uniseg import UnisegTrainer, build_method
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        method = build_method(UnisegTrainer.resolve_config({}), total_steps=10).train()
+        forward = distributed.wrap(method, torch.device("cpu"))
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+        pairs = []
+        for step in range(4):
+            b = dict(batch)
+            if step == 2 and rank in empty_on:  # no region reaches into any crop on this rank
+                b["valid"] = torch.zeros_like(b["valid"])
+            loss = forward(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pairs.append(method.last_pairs)
+        distributed.check_in_sync(method)
+        Path(result_dir, f"{rank}.json").write_text(json.dumps({"pairs": pairs, "center": method.loss_fn.center.sum()
+                                                                .item()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("empty_on", [[1], [0, 1]], ids=["one-rank", "every-rank"])
+def test_a_uniseg_step_without_pairs_keeps_the_ranks_in_step(tmp_path, empty_on):
+    """A step where no region reaches into a crop distils nothing, but under DDP's static graph every rank
+    must still use the same parameters and join the centre's all-reduce, or the next step fails."""
+    mp.spawn(_uniseg_steps, args=(2, _free_port(), _uniseg_batch(), empty_on, str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    for rank in (0, 1):
+        assert (got[rank]["pairs"][2] == 0) == (rank in empty_on) and got[rank]["pairs"][3] > 0
+    assert got[0]["center"] == got[1]["center"]  # the centre is all-reduced: equal on every rank

@@ -328,6 +328,8 @@ def _embed_keys(shards: Path, keys: list[str], video_teacher: nn.Module | None, 
                 pending.append((key, item["frames"]))
                 if len(pending) == batch:
                     flush()
+            if len(found) + len(pending) == len(keys):  # the rest of the dataset holds none of them
+                break
         flush()
     return found
 
@@ -411,9 +413,11 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     seed = config["seed"]
     torch.manual_seed(seed)
     np.random.seed(seed)
-    resuming = resume and out is not None and (Path(out) / "latest.pt").is_file()
-    method = build_method(Path(shards), config, device, with_queue=not resuming)
-    ranks = distributed.ranks()  # under torchrun each rank reads its own shards
+    ranks = distributed.ranks()
+    # rank 0 decides (a node-local or lagging view of OUT must not make ranks disagree) and alone fills the queue:
+    # DDP copies its buffers, the queue and the teacher statistics, to every rank
+    resuming = distributed.from_rank0(resume and out is not None and (Path(out) / "latest.pt").is_file())
+    method = build_method(Path(shards), config, device, with_queue=not resuming and ranks.main)
     stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size)
     steps = config["max_steps"]
     cfg = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,

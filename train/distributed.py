@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 class ProcessCountMismatch(ValueError):
@@ -108,6 +111,20 @@ def wrap(method: nn.Module, device: torch.device) -> nn.Module:
     # configuration: a static graph handles that without walking the autograd graph at every step.
     return DistributedDataParallel(_LossForward(method), device_ids=[device.index] if device.type == "cuda" else None,
                                    static_graph=True)
+
+
+def from_rank0(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a collective; ``value`` itself for one process), for decisions every
+    rank must take alike, such as whether and where a run resumes.
+
+    Args:
+        value: any picklable object.
+    """
+    if ranks().world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,9 @@ def train_loop(
     step = 0
     st: dict[str, Any] = {}
     ckpt_path = Path(cfg.out) / "latest.pt" if cfg.out else None
-    if cfg.resume and cfg.out and (found := latest_checkpoint(cfg.out)) is not None:
+    # Rank 0's view decides for every rank: ranks that disagreed on resuming would run different step counts.
+    found = distributed.from_rank0(latest_checkpoint(cfg.out) if cfg.resume and cfg.out else None)
+    if found is not None:
         st = load_checkpoint(found, map_location=device)
         method.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])

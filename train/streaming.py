@@ -189,6 +189,11 @@ class ShardStream(IterableDataset):
         self.seed, self.epochs = seed, epochs
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
         self.rank, self.world_size = rank, world_size
+        if world_size > 1 and rank == 0 and len(self.shards) % world_size:
+            # A lighter rank starts its next pass (a new permutation) sooner and sees its samples more often.
+            log.warning("%d shards over %d ranks: some ranks read one shard more per pass, so their samples come "
+                        "more often; rebuild with a shard count divisible by %d for equal passes",
+                        len(self.shards), world_size, world_size)
         self.required, self.check, self.transform = tuple(required), check, transform
         self.strict = strict
         self.keep_raw = tuple(keep_raw)
