@@ -20,6 +20,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,20 +335,8 @@ def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> boo
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class _Locked:
-    def __init__(self, fd: int, locked: bool = True) -> None:
-        self.fd, self.locked = fd, locked
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.locked:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def _build_lock(out_dir: Path, m: Manifest) -> _Locked:
+@contextmanager
+def _build_lock(out_dir: Path, m: Manifest) -> Iterator[None]:
     """An exclusive lock on the output folder for the whole build: a second build into it (which
     would delete the first's temporary files and mix two manifests' shards) stops at once.
 
@@ -355,21 +344,25 @@ def _build_lock(out_dir: Path, m: Manifest) -> _Locked:
         BuildError: another build holds the folder.
     """
     fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    locked = False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
+                             "or set a different output.dir") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            # NFS without lockd, Lustre without -o flock: building is still right, only not guarded.
+            log.warning("%s: this filesystem has no file locks (%s); nothing stops a second build into this "
+                        "folder", out_dir, exc.strerror or exc)
+        yield
+    finally:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
-                         "or set a different output.dir") from None
-    except OSError as exc:
-        if exc.errno not in _NO_LOCKS:
-            os.close(fd)
-            raise
-        # NFS without lockd, Lustre without -o flock: building is still right, only not guarded.
-        log.warning("%s: this filesystem has no file locks (%s); nothing stops a second build into this folder",
-                    out_dir, exc.strerror or exc)
-        return _Locked(fd, locked=False)
-    return _Locked(fd)
 
 
 def _check_output(out_dir: Path, m: Manifest) -> None:

@@ -7,6 +7,7 @@ same bytes, and a shard's sha256 can be compared across runs and worker counts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from distillkit.pipelines.codecs import UNSAFE_EXTENSIONS
 
@@ -94,31 +95,37 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     characters, and with a pax ``path`` record (deterministic) for longer or non-ASCII ones,
     which ustar cannot hold; GNU tar, bsdtar and Python's tarfile (stock webdataset) read it.
     """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    tmp = Path(tmp_name)
     n = 0
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            hashed = _HashingWriter(raw, digest)
-            with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key, fields in samples:
-                    check_key(key)
-                    for fname in sorted(fields):
-                        if fname.lower().endswith(UNSAFE_EXTENSIONS):
-                            raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
-                        data = fields[fname]
-                        tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))
-                    n += 1
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it the mode open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _atomic_file(Path(path), "wb") as raw:
+        hashed = _HashingWriter(raw, digest)
+        with tarfile.open(fileobj=hashed, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for key, fields in samples:
+                check_key(key)
+                for fname in sorted(fields):
+                    if fname.lower().endswith(UNSAFE_EXTENSIONS):
+                        raise ValueError(f"field {fname!r} of {key}: code-executing encodings are refused")
+                    data = fields[fname]
+                    tar.addfile(_tarinfo(f"{key}.{fname}", len(data)), io.BytesIO(data))
+                n += 1
     return hashed.size, digest.hexdigest(), n
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """A file open for writing under a temporary name beside ``path`` (unique per writer); on a clean exit
+    it is fsynced, given the mode ``open()`` would give and renamed to ``path``, else removed."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, file_mode())  # mkstemp makes it private
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 class _HashingWriter(io.RawIOBase):
@@ -175,18 +182,8 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary name, fsync and rename, so readers never see half a file (nor an
     empty one after a power loss)."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, file_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with _atomic_file(Path(path), "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def load_index(shard_dir: Path) -> dict[str, Any]:

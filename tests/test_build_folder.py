@@ -20,7 +20,7 @@ from distillkit.pipelines.cli import main
 from distillkit.pipelines.inspect import verify
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.runner import BuildError, build
-from distillkit.pipelines.shards import write_shard
+from distillkit.pipelines.shards import _tarinfo, write_shard
 from distillkit.sensors.synth.images import make_images
 
 
@@ -110,15 +110,9 @@ def test_long_keys_are_deterministic_and_short_ones_keep_ustar_bytes(tmp_path):
 
     ustar = io.BytesIO()
     with tarfile.open(fileobj=ustar, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        t.addfile(runner_tarinfo("short.x.json", 2), io.BytesIO(b"{}"))
+        t.addfile(_tarinfo("short.x.json", 2), io.BytesIO(b"{}"))
     write_shard(tmp_path / "c.tar", [("short", {"x.json": b"{}"})])
     assert (tmp_path / "c.tar").read_bytes() == ustar.getvalue()  # shards written before pax stay byte-equal
-
-
-def runner_tarinfo(name: str, size: int):
-    from distillkit.pipelines.shards import _tarinfo
-
-    return _tarinfo(name, size)
 
 
 def test_two_builds_of_one_manifest_on_one_scheduler_write_both_folders(images, tmp_path):
