@@ -180,14 +180,15 @@ main.add_command(EvalGroup(name="eval", help="Evaluate METHOD's checkpoint again
 
 @main.command()
 @click.option("--out", default=Path("demo-out"), type=click.Path(path_type=Path))
-@click.option("--steps", default=120, type=int, help="training steps per method")
+@click.option("--steps", default=None, type=int, help="training steps per method [default: each method's demo setting]")
+@click.option("--seed", default=0, type=int, show_default=True, help="seeds the synthetic data and the training")
 @click.option("--only", "only", multiple=True, help="run only these pipelines (default: every one with a demo)")
-def demo(out: Path, steps: int, only: tuple[str, ...]) -> None:
+def demo(out: Path, steps: int | None, seed: int, only: tuple[str, ...]) -> None:
     """Synthetic data -> shards on an embedded dask cluster -> verify -> picture -> train -> evaluate."""
     from distillkit.pipelines.demo import run_demo
 
     try:
-        run_demo(out, steps=steps, only=list(only) or None)
+        run_demo(out, steps=steps, only=list(only) or None, seed=seed)
     except PluginError as exc:
         _fail(str(exc))
 

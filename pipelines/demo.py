@@ -3,6 +3,8 @@ registered pipeline that declares a ``Demo`` (and the trainers that read its sha
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +37,18 @@ def make_demo_data(pipeline: Pipeline, root: Path, seed: int = 0) -> Path:
     return data
 
 
-def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | None = None) -> dict[str, Any]:
-    """synth -> build (embedded LocalCluster) -> verify -> show -> train -> evaluate, per pipeline.
+def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[str] | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """synth -> build (embedded LocalCluster) -> verify -> show -> train -> evaluate, per pipeline,
+    then one summary table (also written to ``out/summary.json``).
 
     Args:
-        out: everything goes under it: ``data/``, ``shards/NAME``, ``NAME-sample.png``, ``runs/METHOD``.
-        steps: training steps per method.
+        out: everything goes under it: ``data/``, ``shards/NAME``, ``NAME-sample.png``, ``runs/METHOD``,
+            ``summary.json``.
+        steps: training steps per method (default: each trainer's ``demo`` configuration).
         workers: LocalCluster worker processes.
         only: pipeline names to run (default: every registered pipeline with a demo).
+        seed: seeds the synthetic data and training (``bench/demo_seeds.py`` runs several).
 
     Returns:
         Per pipeline name, what each step produced, so tests can check the demo as a user would.
@@ -57,14 +63,17 @@ def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | No
     names = only or [n for n in PIPELINES.names() if PIPELINES.get(n).demo is not None]
     trainers = {n: TRAINERS.get(n) for n in TRAINERS.names()}
     results: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     for name in names:
         pipeline = PIPELINES.get(name)
         shards = out / "shards" / name
         click.echo(f"== {name}")
         click.echo(f"[1/5] synthetic {pipeline.demo.synth if pipeline.demo else '?'} -> {out / 'data'}")
-        data = make_demo_data(pipeline, out / "data")
+        data = make_demo_data(pipeline, out / "data", seed=seed)
         click.echo(f"[2/5] build {name} shards on a LocalCluster of {workers} workers -> {shards}")
+        t0 = time.perf_counter()
         result = build(demo_manifest(pipeline, data, shards, f"cluster.workers={workers}"))
+        build_s = time.perf_counter() - t0
         click.echo(stats_text(shards))
         click.echo("[3/5] verify")
         report = verify(shards)
@@ -75,20 +84,63 @@ def run_demo(out: Path, steps: int = 120, workers: int = 2, only: list[str] | No
         key = show(shards, picture)
         click.echo(f"[4/5] picture of sample {key} -> {picture}")
         entry: dict[str, Any] = {"build": result, "verify": report, "picture": picture, "train": {}}
-        for method, trainer in trainers.items():
-            if trainer.pipeline != name:
-                continue
-            click.echo(f"[5/5] train {method} for {steps} steps, then its evaluation")
+        base_row = {"pipeline": name, "written": result.written, "rejected": len(result.rejected),
+                    "build_s": round(build_s, 1), "picture": str(picture)}
+        methods = [m for m, t in trainers.items() if t.pipeline == name]
+        for method in methods:
+            trainer = trainers[method]
+            layers = [trainer.demo, {"seed": seed}, {"max_steps": steps} if steps else {}]
+            config = trainer.resolve_config(*layers)
+            click.echo(f"[5/5] train {method} for {config['max_steps']} steps, then its evaluation")
             _one_thread_unless_asked()
-            config = trainer.resolve_config({"max_steps": steps})
-            metrics = trainer.train(shards, out / "runs" / method, config, device="cpu")
+            run_dir = out / "runs" / method
+            t0 = time.perf_counter()
+            metrics = trainer.train(shards, run_dir, config, device="cpu")
+            train_s = time.perf_counter() - t0
             evaluation = trainer.evaluate(Path(metrics["checkpoint"]), [shards], config, device="cpu",
-                                          options=trainer.resolve_eval_options({}))
+                                          options=trainer.resolve_eval_options(dict(trainer.demo_eval)))
             click.echo("  train: " + format_metrics(metrics))
             click.echo(trainer.format_eval(evaluation))
-            entry["train"][method] = {"metrics": metrics, "eval": evaluation}
+            head = trainer.headline(evaluation)
+            entry["train"][method] = {"metrics": metrics, "eval": evaluation, "headline": head}
+            rows.append({**base_row, "method": method, "steps": int(metrics.get("step", config["max_steps"])),
+                         "train_s": round(train_s, 1), **head, "run_dir": str(run_dir)})
+        if not methods:
+            rows.append({**base_row, "method": None})
         results[name] = entry
+    click.echo(format_summary(rows))
+    write_summary(out / "summary.json", rows, seed)
+    click.echo(f"summary -> {out / 'summary.json'}")
     return results
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The demo's closing table: one row per pipeline and method (see ``run_demo``)."""
+    header = ("pipeline", "written", "rejected", "build", "method", "steps", "train", "metric",
+              "distilled", "random", "gain", "run folder")
+
+    def num(v: Any, fmt: str = ".3f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [[r["pipeline"], str(r["written"]), str(r["rejected"]), f"{r['build_s']:.0f} s",
+              r.get("method") or "-", num(r.get("steps"), "d"),
+              "-" if r.get("train_s") is None else f"{r['train_s']:.0f} s", r.get("metric") or "-",
+              num(r.get("distilled")), num(r.get("random")), num(r.get("gain"), "+.3f"), r.get("run_dir") or "-"]
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 4, 7, 11) else '>'}{w}}}" for i, w in enumerate(widths))
+    out = ["== summary (probe on held-out data: the distilled network against the same network at random init)",
+           fmt.format(*header)]
+    out += [fmt.format(*line) for line in lines]
+    out += [f"pictures: {', '.join(dict.fromkeys(r['picture'] for r in rows))}"]
+    return "\n".join(out)
+
+
+def write_summary(path: Path, rows: list[dict[str, Any]], seed: int) -> None:
+    """``summary.json``: per method ``metric``, ``distilled``, ``random``, ``gain``, ``run_dir`` and the
+    build and training figures of its pipeline."""
+    methods = {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows if r.get("method")}
+    path.write_text(json.dumps({"seed": seed, "methods": methods}, indent=2, sort_keys=True) + "\n")
 
 
 def _one_thread_unless_asked() -> None:

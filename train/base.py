@@ -45,6 +45,12 @@ class Trainer(ABC):
     """Options of the method's evaluation (``distillkit eval METHOD --help``), apart from the
     training configuration, which ``eval`` reads from the checkpoint."""
     summary: ClassVar[str] = ""
+    demo: ClassVar[dict[str, Any]] = {}
+    """Configuration keys ``distillkit demo`` trains with (over the defaults): the steps, size and batch
+    with which the method shows a gain over random init on its pipeline's demo data within the demo's
+    time budget (figures over three seeds: ``bench/demo_seeds.py``, docs/training.md "The demo")."""
+    demo_eval: ClassVar[dict[str, Any]] = {}
+    """Evaluation options ``distillkit demo`` evaluates with (``eval_schema`` keys)."""
 
     @classmethod
     def config_schema(cls) -> Section:
@@ -133,6 +139,21 @@ class Trainer(ABC):
     def format_eval(self, result: dict[str, Any]) -> str:
         """A readable report of ``evaluate``'s result."""
         return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+    def headline(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The one number of ``evaluate``'s result that the demo's summary and ``summary.json`` show.
+
+        Why a hook: each method reports its own protocol (mIoU, balanced accuracy, ...); the summary
+        needs one comparable line per method without knowing their result layouts.
+
+        Returns:
+            ``{"metric": name, "distilled": float | None, "random": float | None, "gain": float | None}``
+            (``distilled`` and ``gain`` are None when ``result`` holds the random init only). The default
+            reads ``result["headline"]`` if the method put one there, else reports no metric.
+        """
+        if isinstance(result.get("headline"), dict):
+            return dict(result["headline"])
+        return {"metric": "none", "distilled": None, "random": None, "gain": None}
 
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
