@@ -148,13 +148,21 @@ def cut_segment(samples: np.ndarray, start: int, end: int) -> np.ndarray:
 def power_to_db(power: np.ndarray, cfg: LogMelConfig) -> np.ndarray:
     """librosa's ``power_to_db(ref=1.0)`` with ``cfg.amin`` and ``cfg.top_db``, float32.
 
+    The same formula (``10 log10(max(power, amin))``, clipped at the maximum minus ``top_db``) evaluated
+    in float64 and rounded to float32 at the end. Why: numpy's float32 ``log10`` runs other code per CPU
+    (its AVX-512 and AVX2 loops against the C library's), whose last bits differ, and one float32 ulp
+    crossed a float16 rounding boundary of ``logmel.npy`` in 19 of 26 demo segments when numpy's SIMD
+    loops were disabled. A float64 ulp almost never survives the rounding to float32 and then float16
+    (about 2**-42 per value; docs/decisions.md "Determinism").
+
     Args:
         power: (n_mels, T) mel power.
         cfg: front-end settings.
     """
-    import librosa
-
-    return librosa.power_to_db(power, ref=1.0, amin=cfg.amin, top_db=cfg.top_db).astype(np.float32)
+    db = 10.0 * np.log10(np.maximum(np.asarray(power, dtype=np.float64), cfg.amin))
+    if cfg.top_db is not None:
+        db = np.maximum(db, db.max() - cfg.top_db)
+    return db.astype(np.float32)
 
 
 def logmel_librosa(samples: np.ndarray, cfg: LogMelConfig = LogMelConfig()) -> np.ndarray:
@@ -169,9 +177,41 @@ def logmel_librosa(samples: np.ndarray, cfg: LogMelConfig = LogMelConfig()) -> n
     y = np.ascontiguousarray(samples, dtype=np.float32)
     stft = librosa.stft(y, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
                         window="hann", center=True, pad_mode="constant")
-    power = np.abs(stft) ** 2
-    mel = _librosa_filterbank(cfg) @ power
+    # re^2 + im^2 rather than |z|^2: numpy's SIMD complex abs (hypot) rounds differently per CPU
+    # on tiny magnitudes; squares and a sum are correctly rounded everywhere.
+    power = stft.real * stft.real + stft.imag * stft.imag
+    mel = mel_power(_librosa_filterbank(cfg), power)
     return power_to_db(mel, cfg)
+
+
+def mel_power(fb: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """``fb @ power`` without BLAS: each band's non-zero bins added in increasing frequency order.
+
+    Why not ``@``: BLAS kernels are chosen per CPU and sum in different orders, so an AVX2 and an AVX-512
+    machine wrote logmel.npy bytes that differed in their last bits (OpenBLAS ``Prescott`` against
+    ``Haswell`` kernels changed 14 of 26 demo segments). Elementwise multiply and add are correctly rounded
+    everywhere, so a fixed order gives the same bits on every machine (docs/decisions.md "Determinism").
+    A mel band is non-zero over a few dozen bins at most, so this costs a few passes over the output.
+
+    Args:
+        fb: (n_mels, n_bins) float32 filterbank (triangles: one contiguous non-zero run per band).
+        power: (n_bins, T) float32 power spectrogram.
+
+    Returns:
+        (n_mels, T) float32 mel power.
+    """
+    n_mels, n_bins = fb.shape
+    nonzero = fb != 0
+    lo = nonzero.argmax(axis=1)
+    hi = n_bins - nonzero[:, ::-1].argmax(axis=1)
+    hi[~nonzero.any(axis=1)] = lo[~nonzero.any(axis=1)]  # an empty band (fmax beyond the bins) stays 0
+    out = np.zeros((n_mels, power.shape[1]), dtype=np.result_type(fb, power))
+    rows = np.arange(n_mels)
+    for j in range(int((hi - lo).max(initial=0))):
+        k = np.minimum(lo + j, n_bins - 1)
+        w = np.where(lo + j < hi, fb[rows, k], 0).astype(out.dtype)
+        out += w[:, None] * power[k, :]
+    return out
 
 
 @lru_cache(maxsize=8)

@@ -3,7 +3,8 @@
 The keep rule is SLidR's: depth > ``min_dist`` and 0 < u < W-1, 0 < v < H-1
 (``border="devkit"`` gives nuscenes-devkit's 1 < u, 1 < v instead). Arithmetic is float64
 on the composed ``K @ T_cam_lidar`` per camera, i.e. the devkit's chain computed exactly
-rather than its float32 stepwise version (see docs/decisions.md).
+rather than its float32 stepwise version (see docs/decisions.md). The numpy path uses no BLAS,
+so it gives the same bits on every CPU (``sensors/geometry.py``); the torch path does not promise that.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from distillkit.sensors.geometry import matmul
 
 BORDERS = {"slidr": 0.0, "devkit": 1.0}
 
@@ -69,7 +72,7 @@ def _camera_matrices(T: np.ndarray, K: np.ndarray) -> np.ndarray:
     """(C, 3, 4) float64 ``K @ T[:3]``: one matrix maps homogeneous lidar points to
     ``[u*d, v*d, d]``. K's last row is (0, 0, 1), so the third output is the camera-frame
     depth itself."""
-    return K @ T[:, :3, :]
+    return matmul(K, T[:, :3, :])
 
 
 def _finish(cam_idx: np.ndarray, pt_idx: np.ndarray, uvd: np.ndarray) -> Pairs:
@@ -78,13 +81,13 @@ def _finish(cam_idx: np.ndarray, pt_idx: np.ndarray, uvd: np.ndarray) -> Pairs:
 
 
 def _project_numpy(xyz, T, K, size, min_dist, lo) -> Pairs:
-    # One (N, 4) x (4, 3C) GEMM for every camera instead of a chain of per-camera steps.
-    P = _camera_matrices(T, K)
-    C = len(P)
-    homog = np.empty((len(xyz), 4))
-    homog[:, :3] = xyz
-    homog[:, 3] = 1.0
-    pix = (homog @ P.reshape(3 * C, 4).T).reshape(-1, C, 3)  # (N, C, [u*d, v*d, d])
+    # Every camera at once, as elementwise products summed in a fixed order (x, y, z, then the
+    # translation column) instead of a GEMM: BLAS kernels round differently per CPU, and a point
+    # whose u lands within an ulp of a pixel border would change pairs.npy between machines
+    # (sensors/geometry.py). About 2x slower than the GEMM, still a few ms per keyframe.
+    P = _camera_matrices(T, K)[None]  # (1, C, 3, 4)
+    x, y, z = (xyz[:, i, None, None] for i in range(3))
+    pix = x * P[..., 0] + y * P[..., 1] + z * P[..., 2] + P[..., 3]  # (N, C, [u*d, v*d, d])
     # Divide only for points in front of each camera (about a third of all point-camera
     # combinations on a 360-degree rig); nonzero on the (C, N) view keeps camera-major order.
     cam_idx, pt_idx = np.nonzero(pix[:, :, 2].T > min_dist)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from distillkit.sensors.geometry import matmul, rigid_inverse, rigid_matrix
+
 CAMERAS = (
     "CAM_FRONT",
     "CAM_FRONT_RIGHT",
@@ -57,24 +59,20 @@ class KeyframeRef:
 
 def pose_matrix(record: dict[str, Any]) -> np.ndarray:
     """4x4 float64 transform from a nuScenes ``rotation`` (w, x, y, z) + ``translation``."""
-    from pyquaternion import Quaternion
-
-    T = np.eye(4)
-    T[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
-    T[:3, 3] = np.asarray(record["translation"], dtype=np.float64)
-    return T
+    return rigid_matrix(record["rotation"], record["translation"])
 
 
 def compose_T_cam_lidar(
     cs_lidar: dict[str, Any], pose_lidar: dict[str, Any], pose_cam: dict[str, Any], cs_cam: dict[str, Any]
 ) -> np.ndarray:
-    """lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera, as one float64 4x4."""
-    return (
-        np.linalg.inv(pose_matrix(cs_cam))
-        @ np.linalg.inv(pose_matrix(pose_cam))
-        @ pose_matrix(pose_lidar)
-        @ pose_matrix(cs_lidar)
-    )
+    """lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera, as one float64 4x4.
+
+    The devkit's chain (``inv(cs_cam) inv(pose_cam) pose_lidar cs_lidar``), multiplied left to right with
+    ``sensors.geometry`` instead of BLAS and LAPACK, so ``cams.json`` has the same bits on every machine."""
+    T = rigid_inverse(pose_matrix(cs_cam))
+    for M in (rigid_inverse(pose_matrix(pose_cam)), pose_matrix(pose_lidar), pose_matrix(cs_lidar)):
+        T = matmul(T, M)
+    return T
 
 
 class DatasetError(Exception):

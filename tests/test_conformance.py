@@ -34,18 +34,44 @@ TRAINER_NAMES = TRAINERS.names()
 
 # The demo-slidr shards of `synth nuscenes --size small --seed 0`, first recorded at commit 05d228d
 # (before the namespace and pipeline-contract refactor) and rebuilt identically after it. Re-pinned
-# on top of ec0b667 for the issue "SLidR fidelity", whose changes alter the bytes on purpose: the
-# plan-time keyframe permutation (output.shuffle), the meta.json field, and 4 synthetic scenes with
-# real nuScenes names instead of 2 (12 keyframes, 3 shards). Taken from a serial build; a 2-worker dask
-# build gave the same bytes. The bytes depend on the libraries that encode them; a failure with other
-# versions than these is a re-pin, not a bug.
+# on top of ec0b667 for the issue "SLidR fidelity" (keyframe permutation, meta.json, 4 scenes), and
+# again for issue 19, when cams.json stopped depending on the machine's BLAS kernels (sensors/geometry.py;
+# before, an AVX-512 machine whose OpenBLAS picked its SkylakeX kernels wrote other last bits into
+# T_cam_lidar). Taken from serial builds under OPENBLAS_CORETYPE Prescott, Haswell and SkylakeX, with 1
+# and 2 threads, and with numpy's AVX/AVX2/AVX-512 loops disabled: all gave these bytes; a 2-worker dask
+# build too. The bytes depend on the libraries that encode them (PINNED_WITH); a failure with other
+# versions than these is a re-pin, not a bug (docs/decisions.md "Determinism").
 SLIDR_DEMO_SHA256 = {
-    "demo-slidr-000000.tar": "a25c4f4c0822ab7dad82f62c7f09f20235258e6c1c9d071bb8fc9466d2576577",
-    "demo-slidr-000001.tar": "1df563917452fe8fa0b39864b4701491d881cd55693067be0c84312d264b8677",
-    "demo-slidr-000002.tar": "7f805153c25ea504dea7b64a4019c8b4d0eeb0ff9b634efc2c3d40882c2ed85d",
+    "demo-slidr-000000.tar": "e9b676fcb25d0a61a01560939f694126af5a5930ac57167b894b8910940395cd",
+    "demo-slidr-000001.tar": "4eded0626d1337186a6167f0ad80aaf46af7569acd19fdee4913da015311dfba",
+    "demo-slidr-000002.tar": "c7f4da22c4927ac546c9d9f2f12f8bac73767d43838a2b97e2ebdf2e834abf4f",
+}
+# The same bytes per field (sha256 over that field's members in shard order, first 16 hex digits), so a
+# failure names what changed: an encoder's version (jpg, png), the superpixels, the geometry (cams.json,
+# pairs), the point cloud.
+SLIDR_DEMO_FIELDS = {
+    "cam*.jpg": "6cc5a30da53a71da", "cam*.sp.png": "4605346e02b83e75", "cams.json": "9075e1bcc1e0b873",
+    "lidar.npy": "b6b64b502b16ed04", "lidarseg.npy": "2cd8e06e38360d04", "meta.json": "e2561f50d6d859b5",
+    "pairs.npy": "985d9c529e413b90", "pairs_uvd.npy": "90bfcc16aed71ef1",
 }
 PINNED_WITH = {"numpy": "1.26.4", "opencv-python-headless": "4.11.0.86", "scikit-image": "0.26.0",
                "pillow": "13.0.0"}
+
+
+def field_digests(shards: Path) -> dict[str, str]:
+    """``SLIDR_DEMO_FIELDS`` of a shard folder: per field (cameras folded into ``cam*``), the sha256 of
+    its members' bytes in shard and member order."""
+    import hashlib
+    import re
+    import tarfile
+
+    digests: dict[str, hashlib._Hash] = {}
+    for entry in load_index(shards)["shards"]:
+        with tarfile.open(shards / entry["file"]) as tar:
+            for member in tar.getmembers():
+                field = re.sub(r"^cam\d", "cam*", member.name.split(".", 1)[1])
+                digests.setdefault(field, hashlib.sha256()).update(tar.extractfile(member).read())
+    return {k: v.hexdigest()[:16] for k, v in sorted(digests.items())}
 
 
 @pytest.fixture(scope="session")
@@ -127,13 +153,53 @@ def test_trainer_conformance(name, demo_builds, tmp_path):
 
 
 def test_slidr_bytes_are_pinned(demo_builds, slidr_shards):
-    """The SLidR demo shards are byte-identical to those of the code before the refactor, and the
-    serial executor (demo_builds) writes the same bytes as the dask LocalCluster (slidr_shards)."""
+    """The SLidR demo shards are byte-identical to the pinned ones, and the serial executor (demo_builds)
+    writes the same bytes as the dask LocalCluster (slidr_shards)."""
     _, serial = demo_builds("slidr")
     got = {e["file"]: e["sha256"] for e in load_index(serial)["shards"]}
     assert got == {e["file"]: e["sha256"] for e in load_index(slidr_shards)["shards"]}
     versions = {name: metadata.version(name) for name in PINNED_WITH}
+    fields = field_digests(serial)
+    changed = sorted(k for k in SLIDR_DEMO_FIELDS.keys() | fields.keys() if fields.get(k) != SLIDR_DEMO_FIELDS.get(k))
+    assert not changed, f"fields changed: {changed}; pinned with {PINNED_WITH}, running {versions}"
     assert got == SLIDR_DEMO_SHA256, f"pinned with {PINNED_WITH}, running {versions}"
+
+
+def _cpu_variants() -> list[dict[str, str]]:
+    """Environments that change which machine code numpy and OpenBLAS run on this CPU: OpenBLAS's oldest
+    x86-64 kernels, and numpy without its AVX, AVX2 and AVX-512 loops (down to its SSE3 baseline)."""
+    import platform
+
+    import numpy.core._multiarray_umath as umath
+
+    variants = []
+    if platform.machine() in ("x86_64", "AMD64"):
+        variants.append({"OPENBLAS_CORETYPE": "Prescott", "OMP_NUM_THREADS": "2"})
+    simd = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
+    if simd:
+        variants.append({"NPY_DISABLE_CPU_FEATURES": " ".join(simd)})
+    return variants
+
+
+@pytest.mark.parametrize("variant", _cpu_variants(), ids=lambda v: "+".join(sorted(v)))
+@pytest.mark.parametrize("name", ["slidr", "audio"])
+def test_bytes_do_not_depend_on_the_cpu_code_path(name, variant, demo_builds, tmp_path):
+    """Another machine runs other numpy SIMD loops and other BLAS kernels; the shards must not change
+    (SLidR's geometry is BLAS-free: sensors/geometry.py; the log-mel's mel sum and dB too:
+    preprocess/logmel.py). Each variant rebuilds the demo in a fresh process. UniSeg and COMODO gave the same
+    bytes under these variants too (docs/decisions.md "Determinism"); they are left out to keep the suite short."""
+    import os
+
+    pipeline = PIPELINES.get(name)
+    data, serial = demo_builds(name)
+    out = tmp_path / "shards"
+    env = {**os.environ, **variant}
+    subprocess.run([sys.executable, "-m", "distillkit", "build", pipeline.demo.manifest, "--scheduler", "serial",
+                    "--set", f"{pipeline.source_key}={data}", "--set", f"output.dir={out}"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    want = {e["file"]: e["sha256"] for e in load_index(serial)["shards"]}
+    got = {e["file"]: e["sha256"] for e in load_index(out)["shards"]}
+    assert got == want
 
 
 def test_registries_import_nothing_heavy():
