@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {method} | {r['metric']} | {r['seed']} | {r['distilled']:.3f} | {r['random']:.3f} | "
                          f"{r['gain']:+.3f} |")
         gains = [r["gain"] for r in rows]
-        lines.append(f"| **{method}** | | **mean / min** | | | **{sum(gains) / len(gains):+.3f} / {min(gains):+.3f}** |")
+        mean = sum(gains) / len(gains)
+        lines.append(f"| **{method}** | | **mean / min** | | | **{mean:+.3f} / {min(gains):+.3f}** |")
     table = "\n".join(lines)
     print(table)
     (args.out / "gains.json").write_text(json.dumps(per_method, indent=2) + "\n")

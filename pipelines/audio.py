@@ -1,4 +1,4 @@
-"""The audio pipeline: any folder of audio files -> log-mel segments (SPEC.md "audio").
+"""The audio pipeline: any folder of audio files -> log-mel segments (fields: docs/reading.md; docs/audio.md).
 
 plan (client): every audio file under ``source.root`` in sorted relative-path order, one ref per
 file with its label from ``labels.csv`` when listed; no file is opened.
@@ -39,7 +39,7 @@ from distillkit.sensors.audio import (
 SCHEMA = {
     "source": {
         "kind": Key(str, "dir", choices=("dir", "audio_dir"),
-                    doc='"dir" (the issue\'s name; "audio_dir", SPEC.md\'s example, is accepted as the same)'),
+                    doc='"dir": every audio file under root ("audio_dir" is accepted as the same)'),
         "root": Key("existing_path", required=True, doc="folder searched recursively for audio files"),
         "labels": Key(str, "labels.csv", doc='CSV "path,label" under the root ("" = no labels; missing = none)'),
         "extensions": Key(list, list(AUDIO_EXTENSIONS), doc="file endings read as audio (case-insensitive)"),
@@ -112,9 +112,18 @@ class Segment:
 
 class AudioPipeline(Pipeline):
     name = "audio"
+    units = ("segments", "files")
+    stat_units = {  # stats names them (Pipeline.stat_units)
+        "seconds": "seconds of audio",
+        "labelled_segments": "segments with a label.txt",
+        "padded_segments": "segments shorter than the segment length (padded)",
+        "over_range_segments": "segments with samples beyond [-1, 1] (kept unscaled)",
+        "logmel_mean": "dB (log-mel, over all bins of audio)",
+        "logmel_std": "dB (log-mel, over all bins of audio)",
+    }
     schema = SCHEMA
     source_key = "source.root"
-    demo = Demo(synth="audio", manifest="demo-audio")
+    demo = Demo(synth="audio", manifest="demo-audio", size="demo")
 
     # ---- manifest and plan (client) ------------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -286,6 +295,13 @@ class AudioPipeline(Pipeline):
         from distillkit.pipelines.render_audio import render_audio
 
         return render_audio(sample)
+
+    def show_preference(self) -> tuple[Any, float]:
+        """A segment that is mostly signal (``render_audio.signal_fraction``): the first segment of the demo
+        data is often a short file padded to the segment length, three quarters zero in the picture."""
+        from distillkit.pipelines.render_audio import MOSTLY_SIGNAL, signal_fraction
+
+        return signal_fraction, MOSTLY_SIGNAL
 
 
 def _finish(seg: Segment, spec: np.ndarray) -> Sample:

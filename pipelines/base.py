@@ -20,6 +20,7 @@ See ``docs/architecture.md`` for a worked example of a windowed pipeline with a 
 
 from __future__ import annotations
 
+import re
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -125,6 +126,14 @@ class Pipeline(ABC):
     source_key: ClassVar[str] = "source.root"
     """The manifest key of the input tree: overridden by the demo, kept apart from the output."""
     demo: ClassVar[Demo | None] = None
+    units: ClassVar[tuple[str, str]] = ("samples", "inputs")
+    """What one sample and one input are, plural, for messages such as ``output.max_rejected``'s:
+    ``("windows", "recordings")``; the same word twice when each input gives one sample."""
+    stat_units: ClassVar[dict[str, str]] = {}
+    """What each statistic of ``finalize_stats`` counts or measures, by name (a regular expression matching
+    the whole name): ``{"seconds": "seconds of audio"}``. Why: ``stats`` prints "165.1 seconds of audio", not a
+    bare "seconds: 165.1"; the build writes each statistic's unit into ``index.json`` (``stat_units``), so
+    ``stats`` stays a read of that file. Default: none described (``samples`` always is: ``STAT_UNITS``)."""
 
     # ---- client ----------------------------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:  # noqa: B027 - optional hook
@@ -190,7 +199,34 @@ class Pipeline(ABC):
 
     @abstractmethod
     def render(self, sample: SampleView) -> Figure:
-        """What ``distillkit show`` draws."""
+        """What ``distillkit show`` draws (saved at ``SHOW_DPI``)."""
+
+    def show_preference(self) -> tuple[Callable[[SampleView], float], float] | None:
+        """Which sample ``distillkit show`` draws without ``--key``: a score of a sample and the score that is
+        good enough; ``show`` takes the first sample scoring that much, else the best of the first
+        ``pipelines.inspect.SHOW_SCAN``. Why: a pipeline whose first sample makes a poor picture (audio: a
+        short file padded to the segment length, three quarters zero) can point at a better one.
+        Default: None, the first sample."""
+        return None
+
+    def unit_of_stat(self, key: str) -> str:
+        """What the statistic ``key`` counts or measures, from ``stat_units`` and ``STAT_UNITS`` ("" when not
+        described).
+
+        Args:
+            key: a name ``finalize_stats`` returns.
+        """
+        for table in (self.stat_units, STAT_UNITS):
+            for pattern, unit in table.items():
+                if re.fullmatch(pattern, key):
+                    return unit
+        return ""
+
+
+STAT_UNITS: dict[str, str] = {"samples": "samples written"}
+"""Units of the statistics every pipeline has (``Pipeline.sample_stats``' default)."""
+SHOW_DPI = 110
+"""The resolution ``distillkit show`` saves a picture at: a ``render`` that sizes marks in pixels uses it."""
 
 
 def guarded(ref: SampleRef, make: Callable[[], Iterable[Built]], raise_errors: bool = False) -> Iterator[Built]:

@@ -86,18 +86,27 @@ def load_manifest(ref: str | Path, overrides: list[str] | None = None) -> Manife
     return manifest
 
 
-def init_manifest(name: str, out: Path | None = None) -> Path:
+def init_manifest(name: str, out: Path | None = None, force: bool = False) -> Path:
     """Copy the packaged manifest ``name`` to ``out`` (default ``./{name}.toml``) to edit.
 
+    Args:
+        name: a packaged manifest's name (or any manifest path).
+        out: the file (or an existing folder) to write.
+        force: overwrite an existing file (never a folder).
+
     Raises:
-        ManifestError: unknown name, or ``out`` already exists (never overwritten).
+        ManifestError: unknown name, or ``out`` already exists and ``force`` is not set.
     """
     src = resolve_manifest(name)
     dst = Path(out) if out is not None else Path(f"{src.stem}.toml")
     if dst.is_dir():
         dst = dst / src.name
-    if dst.exists():
-        raise ManifestError(dst, "", "already exists; not overwritten")
+    if dst.is_dir():
+        raise ManifestError(dst, "", "is a folder; not overwritten")
+    if dst.exists() and not force:
+        raise ManifestError(dst, "", "already exists; not overwritten (--force replaces it)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ManifestError(dst, "", "is the packaged manifest itself; choose another file")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst

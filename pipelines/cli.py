@@ -7,6 +7,7 @@ inputs, a failed ``verify``; 2 usage, manifest or dataset errors (one line, no t
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -42,13 +43,49 @@ def main() -> None:
     logging.getLogger("distillkit").setLevel(logging.INFO)
 
 
-@main.command()
+def synth_kinds() -> list[tuple[str, str, list[str]]]:
+    """(name, one-line summary, sizes) of every registered synth kind, for ``synth --help``: the summary is
+    the first sentence of the kind's module docstring, the sizes the keys of its module's ``SIZES``
+    (empty when it has none). A kind that does not load is listed with the reason."""
+    import importlib
+
+    from distillkit.pipelines.registry import SYNTH
+
+    kinds = []
+    for name in SYNTH.names():
+        try:
+            module = importlib.import_module(getattr(SYNTH.get(name), "__module__", None) or "")
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in is listed as such; --help must still work
+            kinds.append((name, f"cannot be loaded: {exc}", []))
+            continue
+        doc = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        # "``distillkit synth audio OUT``: a folder tree ..." -> "a folder tree ..."
+        doc = re.sub(r"^``[^`]*``:\s*", "", doc).replace("``", "")
+        summary = re.split(r"(?<=\.)\s", doc, maxsplit=1)[0]
+        summary = summary[:1].upper() + summary[1:]
+        sizes = getattr(module, "SIZES", {})
+        kinds.append((name, summary, list(sizes) if isinstance(sizes, dict) else []))
+    return kinds
+
+
+class SynthCommand(click.Command):
+    """``synth``, whose help lists the registered kinds (and their sizes) when it is shown."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, summary + (f" Sizes: {' | '.join(sizes)}." if sizes else ""))
+                for name, summary, sizes in synth_kinds()]
+        with formatter.section("Kinds"):
+            formatter.write_dl(rows or [("(none)", "no synth kind is installed")])
+        super().format_epilog(ctx, formatter)
+
+
+@main.command(cls=SynthCommand)
 @click.argument("kind")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, type=int)
-@click.option("--size", default="small", help="small | medium (what the kind offers)")
+@click.option("--size", default="small", help="how much data: the sizes KIND offers (listed below)")
 def synth(kind: str, out: Path, seed: int, size: str) -> None:
-    """Write synthetic data of KIND in its native formats (kinds: distillkit synth --help)."""
+    """Write synthetic data of KIND (one of the kinds below) in its native formats to OUT."""
     from distillkit.pipelines.registry import SYNTH
 
     try:
@@ -63,22 +100,41 @@ def synth(kind: str, out: Path, seed: int, size: str) -> None:
 
 @main.command(name="manifests")
 def list_manifests() -> None:
-    """List the packaged manifests (use a name with build or init)."""
-    from distillkit.pipelines.catalog import manifest_summary, packaged_manifests
+    """List the packaged manifests with their descriptions (use a name with build or init)."""
+    from distillkit.pipelines.catalog import packaged_manifests
 
     for name, path in packaged_manifests().items():
-        click.echo(f"{name:<24} {manifest_summary(path)}")
+        lines = manifest_description(path) or [""]
+        click.echo(f"{name:<24} {lines[0]}".rstrip())
+        for line in lines[1:]:
+            click.echo(f"{'':<24} {line}".rstrip())
+
+
+def manifest_description(path: Path) -> list[str]:
+    """The comment block at the top of a manifest, every line of it (usage examples keep their indent).
+
+    Args:
+        path: a manifest file.
+    """
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:]
+        lines.append(text[1:] if text.startswith(" ") else text)
+    return lines
 
 
 @main.command()
 @click.argument("name")
 @click.argument("out", required=False, type=click.Path(path_type=Path))
-def init(name: str, out: Path | None) -> None:
+@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
+def init(name: str, out: Path | None, force: bool) -> None:
     """Copy the packaged manifest NAME to OUT (default ./NAME.toml) to edit."""
     from distillkit.pipelines.catalog import init_manifest
 
     try:
-        path = init_manifest(name, out)
+        path = init_manifest(name, out, force=force)
     except ManifestError as exc:
         _fail(str(exc))
     click.echo(f"wrote {path}")
@@ -120,9 +176,8 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
     )
     for r in result.rejected[:20]:
         click.echo(f"  rejected [{r['stage']}] {r['source']}: {r['reason']}", err=True)
-    limit = m.data["output"]["max_rejected"]
-    if result.rejected_fraction > limit:
-        _fail(f"rejected {result.rejected_fraction:.1%} of inputs, above output.max_rejected={limit:.1%}", 1)
+    if (too_many := result.over_limit(m.data["output"]["max_rejected"])) is not None:
+        _fail(too_many, 1)
 
 
 @main.command()
@@ -156,7 +211,8 @@ def stats(shard_dir: Path) -> None:
 
 @main.command()
 @click.argument("shard_dir", type=click.Path(path_type=Path))
-@click.option("--key", default=None, help="sample key (default: the first sample)")
+@click.option("--key", default=None,
+              help="sample key (default: the first sample; audio: the first that is mostly signal)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write")
 def show(shard_dir: Path, key: str | None, out: Path) -> None:
     """Render one sample as a picture."""

@@ -7,7 +7,7 @@ enumerated on the worker (``samples``), so the plan never opens a video. Per rec
 (``preprocess.imu_windows``), and for each window decode only the frames nearest to its F instants
 (``sensors.video.VideoReader``: seek + decode forward). With ``stages.teacher.enabled`` a frozen video teacher,
 loaded once per worker (``setup``), embeds the windows in batches across recordings into ``teacher.npy``.
-Shard contract: ``../shared/SPEC.md`` ("comodo"); decisions: ``docs/comodo.md``.
+Shard contract: ``fields`` below and docs/reading.md; decisions: ``docs/comodo.md``.
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ def sanitise(uid: str) -> str:
 
 class ComodoPipeline(Pipeline):
     name = "comodo"
+    units = ("windows", "recordings")
+    stat_units = {  # stats names them (Pipeline.stat_units)
+        r"imu_(mean|std)_accl_[xyz]": "m/s^2 (accelerometer, over all IMU values)",
+        r"imu_(mean|std)_gyro_[xyz]": "rad/s (gyroscope, over all IMU values)",
+        "windows_labelled": "windows with a label.txt",
+        "windows_offset_estimated": "windows whose clock offset was estimated (not from clock_offsets.json)",
+    }
     source_key = "source.root"
-    demo = Demo(synth="ego", manifest="demo-comodo", size="small")
+    demo = Demo(synth="ego", manifest="demo-comodo", size="demo")
     schema = {
         "source": {
             "kind": Key(str, "ego4d", choices=("ego4d",), doc="an Ego4D v2-style folder"),

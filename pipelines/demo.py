@@ -4,6 +4,7 @@ registered pipeline that declares a ``Demo`` (and the trainers that read its sha
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[s
     from distillkit.train.registry import TRAINERS
 
     out = Path(out)
+    # Read before the first LocalCluster starts: dask sets OMP_NUM_THREADS=1 in this process's environment
+    # for its workers, which would otherwise look like the user's own choice below.
+    threads_asked = "OMP_NUM_THREADS" in os.environ
     names = only or [n for n in PIPELINES.names() if PIPELINES.get(n).demo is not None]
     trainers = {n: TRAINERS.get(n) for n in TRAINERS.names()}
     results: dict[str, Any] = {}
@@ -92,7 +96,7 @@ def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[s
             layers = [trainer.demo, {"seed": seed}, {"max_steps": steps} if steps else {}]
             config = trainer.resolve_config(*layers)
             click.echo(f"[5/5] train {method} for {config['max_steps']} steps, then its evaluation")
-            _one_thread_unless_asked()
+            _one_thread_unless_asked(threads_asked)
             run_dir = out / "runs" / method
             t0 = time.perf_counter()
             metrics = trainer.train(shards, run_dir, config, device="cpu")
@@ -143,13 +147,11 @@ def write_summary(path: Path, rows: list[dict[str, Any]], seed: int) -> None:
     path.write_text(json.dumps({"seed": seed, "methods": methods}, indent=2, sort_keys=True) + "\n")
 
 
-def _one_thread_unless_asked() -> None:
+def _one_thread_unless_asked(asked: bool) -> None:
     """The demo's small networks train 2x faster with one torch thread than with one per core on a 2-core
-    machine (thread synchronisation outweighs the work: docs/decisions.md "Torch threads"); a user who sets
-    ``OMP_NUM_THREADS`` keeps their choice."""
-    import os
-
+    machine (thread synchronisation outweighs the work: docs/decisions.md "Torch threads"); a user who set
+    ``OMP_NUM_THREADS`` before the demo started (``asked``) keeps their choice."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ:
+    if not asked:
         torch.set_num_threads(1)

@@ -4,19 +4,30 @@ The runner only sees ``open_executor(...)`` yielding an object whose ``map(fn, t
 yields results as they complete, so pipelines never know which executor (if any) runs them.
 ``scheduler="serial"`` runs every task in this process, in order: the same bytes as dask, and
 a failing stage shows a plain traceback (with ``build --raise-errors``) that ``pdb`` can enter.
+
+``Executor.progress(on_report)`` gives tasks a way to report progress while they run (so a bar moves
+before the first shard finishes): in-process it is ``on_report`` itself; on dask a picklable
+``EventReporter`` that sends each report as a dask event (``Worker.log_event``, fire and forget) to the
+one topic of distillkit's progress, tagged with the build's token, which this client subscribes to.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from distillkit.pipelines.placement import GPU, gpu_worker_env
 
 SERIAL = "serial"
+Reporter = Callable[[int, Sequence[int]], None]
+"""``report(task_id, counts)``: a running task's cumulative counts (called on a worker, received on the client)."""
 
 
 class ClusterError(Exception):
@@ -37,6 +48,12 @@ class Executor(Protocol):
         then serve only the torch stages' batches."""
         ...
 
+    def progress(self, on_report: Reporter) -> AbstractContextManager[Reporter]:
+        """For the duration of the block, a reporter for tasks to call; each call reaches ``on_report``
+        on this process (on dask, on the client's event-loop thread: ``on_report`` must be thread-safe;
+        reports may arrive late, after the task's result, and a retried task reports again from 0)."""
+        ...
+
 
 class SerialExecutor:
     """Every task in this process, in order; exceptions propagate with their traceback."""
@@ -49,6 +66,10 @@ class SerialExecutor:
             spare_gpu_workers: bool = False) -> Iterator[Any]:
         for task in tasks:
             yield fn(task)
+
+    @contextmanager
+    def progress(self, on_report: Reporter) -> Iterator[Reporter]:
+        yield on_report  # same process, same thread: nothing to carry
 
 
 class DaskExecutor:
@@ -65,6 +86,74 @@ class DaskExecutor:
             spare_gpu_workers: bool = False) -> Iterator[Any]:
         only = self._cpu if spare_gpu_workers and self._gpu and self._cpu else None
         return map_tasks(self.client, fn, tasks, keys, only)
+
+    @contextmanager
+    def progress(self, on_report: Reporter) -> Iterator[Reporter]:
+        # One topic for every build, each report tagged with its build's token: the scheduler keeps every topic
+        # it ever saw (with its last events), so a topic per build would grow a long-lived shared scheduler's
+        # memory build after build; with one, it holds at most ``distributed.admin.low-level-log-length``
+        # events. Builds sharing a scheduler skip each other's reports by the token; builds sharing a client
+        # share its one subscription (a client holds one handler per topic).
+        token = uuid.uuid4().hex
+        # The (un)subscription happens under the lock, so a build ending and one starting on the same client
+        # cannot leave the topic unsubscribed; the event handler never takes it (a dict read is atomic).
+        with _listeners_lock:
+            listeners = _listeners.setdefault(self.client.id, {})
+            if not listeners:
+                self.client.subscribe_topic(PROGRESS_TOPIC, functools.partial(_dispatch, listeners))
+            listeners[token] = on_report
+        try:
+            yield EventReporter(PROGRESS_TOPIC, token)
+        finally:
+            with _listeners_lock:
+                listeners.pop(token, None)
+                if not listeners:
+                    _listeners.pop(self.client.id, None)
+                    try:
+                        self.client.unsubscribe_topic(PROGRESS_TOPIC)
+                    except (ValueError, OSError, RuntimeError):  # the client is already closing: nothing to stop
+                        pass
+
+
+_listeners_lock = threading.Lock()
+_listeners: dict[str, dict[str, Reporter]] = {}
+"""Per dask client id: the ``on_report`` of each build in progress, by the build's token."""
+
+
+def _dispatch(listeners: dict[str, Reporter], event: tuple[float, Any]) -> None:
+    """Hand a progress event to the build whose token it carries (reports of other builds are skipped)."""
+    msg = event[1]
+    if not (isinstance(msg, (list, tuple)) and len(msg) > 1):
+        return
+    on_report = listeners.get(msg[0])
+    if on_report is not None:
+        on_report(int(msg[1]), [int(c) for c in msg[2:]])
+
+
+PROGRESS_TOPIC = "distillkit-progress"
+"""The dask event topic of every build's progress reports (``DaskExecutor.progress``)."""
+
+
+@dataclass(frozen=True)
+class EventReporter:
+    """Sends ``report(task_id, counts)`` from a dask worker as an event on ``topic``, tagged with the build's
+    ``token`` (travels with the task)."""
+
+    topic: str
+    token: str = ""
+
+    def __call__(self, task_id: int, counts: Sequence[int]) -> None:
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+        except (ImportError, ValueError):  # not on a worker (a test calling the task directly): nobody listens
+            return
+        # Progress is best effort: a report that cannot be sent must never fail the shard.
+        try:
+            worker.log_event(self.topic, [self.token, int(task_id), *(int(c) for c in counts)])
+        except Exception:  # noqa: BLE001
+            pass
 
 
 @contextmanager
@@ -136,9 +225,49 @@ def dask_client(scheduler: str = "", workers: int = 2, threads_per_worker: int =
     try:
         yield client
     finally:
+        # Workers keep logging while they close: a heartbeat that meets the closing scheduler logs
+        # "Failed to communicate with scheduler during heartbeat" with a traceback on the terminal
+        # after a build that went well. Errors during the build still show (they happen before this);
+        # the client goes first, so no future of ours is pending while the workers stop.
+        _quiet_workers(client)
         client.close()
         cluster.close()
         quiet.setLevel(level)
+
+
+def _quiet_distributed_logs() -> None:
+    """Run on each worker at shutdown: only critical messages from ``distributed`` from now on."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+QUIET_TIMEOUT_S = 10
+"""Seconds ``_quiet_workers`` waits for the workers' answer."""
+
+
+def _quiet_workers(client: Any, timeout: float = QUIET_TIMEOUT_S) -> bool:
+    """Quiet the embedded cluster's workers before it closes (best effort: a dead worker has nothing to say).
+
+    ``Client.run`` takes no timeout and waits for every worker it knows; one that hangs (stuck in a C call,
+    say) must not hang the end of a finished build, so the call runs on a daemon thread given ``timeout``
+    seconds, after which the cluster closes anyway (a late answer is simply dropped).
+
+    Args:
+        client: the embedded cluster's client.
+        timeout: seconds to wait for the workers' answer.
+
+    Returns:
+        Whether every worker answered in time.
+    """
+    def call() -> None:
+        try:
+            client.run(_quiet_distributed_logs, on_error="ignore")
+        except Exception:  # noqa: BLE001 - shutting down anyway; never mask the build's own outcome
+            pass
+
+    worker = threading.Thread(target=call, name="distillkit-quiet-workers", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not worker.is_alive()
 
 
 def map_tasks(

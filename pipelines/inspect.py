@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillkit.pipelines.base import SHOW_DPI, STAT_UNITS
 from distillkit.pipelines.codecs import SampleView
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
@@ -78,8 +79,27 @@ def verify(shard_dir: Path, progress: bool = False) -> VerifyReport:
     return report
 
 
+def stat_unit(pipeline: str, key: str, index: dict[str, Any] | None = None) -> str:
+    """What the statistic ``key`` of a ``pipeline`` dataset counts or measures ("" when not known).
+
+    From ``index["stat_units"]`` (written by the build) when given; else (a dataset built before units were
+    written) from the pipeline's ``Pipeline.stat_units``, which imports the pipeline.
+
+    Args:
+        pipeline: the pipeline name in ``index.json``.
+        key: the statistic's name.
+        index: the dataset's ``index.json``, if read already.
+    """
+    if index is not None and isinstance(index.get("stat_units"), dict):
+        return str(index["stat_units"].get(key, STAT_UNITS.get(key, "")))
+    try:
+        return get_pipeline(pipeline).unit_of_stat(key)
+    except Exception:  # noqa: BLE001 - a pipeline that is not installed here: the bare value still prints
+        return STAT_UNITS.get(key, "")
+
+
 def stats_text(shard_dir: Path) -> str:
-    """A human summary: counts, sizes, rejected inputs and dataset statistics."""
+    """A human summary: counts, sizes, rejected inputs and dataset statistics (with their units)."""
     index = load_index(Path(shard_dir))
     shards = index["shards"]
     total = sum(s["bytes"] for s in shards)
@@ -92,21 +112,48 @@ def stats_text(shard_dir: Path) -> str:
         f"size: {total / 1e6:.1f} MB  ({total / max(c.get('written') or 1, 1) / 1e6:.2f} MB/sample)",
     ]
     for key, value in sorted(index.get("stats", {}).items()):
-        lines.append(f"  {key}: {value:.4g}")
+        unit = stat_unit(index["pipeline"], key, index)
+        lines.append(f"  {key}: {value:.4g}{' ' + unit if unit else ''}")
     if index["rejected"]:
         lines.append("rejected inputs:")
         lines += [f"  [{r['stage']}] {r['source']}: {r['reason']}" for r in index["rejected"]]
     return "\n".join(lines)
 
 
+# Without --key, ``show`` draws the first sample, except for pipelines with a ``Pipeline.show_preference``: then
+# the first sample scoring at least the pipeline's threshold, else the best of the first SHOW_SCAN samples. The
+# scan is bounded so that picking a picture never costs a pass over a large dataset.
+SHOW_SCAN = 256
+
+
 def find_sample(shard_dir: Path, key: str | None = None) -> tuple[str, dict[str, bytes], str]:
-    """Return (key, sample, pipeline name): the sample ``key``, or the first one."""
+    """Return (key, sample, pipeline name): the sample ``key``, or without a key the one ``show`` draws
+    (the first, or the preferred one of the pipeline's ``show_preference``)."""
     shard_dir = Path(shard_dir)
     index = load_index(shard_dir)
+    prefer = get_pipeline(index["pipeline"]).show_preference() if key is None else None
+    best: tuple[float, str, dict[str, bytes]] | None = None
+    seen = 0
     for entry in index["shards"]:
         for k, sample in iter_samples(shard_dir / entry["file"]):
-            if key is None or k == key:
+            if key is not None and k != key:
+                continue
+            if prefer is None:
                 return k, sample, index["pipeline"]
+            score_of, good = prefer
+            try:
+                score = score_of(SampleView(sample, k))
+            except (KeyError, ValueError):  # a sample the scorer cannot read is never the preferred one
+                score = float("-inf")
+            if score >= good:
+                return k, sample, index["pipeline"]
+            if best is None or score > best[0]:
+                best = (score, k, sample)
+            seen += 1
+            if seen >= SHOW_SCAN:
+                return best[1], best[2], index["pipeline"]
+    if best is not None:
+        return best[1], best[2], index["pipeline"]
     raise KeyError(f"no sample {key!r} in {shard_dir}" if key else f"{shard_dir} holds no samples")
 
 
@@ -119,6 +166,6 @@ def show(shard_dir: Path, out: Path, key: str | None = None) -> str:
 
     k, sample, pipeline_name = find_sample(shard_dir, key)
     fig: Any = get_pipeline(pipeline_name).render(SampleView(sample, k))
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    fig.savefig(out, dpi=SHOW_DPI, bbox_inches="tight")
     plt.close(fig)
     return k

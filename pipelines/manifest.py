@@ -47,7 +47,8 @@ COMMON_SCHEMA: Section = {
     "output": {
         "dir": Key("path", required=True),
         "samples_per_shard": Key(int, 128),
-        "max_rejected": Key(float, 0.01, doc="fraction of planned inputs; above it build exits 1"),
+        "max_rejected": Key(float, 0.01, doc="fraction of samples (windows, keyframes, ...) rejected: "
+                                             "rejected / (written + rejected); above it build exits 1"),
     },
     "cluster": {
         "scheduler": Key(str, "", doc='"" = embedded LocalCluster, "serial" = in-process, else "tcp://host:8786"'),

@@ -42,38 +42,81 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.nd
     return out
 
 
+def level_caption(name: str, index: int, count: int) -> str:
+    """A level name as stored (``instance@0.8``, ``semantic@0.6``) in words a reader of the picture follows.
+
+    Args:
+        name: the level's name in ``uniap.json``.
+        index: its 0-based position among the levels.
+        count: the number of levels.
+    """
+    kind, _, tau = name.partition("@")
+    what = {"instance": "neighbour regions merged", "semantic": "similar regions grouped image-wide"}.get(kind, kind)
+    return f"level {index + 1}/{count}: {what} at similarity > {tau}" if tau else f"level {index + 1}/{count}: {name}"
+
+
 def render_uniseg(sample: SampleView) -> Any:
-    """A matplotlib figure: the image, ground truth (when stored) and one panel per UniAP level."""
+    """A matplotlib figure: the image, ground truth (when stored) and one panel per UniAP level.
+
+    The caption and legend say what a level is (patches merged while their feature similarity is above the
+    level's threshold), what the colours, white lines and darkened patches mean, so the picture reads
+    without the pipeline's code.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from distillkit.pipelines.uniseg import image_field
 
     meta = sample["uniap.json"]
     levels = sample["uniap.npy"]
     image = sample.image(image_field(sample)).astype(np.float32) / 255
-    panels: list[tuple[str, np.ndarray]] = [(f"{meta['source']} ({image.shape[1]}x{image.shape[0]})", image)]
-    for kind in ("inst", "sem"):
+    panels: list[tuple[str, np.ndarray]] = [(f"input image ({image.shape[1]}x{image.shape[0]} px)", image)]
+    for kind, one, many in (("inst", "object", "objects"), ("sem", "class", "classes")):
         name = f"gt.{kind}.png"
         if name in sample:
             gt = sample[name].astype(np.int64)
             colours = np.vstack([[0.0, 0.0, 0.0], region_colours(int(gt.max()) + 1, seed=1)])
-            panels.append((f"ground truth {kind} ({len(np.unique(gt[gt > 0]))} ids)", colours[gt]))
-    for name, lvl, n in zip(meta["levels"], levels, meta["regions"], strict=True):
+            n = len(np.unique(gt[gt > 0]))
+            panels.append((f"ground truth {many}: {n} {one if n == 1 else many}", colours[gt]))
+    count = len(meta["levels"])
+    for i, (name, lvl, n) in enumerate(zip(meta["levels"], levels, meta["regions"], strict=True)):
         dropped = float((lvl < 0).mean())
-        panels.append((f"{name}: {n} regions, {dropped:.0%} dropped", overlay(image, lvl)))
+        panels.append((f"{level_caption(name, i, count)}\n{n} regions, {dropped:.0%} of patches dropped",
+                       overlay(image, lvl)))
     cols = 4
     rows = (len(panels) + cols - 1) // cols
     h, w = image.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 3.2 * h / w + 0.6), squeeze=False)
+    # constrained layout leaves room for the two-line panel titles and the legend below the panels
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.4, rows * (3.4 * h / w + 0.45) + 1.0), squeeze=False,
+                             layout="constrained")
     for ax, (title, pic) in zip(axes.flat, panels, strict=False):
         ax.imshow(np.clip(pic, 0, 1), interpolation="nearest")
         ax.set_title(title, fontsize=8)
     for ax in axes.flat:
         ax.set_axis_off()
     bb = meta["backbone"]
-    fig.suptitle(f"UniAP on a {meta['grid'][0]}x{meta['grid'][1]} grid of {bb['kind']} features "
-                 f"(patch {meta['patch']}, update {meta.get('update', 'sum')})", fontsize=10)
+    patch = meta["patch"]
+    features = {"stats": "colour and texture statistics"}.get(bb["kind"], f"{bb['kind']} network features")
+    fig.suptitle(
+        f"{meta['source']}: UniSeg's pseudo-labels (UniAP regions), {count} levels from fine to coarse\n"
+        f"the image is cut into {patch}x{patch}-px patches ({meta['grid'][0]}x{meta['grid'][1]} grid) described "
+        f"by {features}; a level merges neighbouring patches while their similarity exceeds its threshold",
+        fontsize=9)
+    min_size = meta.get("min_size")
+    legend = [
+        Patch(facecolor=region_colours(3)[2], edgecolor="none", label="tint: one region (colour = its number)"),
+        Line2D([], [], color="white", lw=2, label="white line: region boundary"),
+        Patch(facecolor=(0.08, 0.08, 0.08), edgecolor="none",
+              label=f"darkened: dropped patches (their region has fewer than {min_size} patches, or covers the "
+                    "whole image)" if min_size else "darkened: dropped patches"),
+    ]
+    if any(name.startswith("gt.") for name in sample):
+        legend.append(Patch(facecolor="black", edgecolor="grey", label="black in ground truth: background"))
+    # a mid-grey box, so both the white boundary line and the dark swatches stand out in the legend
+    fig.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=True,
+               facecolor=(0.55, 0.55, 0.55), framealpha=1.0)
     return fig

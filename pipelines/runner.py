@@ -7,26 +7,39 @@ writes a per-shard record ``{stem}.json``. On a rerun a task whose record, tar s
 still match, whose plan and manifest fingerprint are unchanged and whose input files have the
 same sizes and mtimes returns the record without rebuilding, so an interrupted build resumes
 where it stopped and produces the same bytes as an uninterrupted one.
+
+Feedback while building: a task reports its shard's cumulative counts (inputs passed, samples
+written, rejected) through ``Executor.progress`` as it takes its inputs (at most five times a second, sample
+counts alone at most twice; its final count always), so the bar (in inputs) moves during the first shard, not
+after it; the client draws the bar at most five times a second. Python warnings and ``distillkit`` log records
+of WARNING and above raised in worker processes come back with the task's result (or on its exception, when
+it fails) and are logged once per build by the client at their own level (above the bar), instead of each
+worker printing them on its own stderr, through the bar.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import threading
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from distillkit.build_info import build_info
+from distillkit.folder_lock import FolderBusy, folder_lock
 from distillkit.pipelines.base import Rejection, SampleRef
 from distillkit.pipelines.executor import ClusterError, Executor, open_executor
 from distillkit.pipelines.manifest import Manifest, ManifestError
@@ -56,6 +69,8 @@ class ShardTask:
     raise_errors: bool = False
     gpu_remote: bool = False
     """Send the pipeline's torch stages to the cluster's GPU workers (``pipelines.placement``)."""
+    progress: Callable[[int, Sequence[int]], None] | None = None
+    """``Executor.progress``'s reporter: ``(index, [inputs passed, samples written, rejected])``."""
 
 
 @dataclass
@@ -66,6 +81,10 @@ class BuildResult:
     rejected: list[dict[str, str]]
     reused_shards: int
     built_shards: int
+    units: tuple[str, str] = ("samples", "inputs")
+    """What one sample and one input are, plural (``Pipeline.units``): ("windows", "recordings")."""
+    whole_inputs: int = 0
+    """Rejections of whole inputs (while planning, or an input failing as a whole): each counts as one sample."""
 
     @property
     def rejected_fraction(self) -> float:
@@ -73,6 +92,29 @@ class BuildResult:
         rejected whole, which is the planned inputs for one-sample-per-input pipelines."""
         total = self.written + len(self.rejected)
         return len(self.rejected) / total if total else 0.0
+
+    def over_limit(self, limit: float) -> str | None:
+        """The one-line reason a build with more rejections than ``limit`` (``output.max_rejected``)
+        fails, in the units the ratio counts; ``None`` within the limit.
+
+        Args:
+            limit: the largest accepted ``rejected_fraction``, a fraction in [0, 1].
+        """
+        fraction = self.rejected_fraction
+        if fraction <= limit:
+            return None
+        sample, whole = self.units
+        n = len(self.rejected)
+        said = f"{n} of {self.written + n} {sample} rejected ({fraction:.1%}"
+        if self.whole_inputs and sample != whole:  # the ratio counts a whole input as one sample: say so
+            said += f"; {self.whole_inputs} of them {whole} rejected whole, each counted as one"
+        # The smallest whole percent that would have passed: the value to set if the losses are acceptable.
+        enough = math.ceil(fraction * 100 - 1e-9) / 100
+        if enough < fraction:
+            enough += 0.01
+        return (f"{said}) > output.max_rejected {limit:.1%} of {sample}; the {self.written} written {sample} are in "
+                f"{self.index_path.parent} and index.json lists every rejection with its reason: fix those inputs, "
+                f"or accept the loss with --set output.max_rejected={enough:.2f}")
 
 
 def refs_fingerprint(refs: list[SampleRef], content_hash: str) -> str:
@@ -111,6 +153,60 @@ def _existing_record(out_dir: Path, task: ShardTask, stamp: str) -> ShardRecord 
     return rec
 
 
+REPORT_EVERY_S = 0.5
+"""Least time between two reports of a task's sample counts: enough for a live bar, few messages."""
+INPUT_REPORT_EVERY_S = 0.2
+"""Least time between two reports of a task's input count: an input that takes long is shown within about
+this time of starting it, and a shard of many quick inputs sends at most five messages a second, not one per
+input (a scheduler relaying thousands of tiny events per second for a bar is wasted work)."""
+
+
+class _ShardProgress:
+    """A task's cumulative counts, sent through ``ShardTask.progress``: when the pipeline takes its next input,
+    at most every ``INPUT_REPORT_EVERY_S`` (a report held back then goes with the next one, at the latest the
+    final one: ``flush``), and otherwise at most every ``REPORT_EVERY_S`` (a window pipeline yields many samples
+    per input)."""
+
+    def __init__(self, task: ShardTask):
+        self.task, self.inputs, self.samples, self.rejected = task, 0, 0, 0
+        self._last: float | None = None
+        self._sent: tuple[int, int, int] | None = None
+
+    def update(self, input_taken: bool = False) -> None:
+        if self.task.progress is None:
+            return
+        t = time.monotonic()
+        every = INPUT_REPORT_EVERY_S if input_taken else REPORT_EVERY_S
+        if self._last is None or t - self._last >= every:
+            self._send(t)
+
+    def flush(self) -> None:
+        """Send the counts if any report was held back: the task's last report is always its final count."""
+        if self.task.progress is not None and self._sent != (self.inputs, self.samples, self.rejected):
+            self._send(time.monotonic())
+
+    def _send(self, t: float) -> None:
+        self._last = t
+        self._sent = (self.inputs, self.samples, self.rejected)
+        self.task.progress(self.task.index, list(self._sent))  # type: ignore[misc]
+
+
+class _CountedRefs(list):
+    """The shard's refs, counting those a pipeline has moved past: when it takes ref ``i``, refs
+    ``0..i-1`` are done (a batching pipeline may still hold a few of them; the count catches up)."""
+
+    def __init__(self, refs: list[SampleRef], counts: _ShardProgress):
+        super().__init__(refs)
+        self._counts = counts
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        for i, ref in enumerate(super().__iter__()):
+            if i > self._counts.inputs:
+                self._counts.inputs = i
+                self._counts.update(input_taken=True)
+            yield ref
+
+
 def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
     m = task.manifest
@@ -126,12 +222,15 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     rejected: list[dict[str, str]] = []
     stats: dict[str, float] = {}
     keys: list[str] = []
+    counts = _ShardProgress(task)
 
     def checked() -> Iterator[tuple[str, dict[str, bytes]]]:
         seen: set[str] = set()
-        for item in pipeline.build_refs(task.refs, m, raise_errors=task.raise_errors):
+        for item in pipeline.build_refs(_CountedRefs(task.refs, counts), m, raise_errors=task.raise_errors):
             if isinstance(item, Rejection):
                 rejected.append(item.to_json())
+                counts.rejected = len(rejected)
+                counts.update()
                 continue
             if item.key in seen:
                 raise ValueError(f"{m.pipeline}: build yielded the key {item.key} twice in one shard")
@@ -141,15 +240,21 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
                 sample_stats = pipeline.sample_stats(view)
             except SchemaError as exc:
                 rejected.append({"source": item.source, "stage": "schema", "reason": str(exc)})
+                counts.rejected = len(rejected)
+                counts.update()
                 continue
             for k, v in sample_stats.items():
                 stats[k] = stats.get(k, 0.0) + float(v)
             keys.append(item.key)
+            counts.samples = len(keys)
+            counts.update()
             yield item.key, item.fields
 
     path = out_dir / shard_filename(m.name, task.index)
     with shard_context(task.gpu_remote) as devices:
         size, digest, n = write_shard(path, checked())
+    counts.inputs = len(task.refs)
+    counts.flush()
     record = ShardRecord(
         file=path.name,
         samples=n,
@@ -166,6 +271,104 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     )
     write_json_atomic(path.with_suffix(".json"), record.to_json())
     return task.index, record, False
+
+
+Note = tuple[int, str]
+"""A warning for the client to log: (logging level, message)."""
+
+
+def run_shard(task: ShardTask) -> tuple[int, ShardRecord, bool, list[Note]]:
+    """The task the executor runs: ``build_shard`` plus the warnings it raised where nobody would show
+    them once (see ``_collect_notes``). Returns (shard index, record, reused, notes).
+
+    A task that fails takes its notes along on the exception (``notes_of``; also ``add_note``, so a
+    traceback, ``--raise-errors``'s included, shows them under the error): a warning logged just before a
+    failure is often the one that explains it.
+    """
+    notes: list[Note] = []
+    try:
+        with _collect_notes() as notes:
+            index, record, reused = build_shard(task)
+    except Exception as exc:
+        if notes:
+            exc.distillkit_notes = list(notes)  # type: ignore[attr-defined]
+            for level, message in notes:
+                exc.add_note(f"{logging.getLevelName(level)} (shard {task.index}): {message}")
+        raise
+    return index, record, reused, notes
+
+
+def notes_of(exc: BaseException) -> list[Note]:
+    """The notes a failed ``run_shard`` attached to its exception (empty when none).
+
+    Args:
+        exc: the exception a shard task raised, as the client received it.
+    """
+    notes = getattr(exc, "distillkit_notes", None)
+    return [(int(level), str(message)) for level, message in notes] if isinstance(notes, list) else []
+
+
+_notes_lock = threading.Lock()
+_notes_users = 0
+_notes_pending: list[Note] = []
+_notes_saved: dict[str, Any] = {}
+
+
+class _NoteHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not fail the shard
+            message = str(record.msg)
+        with _notes_lock:
+            _notes_pending.append((record.levelno, message))
+
+
+def _note_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    text = str(message)
+    with _notes_lock:
+        _notes_pending.append((logging.WARNING, text if category is UserWarning else f"{category.__name__}: {text}"))
+
+
+@contextmanager
+def _collect_notes() -> Iterator[list[Note]]:
+    """Collect, for the client to log once, the Python warnings a shard task shows and (in a process
+    without logging configured, i.e. a dask worker) ``distillkit`` log records of WARNING and above.
+
+    Each worker process would otherwise print the same warning (a random-init teacher, say) on its
+    own stderr, once per worker and through the client's progress bar. Python's warning filters
+    still decide what is shown. Installed process-wide while any task of this process runs (tasks
+    may share a process on threads; ``catch_warnings`` is not thread-safe); a note goes to whichever
+    task ends first, which is enough, since the client logs each message once per build.
+    """
+    global _notes_users
+    out: list[Note] = []
+    with _notes_lock:
+        if _notes_users == 0:
+            _notes_saved["showwarning"] = warnings.showwarning
+            warnings.showwarning = _note_warning
+            # In the CLI or under pytest the root logger has handlers, which already show (and capture)
+            # records in-process: collect records only where they would reach stderr through logging's
+            # last resort.
+            owner = logging.getLogger("distillkit")
+            if not owner.hasHandlers():
+                handler = _NoteHandler(logging.WARNING)
+                owner.addHandler(handler)
+                _notes_saved["handler"] = handler
+        _notes_users += 1
+    try:
+        yield out
+    finally:
+        with _notes_lock:
+            _notes_users -= 1
+            out.extend(_notes_pending)
+            _notes_pending.clear()
+            if _notes_users == 0:
+                warnings.showwarning = _notes_saved.pop("showwarning")
+                handler = _notes_saved.pop("handler", None)
+                if handler is not None:
+                    logging.getLogger("distillkit").removeHandler(handler)
 
 
 def built_by() -> str:
@@ -248,14 +451,39 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
         # two folders on one shared scheduler would otherwise share task keys and one would write nothing.
         run = uuid.uuid4().hex[:8]
         keys = [f"{m.name}-shard-{t.index:06d}-{t.fingerprint[:12]}-{run}" for t in tasks]
-        bar = tqdm(total=len(tasks), desc=f"build {m.name}", unit="shard", disable=not progress)
-        for index, record, was_reused in executor.map(build_shard, tasks, keys, spare_gpu_workers=remote):
-            records[index] = record
-            reused += was_reused
-            bar.update(1)
-            bar.set_postfix(rejected=len(rejected) + sum(len(r.rejected) for r in records.values()))
-        bar.close()
+        bar = tqdm(total=sum(len(t.refs) for t in tasks), desc=f"build {m.name}", unit="input", disable=not progress)
+        tracker = _BuildProgress(bar, tasks, len(rejected))
+        said: set[Note] = set()
+
+        def say(notes: list[Note]) -> None:
+            for note in notes:  # each worker raises the same warning: say it once per build, at its level
+                if note not in said:
+                    said.add(note)
+                    log.log(note[0], "%s", note[1])
+
+        # Log records (ours, and the workers' warnings logged below) go above the bar, not through it.
+        with logging_redirect_tqdm() if progress else nullcontext(), executor.progress(tracker.report) as reporter:
+            for task in tasks:
+                task.progress = reporter
+            try:
+                for index, record, was_reused, notes in executor.map(run_shard, tasks, keys,
+                                                                      spare_gpu_workers=remote):
+                    records[index] = record
+                    reused += was_reused
+                    tracker.finish(index, record)
+                    say(notes)
+            except Exception as exc:
+                # --raise-errors shows them in the traceback (add_note); without it the CLI prints one line,
+                # so they are logged here, above it.
+                if not raise_errors:
+                    say(notes_of(exc))
+                raise
+            finally:
+                tracker.close()
     shard_records = [records[i] for i in range(len(tasks))]
+    # An input rejected while planning, or one whose rejection names the input itself (not one of its windows).
+    sources = {ref.source for task in tasks for ref in task.refs}
+    whole_inputs = len(rejected) + sum(r["source"] in sources for rec in shard_records for r in rec.rejected)
     for rec in shard_records:
         rejected.extend(rec.rejected)
     totals: dict[str, float] = {}
@@ -268,6 +496,7 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
     if len(makers) > 1:
         log.warning("%s: its shards were written by %d versions of distillkit (%s); remove the folder to "
                     "rebuild it with one", out_dir, len(makers), ", ".join(makers))
+    stats = pipeline.finalize_stats(totals)
     index = {
         "format_version": INDEX_FORMAT_VERSION,
         "pipeline": m.pipeline,
@@ -285,7 +514,9 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
             for r in shard_records
         ],
         "rejected": rejected,
-        "stats": pipeline.finalize_stats(totals),
+        "stats": stats,
+        # what each statistic counts or measures (Pipeline.stat_units): `stats` reads it here, importing no pipeline
+        "stat_units": {k: unit for k in stats if (unit := pipeline.unit_of_stat(k))},
     }
     if torch_stages:
         index["torch_stages"] = {
@@ -295,7 +526,81 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
         }
     index_path = out_dir / "index.json"
     write_json_atomic(index_path, index)
-    return BuildResult(index_path, planned, written, rejected, reused, len(tasks) - reused)
+    return BuildResult(index_path, planned, written, rejected, reused, len(tasks) - reused,
+                       units=pipeline.units, whole_inputs=whole_inputs)
+
+
+DRAW_EVERY_S = 0.2
+"""Least time between two draws of the build's bar: reports from many tasks at once would otherwise redraw
+the terminal line for each."""
+
+
+class _BuildProgress:
+    """The build's bar: inputs passed (per-shard reports while tasks run, exact counts when they finish)
+    with samples written and inputs rejected beside it. ``report`` may run on dask's event-loop thread,
+    late or after a retry: counts only grow until the shard's result sets them exactly.
+
+    Drawn at most every ``DRAW_EVERY_S``; a change that comes sooner is drawn by a timer at the end of that
+    interval (tqdm's own ``mininterval`` would skip it, and the skipped one may be the last for minutes)."""
+
+    def __init__(self, bar: tqdm, tasks: list[ShardTask], plan_rejected: int):
+        self.bar, self.plan_rejected = bar, plan_rejected
+        self._sizes = {t.index: len(t.refs) for t in tasks}
+        self._counts = {t.index: (0, 0, 0) for t in tasks}
+        self._finished: set[int] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._drawn = -math.inf
+        self._timer: threading.Timer | None = None
+        self.draws = 0
+        """Times the bar was drawn (for tests)."""
+
+    def report(self, index: int, counts: Sequence[int]) -> None:
+        with self._lock:
+            if self._closed or index in self._finished or index not in self._counts or len(counts) != 3:
+                return
+            old = self._counts[index]
+            new = (min(max(old[0], counts[0]), self._sizes[index]), max(old[1], counts[1]), max(old[2], counts[2]))
+            self._set(index, new)
+
+    def finish(self, index: int, record: ShardRecord) -> None:
+        with self._lock:
+            self._finished.add(index)
+            self._set(index, (self._sizes[index], record.samples, len(record.rejected)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.bar.close()  # draws the final counts
+
+    def _set(self, index: int, new: tuple[int, int, int]) -> None:
+        old, self._counts[index] = self._counts[index], new
+        samples = sum(c[1] for c in self._counts.values())
+        rejected = self.plan_rejected + sum(c[2] for c in self._counts.values())
+        self.bar.set_postfix(samples=samples, rejected=rejected, refresh=False)
+        # Count without letting tqdm draw (its mininterval would decide, and might skip the last change).
+        self.bar.n += new[0] - old[0]
+        wait = self._drawn + DRAW_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._draw()
+        elif self._timer is None:
+            self._timer = threading.Timer(wait, self._draw_later)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _draw_later(self) -> None:
+        with self._lock:
+            self._timer = None
+            if not self._closed:
+                self._draw()
+
+    def _draw(self) -> None:
+        self._drawn = time.monotonic()
+        self.draws += 1
+        self.bar.refresh()
 
 
 def _visible_gpus() -> int:
@@ -332,37 +637,21 @@ def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> boo
     return False
 
 
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-
-
 @contextmanager
 def _build_lock(out_dir: Path, m: Manifest) -> Iterator[None]:
-    """An exclusive lock on the output folder for the whole build: a second build into it (which
-    would delete the first's temporary files and mix two manifests' shards) stops at once.
+    """An exclusive lock on the output folder for the whole build (``distillkit.folder_lock``, shared with
+    ``train``'s run folders): a second build into it (which would delete the first's temporary files and mix
+    two manifests' shards) stops at once.
 
     Raises:
         BuildError: another build holds the folder.
     """
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    locked = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
-                             "or set a different output.dir") from None
-        except OSError as exc:
-            if exc.errno not in _NO_LOCKS:
-                raise
-            # NFS without lockd, Lustre without -o flock: building is still right, only not guarded.
-            log.warning("%s: this filesystem has no file locks (%s); nothing stops a second build into this "
-                        "folder", out_dir, exc.strerror or exc)
-        yield
-    finally:
-        if locked:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        with folder_lock(out_dir, LOCK_FILE, what="build"):
+            yield
+    except FolderBusy:
+        raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
+                         "or set a different output.dir") from None
 
 
 def _check_output(out_dir: Path, m: Manifest) -> None:

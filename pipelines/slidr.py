@@ -4,7 +4,7 @@ plan: nuscenes-devkit tables -> ``KeyframeRef`` per keyframe of the scenes selec
 ``source.split`` / ``source.scenes`` (on the client), then a seeded permutation of all of them
 (``output.shuffle``), so every shard is a random draw from the whole dataset.
 build: lidar ``.pcd.bin`` + six JPEGs -> projection pairs + SLIC superpixels (on workers).
-Schema and picture: ``fields`` and ``render``; see SPEC.md "slidr" for the field contract and
+Schema and picture: ``fields`` and ``render``; see docs/reading.md for the field contract and
 docs/decisions.md ("SLidR splits and shuffling") for the additions.
 """
 
@@ -60,6 +60,14 @@ SCHEMA = {
 
 class SlidrPipeline(Pipeline):
     name = "slidr"
+    units = ("keyframes", "keyframes")
+    stat_units = {  # stats names them (Pipeline.stat_units)
+        "intensity_mean": "lidar intensity (as stored) over all points",
+        "intensity_std": "lidar intensity (as stored) over all points",
+        "points_per_sample": "lidar points per sample (mean)",
+        "pairs_per_sample": "point-pixel pairs per sample (mean)",
+        "superpixels_per_image": "superpixels per camera image (mean)",
+    }
     schema = SCHEMA
     source_key = "source.dataroot"
     demo = Demo(synth="nuscenes", manifest="demo-slidr")

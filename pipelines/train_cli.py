@@ -5,12 +5,18 @@ Every top-level key of a trainer's configuration schema becomes an option (``bat
 defaults and docs, and another method shows its own. Configuration layers, later winning:
 defaults < the checkpoint's stored configuration (``--resume``; ``eval``) < ``--config FILE.toml``
 < ``--set KEY=VALUE`` < explicit options.
+
+Runs are never overwritten: without ``--out`` each run gets a new folder ``runs/METHOD/YYYYmmdd-HHMMSS``
+(``train.run_dir``), and ``--out`` naming a folder that holds a run needs ``--resume`` or ``--overwrite``.
+Another pipeline's shards, another method's checkpoint and (under ``torchrun``) fewer shards than ranks x
+loader workers are refused in one line, exit 2 (docs/training.md, "Run folders").
 """
 
 from __future__ import annotations
 
 import sys
 import tomllib
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,99 @@ import click
 
 from distillkit.pipelines.manifest import Key, ManifestError
 
-RUN_OPTIONS = ("shards", "device", "out", "resume", "strict", "overrides", "config_file")
+RUN_OPTIONS = ("shards", "device", "out", "resume", "overwrite", "strict", "overrides", "config_file")
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` to stderr and exit with ``code`` (2: a user error)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+class Refused(Exception):
+    """A user error found before training starts; its message is the one line ``fail`` prints."""
+
+
+def check_shards(trainer: Any, shard_dir: Path, where: str) -> None:
+    """Refuse a folder that is not a finished shard build, or one built by another pipeline than the
+    trainer reads (its ``index.json`` names the pipeline).
+
+    Args:
+        trainer: the trainer that will read the shards.
+        shard_dir: the ``--shards`` folder.
+        where: the command, for the message (``train comodo``).
+
+    Raises:
+        Refused: naming what was found and what to do.
+    """
+    from distillkit.pipelines.shards import load_index
+
+    try:
+        index = load_index(shard_dir)
+    except FileNotFoundError:
+        raise Refused(f"{shard_dir}: no index.json: not a shard folder, or its build has not finished "
+                      "(distillkit build writes index.json last)") from None
+    except (OSError, ValueError) as exc:
+        raise Refused(f"{shard_dir}/index.json: unreadable ({exc})") from None
+    built = index.get("pipeline") if isinstance(index, dict) else None
+    if isinstance(built, str) and built != trainer.pipeline:
+        readers = _methods(lambda t: t.pipeline == built)
+        hint = f" (train {' / '.join(readers)} reads these)" if readers else ""
+        raise Refused(f"{shard_dir} were built by the {built} pipeline; {where} reads {trainer.pipeline} "
+                      f"shards{hint}")
+
+
+def _methods(accepts: Any) -> list[str]:
+    """The registered methods whose trainer ``accepts(trainer)``; a plugin that fails to load is left out."""
+    from distillkit.train.registry import TRAINERS, get_trainer
+
+    found = []
+    for other in TRAINERS.names():
+        try:
+            if accepts(get_trainer(other)):
+                found.append(other)
+        except Exception:  # noqa: BLE001 - a broken plugin (or a config it rejects) just does not match
+            continue
+    return found
+
+
+def checkpoint_of(trainer: Any, path: Path, where: str) -> dict[str, Any] | None:
+    """The training configuration stored in ``path``, after making sure it is a checkpoint of ``trainer``'s
+    method: by the method name new checkpoints store, else (older checkpoints) by which method's
+    configuration schema accepts the stored configuration.
+
+    Args:
+        trainer: the trainer of the command.
+        path: the checkpoint.
+        where: the command, for the message (``eval audio``).
+
+    Returns:
+        The stored configuration; None for a checkpoint that holds none (it cannot be recognised).
+
+    Raises:
+        Refused: an unreadable file, another method's checkpoint.
+    """
+    from distillkit.train.base import ConfigError
+    from distillkit.train.checkpoint import checkpoint_info
+
+    try:
+        method, config = checkpoint_info(path)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors for a non-checkpoint vary by version
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Refused(f"{path}: not a readable checkpoint ({first})") from None
+    if method is None and config is not None:
+        try:
+            trainer.resolve_config(config, where=where)
+        except ConfigError as exc:
+            others = _methods(lambda t: t.name != trainer.name and t.resolve_config(config) is not None)
+            if not others:
+                raise Refused(f"{path}: its stored configuration is not one {where} accepts ({exc}): is it a "
+                              f"checkpoint of {trainer.name}?") from None
+            method = others[0]
+    if method is not None and method != trainer.name:
+        raise Refused(f"{path} was written by train {method}; {where} reads {trainer.name} checkpoints "
+                      f"(distillkit eval {method} reads it)")
+    return config
 
 
 def _trainer(name: str) -> Any:
@@ -54,13 +146,14 @@ def _key_option(name: str, key: Key) -> click.Option:
 
 
 def _read_config_file(path: Path | None) -> dict[str, Any]:
+    """The ``--config`` file's keys; raises ``Refused`` (not ``fail``: under torchrun rank 0 reads it, and
+    every rank must stop on the error alike)."""
     if path is None:
         return {}
     try:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        fail(f"{path}: cannot read configuration: {exc}")
-    return {}
+        raise Refused(f"{path}: cannot read configuration: {exc}") from None
 
 
 def _config_params(schema: dict[str, Any], set_help: str, config_help: str) -> list[click.Parameter]:
@@ -91,38 +184,58 @@ def make_train_command(name: str) -> click.Command:
         click.Option(["--shards"], required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
                      help=f"a {trainer.pipeline} shard directory"),
         click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
-        click.Option(["--out"], default=Path("runs/train"), type=click.Path(path_type=Path), show_default=True,
-                     help="run directory: latest.pt, log.jsonl, curves.png"),
-        click.Option(["--resume"], is_flag=True, help="continue from OUT/latest.pt with its stored configuration"),
+        click.Option(["--out"], default=None, type=click.Path(path_type=Path, file_okay=False),
+                     help=f"run folder: latest.pt, log.jsonl, curves.png [default: a new runs/{name}/"
+                          "YYYYmmdd-HHMMSS]; one that holds a run needs --resume or --overwrite"),
+        click.Option(["--resume"], is_flag=True,
+                     help=f"continue from OUT/latest.pt with its stored configuration (without --out: the newest "
+                          f"run under runs/{name})"),
+        click.Option(["--overwrite"], is_flag=True,
+                     help="start afresh in an --out that holds a run: its latest.pt, log.jsonl, curves.png are "
+                          "removed first"),
         click.Option(["--strict"], is_flag=True, help="stop at the first bad sample instead of skipping it"),
         *_config_params(trainer.config_schema(), "set a configuration key", "a TOML file of configuration keys"),
     ]
 
     def run(**kw: Any) -> None:
-        from distillkit.train.base import ConfigError, checkpoint_config
-        from distillkit.train.loop import format_metrics
-
-        explicit = {k: v for k, v in kw.items() if k not in RUN_OPTIONS and v is not None}
-        stored: dict[str, Any] = {}
-        ckpt = kw["out"] / "latest.pt"
-        if kw["resume"] and ckpt.is_file():
-            stored = checkpoint_config(ckpt) or {}
-        try:
-            config = trainer.resolve_config(stored, _read_config_file(kw["config_file"]), {},
-                                            overrides=list(kw["overrides"]))
-            config = trainer.resolve_config(config, explicit)
-        except (ConfigError, ManifestError) as exc:
-            fail(str(exc))
-        _device_ok(kw["device"])
         from distillkit.train import distributed
+        from distillkit.train.loop import format_metrics
+        from distillkit.train.streaming import BadSample, TooFewShards
 
-        ranks = distributed.join(kw["device"])  # under torchrun: one process per GPU (train/distributed.py)
+        _device_ok(kw["device"])
         try:
-            metrics = trainer.train(kw["shards"], kw["out"], config, device=kw["device"], resume=kw["resume"],
-                                    strict=kw["strict"])
-        except distributed.ProcessCountMismatch as exc:
+            ranks = distributed.join(kw["device"])  # under torchrun: one process per GPU (train/distributed.py)
+        except RuntimeError as exc:
             fail(str(exc))
-        distributed.leave()  # not on an exception: torchrun stops the other ranks, a barrier would wait for them
+        # Rank 0 alone reads OUT, resolves the configuration and creates the run folder; the others follow its
+        # answer, so that every rank trains into the same folder, or every rank stops on the same error.
+        # ``held`` keeps rank 0's lock on the run folder (RUN_LOCK) until the run ends, however it ends.
+        with ExitStack() as held:
+            plan = _plan_train(trainer, kw, ranks.world_size, held) if ranks.main else None
+            if isinstance(plan, str):  # printed before the others learn of it: none can exit (and have us killed) first
+                click.echo(f"error: {plan}", err=True)
+            plan = distributed.from_rank0(plan)
+            if isinstance(plan, str):
+                _stop_everywhere()
+            out, config = plan
+            if ranks.main:
+                click.echo(f"run folder: {out}")
+            try:
+                # Trainer.train names the run (checkpoint.training_as): eval/--resume refuse another method's
+                # checkpoints by that name.
+                metrics = trainer.train(kw["shards"], out, config, device=kw["device"], resume=kw["resume"],
+                                        strict=kw["strict"])
+            except (distributed.ProcessCountMismatch, TooFewShards) as exc:  # raised alike on every rank
+                if ranks.main:
+                    click.echo(f"error: {exc}", err=True)
+                _stop_everywhere()
+            except BadSample as exc:  # --strict: raised on the rank that read the sample, the others are not told
+                # Exit 1, not 2: the command was right and the run had started; the data stopped it (as a build
+                # over output.max_rejected exits 1). No barrier: torchrun stops the other ranks.
+                click.echo(f"error: --strict: {bad_sample_reason(exc)} (without --strict a bad sample is skipped, "
+                           "logged and counted)", err=True)
+                sys.exit(1)
+            distributed.leave()  # not on an exception: torchrun stops the other ranks, a barrier would wait for them
         if ranks.main:
             click.echo(format_metrics(metrics))
 
@@ -131,6 +244,133 @@ def make_train_command(name: str) -> click.Command:
         help=f"{trainer.summary or 'Train ' + name}. Reads {trainer.pipeline} shards.",
         context_settings={"show_default": True},
     )
+
+
+def bad_sample_reason(exc: BaseException) -> str:
+    """The one line of a ``BadSample`` (shard, sample key, reason), also when a DataLoader worker raised it:
+    torch re-raises it in the main process with the worker's whole traceback as its message.
+
+    Args:
+        exc: the ``BadSample`` the training loop raised.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" not in text:
+        return text.splitlines()[0] if text else type(exc).__name__
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return last.partition("BadSample: ")[2] or last
+
+
+def _stop_everywhere() -> None:
+    """Exit 2 on an error every rank knows of, after rank 0 printed it: the ranks leave the process group
+    together (each reaches the barrier, as each saw the error), so none is left waiting and none is killed
+    by torchrun before rank 0's line is out."""
+    from distillkit.train import distributed
+
+    distributed.leave()
+    sys.exit(2)
+
+
+RUN_LOCK = ".lock"
+"""The lock file rank 0 holds in the run folder for the whole run (``distillkit.folder_lock``)."""
+
+
+def _lock_run(out: Path, held: ExitStack) -> bool:
+    """Lock the run folder ``out`` until ``held`` closes, creating the folder if missing. Returns whether this
+    call created it (a refused command removes it again).
+
+    Raises:
+        Refused: another process writes ``out``, or ``out`` cannot be created or locked.
+    """
+    from distillkit.folder_lock import FolderBusy, folder_lock
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(out, RUN_LOCK, what="run"))
+    except FolderBusy:
+        raise Refused(f"{out}: another run is writing this folder (lock {out / RUN_LOCK}); wait for it to end, or "
+                      "give another --out") from None
+    except OSError as exc:
+        raise Refused(f"{out}: cannot use as run folder: {exc.strerror or exc}") from None
+    return created
+
+
+def _plan_train(trainer: Any, kw: dict[str, Any], world_size: int,
+                held: ExitStack) -> tuple[Path, dict[str, Any]] | str:
+    """Rank 0's decisions before training: the run folder and the configuration, or the one-line error.
+
+    The run folder is locked first (``held`` keeps the lock for the run): two processes given one ``--out``,
+    or a ``--resume`` of a run still going, must not both pass the checks below and then write one log and one
+    checkpoint. The checks run next and the folder is changed (created, or cleared by ``--overwrite``) only when
+    all of them pass, so a refused command leaves the disk as it was (a folder created for the lock is removed).
+    """
+    from distillkit.train.base import ConfigError
+    from distillkit.train.checkpoint import CHECKPOINT_NAME
+    from distillkit.train.run_dir import RUNS_ROOT, clear_run, holds_run, new_run_dir, newest_run
+    from distillkit.train.run_log import LOG_NAME
+    from distillkit.train.streaming import TooFewShards, check_shard_count
+
+    name, out, resume, overwrite = trainer.name, kw["out"], kw["resume"], kw["overwrite"]
+    created = False
+    try:
+        if resume and overwrite:
+            raise Refused("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if overwrite and out is None:
+            raise Refused("--overwrite needs --out (without --out every run gets a new folder)")
+        if resume and out is None:
+            out = newest_run(name)
+            if out is None:
+                raise Refused(f"--resume without --out continues the newest run under {RUNS_ROOT / name}, and "
+                              "there is none: name the run folder with --out")
+            click.echo(f"note: --resume: continuing the newest run of {name}, {out}", err=True)
+        if out is not None:
+            created = _lock_run(out, held)
+        stored: dict[str, Any] = {}
+        if resume and (out / CHECKPOINT_NAME).is_file():
+            stored = checkpoint_of(trainer, out / CHECKPOINT_NAME, f"train {name} --resume") or {}
+        try:
+            config = trainer.resolve_config(stored, _read_config_file(kw["config_file"]), {},
+                                            overrides=list(kw["overrides"]))
+            explicit = {k: v for k, v in kw.items() if k not in RUN_OPTIONS and v is not None}
+            config = trainer.resolve_config(config, explicit)
+        except (ConfigError, ManifestError) as exc:
+            raise Refused(str(exc)) from None
+        check_shards(trainer, kw["shards"], f"train {name}")
+        if out is not None and not (resume or overwrite) and (found := holds_run(out)):
+            raise Refused(f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
+                          f"replaces it, and without --out the run gets a new folder under {RUNS_ROOT / name}")
+        try:
+            check_shard_count(kw["shards"], world_size, int(config.get("num_workers") or 0))
+        except TooFewShards as exc:
+            raise Refused(str(exc)) from None
+        if out is None:
+            try:
+                out = new_run_dir(name)
+            except OSError as exc:  # e.g. a file named "runs" here: one line, and every rank stops on it
+                raise Refused(f"cannot create a run folder under {RUNS_ROOT / name}: {exc.strerror or exc} "
+                              f"({exc.filename or RUNS_ROOT}); give --out") from None
+            _lock_run(out, held)
+        elif overwrite and (removed := clear_run(out)):
+            click.echo(f"note: --overwrite: removed the previous run's {', '.join(removed)} from {out}", err=True)
+        elif resume and not (out / CHECKPOINT_NAME).is_file():
+            # A job script may pass --resume from its first start on. A log without a checkpoint is a run that
+            # stopped before its first checkpoint: all of it is trained again, so none of its lines may stay.
+            again = (out / LOG_NAME).is_file()
+            clear_run(out)
+            click.echo(f"note: --resume: {out} has no {CHECKPOINT_NAME} yet, so " +
+                       ("its run starts again from step 0" if again else "a new run starts there"), err=True)
+    except (Refused, OSError) as exc:
+        held.close()  # the lock goes with the refusal
+        if created:  # the folder existed only for the lock: leave the disk as it was
+            (out / RUN_LOCK).unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):  # clear_run failed (a read-only folder, a file that cannot go)
+            return f"{out}: cannot prepare the run folder: {exc.strerror or exc}"
+        return str(exc)
+    return out, config
 
 
 class TrainGroup(click.Group):
@@ -160,9 +400,14 @@ def make_eval_command(name: str) -> click.Command:
     ]
 
     def run(**kw: Any) -> None:
-        from distillkit.train.base import ConfigError, checkpoint_config
+        from distillkit.train.base import ConfigError
 
-        stored = checkpoint_config(kw["checkpoint"])
+        try:
+            stored = checkpoint_of(trainer, kw["checkpoint"], f"eval {name}")
+            for shard_dir in kw["shards"]:
+                check_shards(trainer, shard_dir, f"eval {name}")
+        except Refused as exc:
+            fail(str(exc))
         if stored is None:
             click.echo(f"note: {kw['checkpoint']} holds no configuration (an older checkpoint): using the "
                        "defaults and --set", err=True)
@@ -171,10 +416,14 @@ def make_eval_command(name: str) -> click.Command:
             config = trainer.resolve_config(stored or {}, _read_config_file(kw["config_file"]),
                                             overrides=list(kw["overrides"]), where=f"eval {name}")
             options = trainer.resolve_eval_options(options)
-        except (ConfigError, ManifestError) as exc:
+        except (ConfigError, ManifestError, Refused) as exc:
             fail(str(exc))
         _device_ok(kw["device"])
-        result = trainer.evaluate(kw["checkpoint"], list(kw["shards"]), config, device=kw["device"], options=options)
+        try:
+            result = trainer.evaluate(kw["checkpoint"], list(kw["shards"]), config, device=kw["device"],
+                                      options=options)
+        except ConfigError as exc:  # shards the protocol cannot use (e.g. SLidR's probe without val scenes)
+            fail(str(exc))
         click.echo(trainer.format_eval(result))
 
     return click.Command(name, params=params, callback=run, context_settings={"show_default": True},

@@ -6,7 +6,7 @@ when ``{stem}.inst.png`` / ``{stem}.sem.png`` lie beside it.
 build (per shard, images in batches of ``stages.features.batch``): read the file
 (``sensors.image_files``: EXIF, CMYK, 16-bit, alpha, size limit), resize to whole patches
 (``preprocess.patch_features.grid_for``), features of the chosen backbone, UniAP
-(``preprocess.uniap``, scipy or the batched torch path), and the fields of SPEC.md "uniseg".
+(``preprocess.uniap``, scipy or the batched torch path), and its fields (docs/reading.md).
 See docs/uniseg.md for the layout, the backbones and the measured quality.
 
 Sample key: the image's path relative to the root without its extension, every character outside
@@ -55,7 +55,7 @@ GT_SUFFIXES = {"inst": ".inst.png", "sem": ".sem.png"}
 SCHEMA = {
     "source": {
         "kind": Key(str, "images", choices=("images", "image_dir"),
-                    doc='"images" (SPEC.md\'s "image_dir" is accepted as the same thing)'),
+                    doc='"images": every image file under root ("image_dir" is accepted as the same thing)'),
         "root": Key("existing_path", required=True, doc="folder searched recursively for images"),
         "ground_truth": Key(bool, True, doc="store {stem}.inst.png / {stem}.sem.png found beside an image"),
         "ground_truth_on": Key(str, "displayed", choices=("displayed", "stored"),
@@ -180,9 +180,17 @@ def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, note
 
 class UnisegPipeline(Pipeline):
     name = "uniseg"
+    units = ("images", "images")
+    stat_units = {  # stats names them (Pipeline.stat_units)
+        "tokens_per_image": "patch tokens per image",
+        r"regions_per_image_level\d+": "UniAP regions per image at this level (mean)",
+        r"dropped_fraction_(first|last)_level": "fraction of tokens dropped at this level",
+        "images_with_ground_truth": "images with gt.inst.png or gt.sem.png",
+        "images_reencoded": "images stored as a lossless PNG re-encoding instead of the original file",
+    }
     schema = SCHEMA
     source_key = "source.root"
-    demo = Demo(synth="images", manifest="demo-uniseg")
+    demo = Demo(synth="images", manifest="demo-uniseg", size="medium")  # 200 images: docs/uniseg.md "The demo"
 
     def __init__(self) -> None:
         self._backbone: Any = None

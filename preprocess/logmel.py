@@ -27,7 +27,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class LogMelConfig:
-    """Front-end settings; the defaults are ATST's (SPEC.md "audio").
+    """Front-end settings; the default sizes are ATST's (16 kHz, 1024-point FFT, 10 ms hop, 64 mels from 60 to
+    7800 Hz); the mel scale and filter normalisation are librosa's Slaney defaults (docs/audio.md).
 
     Attributes:
         sample_rate: Hz.
@@ -64,7 +65,7 @@ class LogMelConfig:
                              f"{self.sample_rate}")
 
     def meta(self) -> dict[str, Any]:
-        """The fields ``meta.json`` records (SPEC.md "audio")."""
+        """The fields ``meta.json`` records (docs/reading.md)."""
         d = asdict(self)
         return {k: d[k] for k in ("n_fft", "win_length", "hop_length", "n_mels", "fmin", "fmax")}
 

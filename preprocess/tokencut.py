@@ -1,6 +1,6 @@
 """TokenCut (Wang et al., CVPR 2022): one foreground mask per image by a normalised cut of the patch graph.
 
-Reference: ``shared/reference/uniap.md`` §5 (``YangtaoWANG95/TokenCut`` ``object_discovery.py: ncut``). For
+Reference: TokenCut (``YangtaoWANG95/TokenCut`` ``object_discovery.py: ncut``). For
 comparison with UniAP in ``bench/bench_uniseg.py``: a dense N x N affinity and a generalised eigenproblem,
 O(N^3) per image where UniAP is near-linear.
 

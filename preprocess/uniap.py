@@ -1,6 +1,6 @@
 """UniAP: multi-granular pseudo-masks by agglomerative pooling of a patch-feature grid.
 
-Reference: ``shared/reference/uniap.md`` (S2-UniSeg, AAAI-26; released ``FastUniAP.py``).
+Reference: S2-UniSeg (AAAI-26), its released ``FastUniAP.py`` (docs/uniseg.md).
 
 **Default = the released code** (``aggo_whole_batch`` / ``hc_graph``). Tokens of an (h, w) grid are the
 nodes of a 4-neighbour graph. For each threshold tau of ``thresholds`` (0.8, 0.7, 0.6, 0.5, 0.4): score

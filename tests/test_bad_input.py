@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,10 +104,34 @@ def test_exit_code_follows_max_rejected(broken_build):
     rate = len(CASES) / planned  # the thresholds bracket it, whatever the synthetic dataset's size
     strict = CliRunner().invoke(main, [*base, "--set", f"output.max_rejected={rate / 2:.4f}"])
     assert strict.exit_code == 1, strict.output
-    assert "above output.max_rejected" in strict.output
-    lenient = CliRunner().invoke(main, [*base, "--set", f"output.max_rejected={(rate + 1) / 2:.4f}"])
+    # one line, in the ratio's own unit (keyframes on both sides), with the value that would pass
+    said = [line for line in strict.output.splitlines() if line.startswith("error:")]
+    assert len(said) == 1, strict.output
+    assert said[0].startswith(f"error: {len(CASES)} of {planned} keyframes rejected ({rate:.1%}) > "
+                              f"output.max_rejected {float(f'{rate / 2:.4f}'):.1%} of keyframes"), said[0]
+    suggested = re.search(r"--set output\.max_rejected=([0-9.]+)$", said[0])
+    assert suggested and rate <= float(suggested[1]) < rate + 0.01, said[0]
+    lenient = CliRunner().invoke(main, [*base, "--set", f"output.max_rejected={suggested[1]}"])
     assert lenient.exit_code == 0, lenient.output
     assert f"from {planned} inputs" in lenient.output and f"{len(CASES)} rejected" in lenient.output
+
+
+def test_max_rejected_message_counts_windows_and_says_whole_recordings():
+    from distillkit.pipelines.runner import BuildResult
+
+    def result(written: int, rejected: int, whole: int) -> BuildResult:
+        return BuildResult(Path("shards/comodo/index.json"), 3, written, [{}] * rejected, 0, 3,
+                           units=("windows", "recordings"), whole_inputs=whole)
+
+    assert result(5, 1, 0).over_limit(0.2) is None  # 1 of 6 is within 20%
+    said = result(5, 1, 0).over_limit(0.05)
+    assert said is not None and said.startswith("1 of 6 windows rejected (16.7%) > output.max_rejected 5.0% of "
+                                                "windows;") and said.endswith("--set output.max_rejected=0.17")
+    # a recording rejected whole counts as one window in the ratio: the message says so
+    said = result(5, 3, 2).over_limit(0.05)
+    assert said is not None and said.startswith("3 of 8 windows rejected (37.5%; 2 of them recordings rejected "
+                                                "whole, each counted as one) > output.max_rejected 5.0%"), said
+    assert said.endswith("--set output.max_rejected=0.38")
 
 
 def test_missing_tables_is_a_one_line_error(tmp_path):

@@ -12,9 +12,14 @@ from distillkit.pipelines.shards import load_index
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage(tmp_path):
+def test_demo_slidr_runs_every_stage_and_shows_a_gain(tmp_path):
+    """`distillkit demo --only slidr` with the demo's exact configuration (seed 0): every stage, the summary,
+    and a positive gain of the distilled network over random init. The other methods' demos have their own
+    tests (tests/test_demo_<method>.py), so the four run on both pytest workers."""
+    import json
+
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--steps", "4"])
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--only", "slidr"])
     assert result.exit_code == 0, result.output
     index = load_index(out / "shards" / "slidr")
     assert index["counts"]["written"] == index["counts"]["planned"] > 0
@@ -25,17 +30,12 @@ def test_demo_runs_every_stage(tmp_path):
     curves = np.asarray(Image.open(out / "runs" / "slidr" / "curves.png").convert("RGB"))
     assert curves.shape[1] > 600 and curves.std() > 5  # the loss/lr/throughput picture of the run
     assert "linear probe mIoU distilled" in result.output and "linear probe mIoU    random" in result.output
-    # every registered pipeline with a demo ran too: shards, a picture, a trained checkpoint and its evaluation
-    from distillkit.pipelines.registry import PIPELINES
-
-    names = [n for n in PIPELINES.names() if PIPELINES.get(n).demo is not None]
-    assert {"slidr", "comodo", "audio", "uniseg"} <= set(names)
-    for name in names:
-        assert f"== {name}" in result.output
-        assert load_index(out / "shards" / name)["counts"]["written"] > 0, name
-        assert np.asarray(Image.open(out / f"{name}-sample.png").convert("L")).std() > 5, name
-        assert (out / "runs" / name / "latest.pt").is_file(), name
-    assert "balanced accuracy" in result.output  # the clip-level probes' tables (comodo, audio)
+    assert "nan" not in result.output.lower()
+    summary = json.loads((out / "summary.json").read_text())["methods"]["slidr"]
+    assert summary["metric"] == "val mIoU (classes present)" and summary["run_dir"] == str(out / "runs" / "slidr")
+    assert summary["gain"] == pytest.approx(summary["distilled"] - summary["random"]) and summary["gain"] > 0
+    assert summary["steps"] == 120 and summary["written"] == 12 and summary["rejected"] == 0
+    assert "== summary" in result.output and f"{summary['gain']:+.3f}" in result.output
 
 
 def test_stats_and_show_cli(slidr_shards, tmp_path):

@@ -159,3 +159,49 @@ def test_a_uniseg_step_without_pairs_keeps_the_ranks_in_step(tmp_path, empty_on)
     for rank in (0, 1):
         assert (got[rank]["pairs"][2] == 0) == (rank in empty_on) and got[rank]["pairs"][3] > 0
     assert got[0]["center"] == got[1]["center"]  # the centre is all-reduced: equal on every rank
+
+
+def _one_shard_copy(slidr_shards: Path, dst: Path, keep: int = 1) -> Path:
+    """``slidr_shards`` cut to its first ``keep`` shards, index.json rewritten to match."""
+    index = json.loads((slidr_shards / "index.json").read_text())
+    index["shards"] = index["shards"][:keep]
+    index["counts"]["written"] = sum(s["samples"] for s in index["shards"])
+    dst.mkdir()
+    for s in index["shards"]:
+        (dst / s["file"]).write_bytes((slidr_shards / s["file"]).read_bytes())
+    (dst / "index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_torchrun_with_fewer_shards_than_ranks_is_one_line(slidr_shards, tmp_path):
+    one = _one_shard_copy(slidr_shards, tmp_path / "one")
+    written = json.loads((one / "index.json").read_text())["counts"]["written"]
+    out = tmp_path / "run"
+    r = torchrun("train", "slidr", "--shards", str(one), "--split", "all", "--out", str(out), timeout=300)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [
+        f"error: {one} holds 1 shard(s), but 2 ranks x 1 loader worker(s) need at least 2 (rank r reads "
+        f"shards[r::2], and each of its loader workers needs one of them): rebuild it with a smaller "
+        f"output.samples_per_shard (now 4), at most {written // 2} for its {written} samples (--set "
+        f"output.samples_per_shard={written // 2}), or start fewer ranks or loader workers (--num-workers)"], r.stderr
+    assert "this rank has no shard" not in r.stderr and "Traceback" not in r.stdout
+    # the only traceback is torchrun's own report of the failed children: no frame of distillkit's
+    frames = [line for line in r.stderr.splitlines() if line.strip().startswith('File "')]
+    assert all("/torch/" in f or "<frozen" in f for f in frames), frames
+    assert not out.exists()  # refused before anything was written
+
+
+def test_shard_count_check_counts_loader_workers(slidr_shards, tmp_path):
+    from distillkit.train.streaming import ShardStream, TooFewShards, check_shard_count, make_loader
+
+    two = _one_shard_copy(slidr_shards, tmp_path / "two", keep=2)
+    check_shard_count(two, 1, 8)  # one process: a worker without a shard just ends
+    check_shard_count(two, 2, 0)  # in-process loading counts as one worker: 2 >= 2 x 1
+    check_shard_count(two, 2, 1)
+    with pytest.raises(TooFewShards, match=r"holds 2 shard\(s\), but 2 ranks x 2 loader worker\(s\) need at least 4"):
+        check_shard_count(two, 2, 2)
+    stream = ShardStream(two, rank=1, world_size=2)
+    with pytest.raises(TooFewShards, match="need at least 6"):  # callers that skip the CLI's check
+        make_loader(stream, 1, list, num_workers=3)
+    make_loader(stream, 1, list, num_workers=1)

@@ -107,7 +107,8 @@ def test_packaged_manifests_choose_their_split():
     def split(name: str) -> str:
         return tomllib.loads((ROOT / "manifests" / name).read_text())["source"]["split"]
 
-    assert split("slidr-nuscenes.toml") == "pretrain" and split("demo-slidr.toml") == "all"
+    # one build serves both: the trainer keeps the pretrain scenes, the probe needs train and val (decisions.md)
+    assert split("slidr-nuscenes.toml") == "all" and split("demo-slidr.toml") == "all"
 
 
 # ---- meta.json -------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class Crash(RuntimeError):
     pass
 
 
-def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0, log_every=0):
+def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0, log_every=0, run_config=None):
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
@@ -66,6 +66,7 @@ def _run(shards, out, max_steps, resume=False, crash_after=None, num_workers=0, 
         out=out,
         resume=resume,
         log_every=log_every,
+        run_config=run_config,
     )
     metrics = train_loop(model, batches, cfg, batch_size=lambda b: len(b[0]))
     return model, metrics
@@ -154,6 +155,10 @@ def test_run_log_after_resume_equals_uninterrupted_log(tmp_path):
     assert (tmp_path / "b" / "curves.png").stat().st_size > 0
     _run(shards, tmp_path / "b", 4, log_every=2)  # a fresh run in the same directory starts a fresh log
     assert [e["step"] for e in read_log(tmp_path / "b")] == [2, 4]
+    # ... including its step-0 configuration line: two fresh runs never leave two runs' lines in one log
+    _run(shards, tmp_path / "b", 4, log_every=2, run_config={"run": 1})
+    _run(shards, tmp_path / "b", 4, log_every=2, run_config={"run": 2})
+    assert [e.get("config") for e in read_log(tmp_path / "b")] == [{"run": 2}, None, None]
 
 
 class _DecayProbe(nn.Module):

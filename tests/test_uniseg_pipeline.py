@@ -59,7 +59,7 @@ def test_keys_and_source_layout(tmp_path):
     keys = [r.key for r in refs]
     assert keys[2:] == ["c", "sub_b"] and keys[0].startswith("a_") and keys[1].startswith("a_") and keys[0] != keys[1]
     assert refs[2].payload["gt"]["sem"] is not None and refs[2].payload["gt"]["inst"] is None
-    # SPEC.md's source kind "image_dir" is accepted as "images"
+    # the source kind "image_dir" is accepted as "images"
     assert manifest(root, tmp_path / "o2", 'source.kind="image_dir"').data["source"]["kind"] == "image_dir"
 
 
@@ -70,7 +70,7 @@ def manifest_plan(m):
 
 
 def test_build_fields_ground_truth_and_backends_agree(synth, tmp_path):
-    """scipy and torch UniAP write byte-identical shards; fields follow SPEC.md; ground truth is stored."""
+    """scipy and torch UniAP write byte-identical shards; fields follow the schema; ground truth is stored."""
     root = tmp_path / "few"
     root.mkdir()
     for p in sorted((synth / "images").iterdir())[:24]:  # 8 images of several formats, with their labels

@@ -7,11 +7,16 @@ shares (``max_steps``, ``batch_size``, ``num_workers``, ``seed``, ``log_every``)
 (``--batch-size``), accepts ``--set key=value`` and ``--config FILE.toml``, and ``--help``
 lists the method's own keys with their defaults. The resolved configuration is stored in every
 checkpoint and in the run log, so ``eval`` and ``--resume`` read it back instead of asking.
+
+Every ``train`` a trainer defines runs inside ``checkpoint.training_as(trainer.name)``
+(``Trainer.__init_subclass__``), however it is called (the CLI, the demo, Python): its checkpoints store
+the method's name and its ``curves.png`` is titled with it (``checkpoint.current_method``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,6 +56,29 @@ class Trainer(ABC):
     time budget (figures over three seeds: ``bench/demo_seeds.py``, docs/training.md "The demo")."""
     demo_eval: ClassVar[dict[str, Any]] = {}
     """Evaluation options ``distillkit demo`` evaluates with (``eval_schema`` keys)."""
+
+    def __init_subclass__(cls, **kwargs: Any):
+        """Run every ``train`` a trainer class defines inside ``checkpoint.training_as(self.name)``.
+
+        Why here: the run's method name (the checkpoint's ``"method"``, the title of ``curves.png``) must be
+        right however ``train`` is called: ``distillkit train``, ``distillkit demo`` or a user's Python code.
+        Wrapping at class creation covers all three, and every plugin, without any caller or trainer doing
+        anything; a trainer's ``train`` calling ``super().train`` just sets the same name twice.
+        """
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("train")
+        if own is None or getattr(own, "__isabstractmethod__", False) or getattr(own, "_names_its_run", False):
+            return
+
+        @functools.wraps(own)
+        def train(self: Trainer, *args: Any, **kw: Any) -> dict[str, Any]:
+            from distillkit.train.checkpoint import training_as
+
+            with training_as(getattr(self, "name", None) or type(self).__name__):
+                return own(self, *args, **kw)
+
+        train._names_its_run = True  # type: ignore[attr-defined]
+        cls.train = train  # type: ignore[method-assign]
 
     @classmethod
     def config_schema(cls) -> Section:
@@ -157,14 +185,15 @@ class Trainer(ABC):
 
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
-    """The configuration stored in a checkpoint (None for checkpoints written without one).
+    """The configuration stored in a checkpoint (None for checkpoints written without one): the second half
+    of ``checkpoint.checkpoint_info`` (memory-mapped, see there).
 
-    The file is memory-mapped: ``eval`` and ``--resume`` load the weights afterwards anyway, and
-    reading a paper-size checkpoint twice just to get its configuration would double that I/O."""
-    from distillkit.train.checkpoint import load_checkpoint
+    Args:
+        path: the checkpoint file.
+    """
+    from distillkit.train.checkpoint import checkpoint_info
 
-    config = load_checkpoint(path, mmap=True).get("config")
-    return dict(config) if isinstance(config, dict) else None
+    return checkpoint_info(path)[1]
 
 
 def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:

@@ -123,7 +123,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     weight = (torch.randn(n_classes, xtr.shape[1], generator=gen) * 0.01).requires_grad_(True)
     bias = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
+    from distillkit.train.progress import progress
+
+    for _ in progress(range(epochs), desc="linear probe", unit="step"):
         loss = F.cross_entropy(xtr @ weight.T + bias, ytr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +157,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 
 def format_probe_comparison(distilled: dict[str, Any], random_init: dict[str, Any]) -> str:
-    """A per-class table of test recall for the distilled and the random-init encoder, with the gain.
+    """A per-class table of test recall for the distilled and the random-init encoder, with the gain
+    (``-`` for a class absent from the test side, whose recall is NaN).
 
     Args:
         distilled: ``linear_probe`` result of the distilled encoder.
@@ -165,8 +168,12 @@ def format_probe_comparison(distilled: dict[str, Any], random_init: dict[str, An
     width = max([len("class"), len("balanced accuracy")] + [len(n) for n in names]) + 2
     lines = [f"{'class':<{width}}{'n_test':>8}{'random':>9}{'distilled':>11}{'gain':>9}"]
 
+    def num(v: float, w: int, sign: str = "") -> str:
+        # A class absent from the test side has no recall (NaN in the result): shown as "-", never "nan".
+        return f"{'-':>{w}}" if math.isnan(v) else format(v, f">{sign}{w}.3f")
+
     def row(label: str, n: Any, r: float, d: float) -> str:
-        return f"{label:<{width}}{n!s:>8}{r:>9.3f}{d:>11.3f}{d - r:>+9.3f}"
+        return f"{label:<{width}}{n!s:>8}{num(r, 9)}{num(d, 11)}{num(d - r, 9, '+')}"
 
     for name in names:
         d, r = distilled["per_class"][name], random_init["per_class"].get(name, {"recall": float("nan")})

@@ -3,8 +3,12 @@
 A *method* is an ``nn.Module`` with ``loss(batch) -> Tensor`` (a scalar); its trainable
 parameters are those with ``requires_grad``. A method may define ``after_step(step, max_steps)``,
 called under ``no_grad`` after every optimiser step (an EMA teacher's update, a queue); state it keeps
-in parameters or buffers is checkpointed with the method. The loop owns device placement (non-blocking copies
-of pinned batches), bf16 autocast (CUDA only; CPU runs in float32), gradient clipping, SGD/AdamW,
+in parameters or buffers is checkpointed with the method. It may also define ``log_terms(step) -> dict``,
+the parts its loss splits into over the logged window ending at ``step`` (e.g. UniSeg's teacher entropy and
+KL): they go into ``log.jsonl`` as ``terms`` and onto the loss panel of ``curves.png``, because a loss
+against a moving target can rise while the part the student controls falls, and the picture must say so.
+The loop owns device placement (non-blocking copies of pinned batches), bf16 autocast (CUDA only; CPU runs
+in float32), gradient clipping, SGD/AdamW,
 a cosine LR schedule over ``max_steps`` with optional linear warmup, logging (loss, samples/s,
 fraction of step time spent waiting for data, also kept in ``OUT/log.jsonl`` and drawn in
 ``OUT/curves.png``, see ``train.run_log``) and checkpoints.
@@ -41,7 +45,14 @@ import torch
 from torch import nn
 
 from distillkit.train import distributed
-from distillkit.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distillkit.train.checkpoint import (
+    current_method,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from distillkit.train.run_log import append_entry, plot_curves, truncate_after
 from distillkit.train.streaming import to_device
 
@@ -185,8 +196,8 @@ def train_loop(
                 "rank's data and random stream depend on it)")
         log.info("resumed from %s at step %d", found, step)
     writes = cfg.out is not None and ranks.main
-    if writes:  # a fresh run starts a fresh log; a resumed one drops what it will train again
-        truncate_after(Path(cfg.out), step)
+    if writes:  # a fresh run starts a fresh log (even its step-0 line); a resumed one drops what it will train again
+        truncate_after(Path(cfg.out), step if found is not None else -1)
         if step == 0 and cfg.run_config is not None:
             append_entry(Path(cfg.out), {"step": 0, "config": cfg.run_config})
 
@@ -234,6 +245,7 @@ def train_loop(
         set_rng_state(per_rank[ranks.rank] if ranks.world_size > 1 else st["rng"])
 
     after_step = getattr(method, "after_step", None)
+    log_terms = getattr(method, "log_terms", None)
     method.train()
     win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
     tot_wait, tot_time, tot_samples, timed = 0.0, 0.0, 0, 0
@@ -289,13 +301,23 @@ def train_loop(
                 entry["samples_per_s"],
                 100 * entry["data_wait_fraction"],
             )
+            terms = log_terms(step) if log_terms is not None else None
+            if terms:
+                entry["terms"] = {k: float(v) for k, v in terms.items()}
             if writes:
                 append_entry(Path(cfg.out), entry)
             win_loss, win_n, win_wait, win_time, win_samples = 0.0, 0, 0.0, 0.0, 0
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             save()
     save()
-    curves = plot_curves(Path(cfg.out)) if writes else None
+    if writes:
+        size = (cfg.run_config or {}).get("size")
+        # The trainer's registered name (Trainer.train sets it); a method trained outside any trainer: its class.
+        name = current_method() or type(method).__name__
+        curves = plot_curves(Path(cfg.out), method=name, size=size if isinstance(size, str) else None,
+                             max_steps=cfg.max_steps)
+    else:
+        curves = None
     return {
         "loss": last_loss,
         "step": step,

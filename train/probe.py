@@ -144,6 +144,7 @@ def train_linear_head(
     dampening: float = 0.1,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    desc: str = "linear probe",
 ) -> nn.Linear:
     """Train a new per-point linear layer (a 1x1 convolution) on frozen features.
 
@@ -154,14 +155,17 @@ def train_linear_head(
         epochs, batch_size, lr, momentum, dampening, weight_decay: the released linear-probing
             settings (batch of samples, SGD, cosine annealing over epochs, CE + Lovász-softmax).
         seed: seeds the head's initialisation and the sample order.
+        desc: the progress bar's label (``train.progress``: stderr, terminals only).
     """
+    from distillkit.train.progress import progress
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Linear(features[0].shape[1], n_classes)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, dampening=dampening,
                           weight_decay=weight_decay)
     n = len(features)
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), desc=desc, unit="epoch"):
         for group in opt.param_groups:
             group["lr"] = cosine_epoch_lr(lr, epoch, epochs)
         order = torch.randperm(n, generator=g).tolist()

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distillkit.sensors.nuscenes_splits import split_scenes
+from distillkit.sensors.nuscenes_splits import UnknownSplit, split_scenes
+from distillkit.train.base import ConfigError
 from distillkit.train.models.sparse import SparseUNet, cylindrical_voxelize
 from distillkit.train.probe import (
     NUSCENES_16,
@@ -44,10 +45,54 @@ from distillkit.train.probe import (
     split_keys,
     train_linear_head,
 )
+from distillkit.train.progress import progress, shard_sample_count
 from distillkit.train.streaming import ShardStream
 
 log = logging.getLogger(__name__)
 N_CLASSES = len(NUSCENES_16_NAMES)  # 16 + ignore
+
+
+class MissingSplit(ConfigError, ValueError):
+    """Shards that lack the official train or val scenes the protocols need. A ``ConfigError`` (the build's
+    ``source.split`` was the wrong value for evaluation), so ``distillkit eval`` prints it in one line; also a
+    ``ValueError`` for callers of ``split_by_scene``."""
+
+
+REBUILD = ("rebuild with --set source.split=all (the packaged slidr-nuscenes default; train slidr keeps the "
+           "pretrain scenes itself), or give a train and a val build as two --shards")
+
+
+def check_built_splits(shards: Sequence[Path]) -> None:
+    """Refuse, before any sample is read, shards whose builds cannot hold both official train and val
+    scenes (e.g. ``source.split = "pretrain"``), from their ``index.json`` manifests.
+
+    Args:
+        shards: shard directories; one built with every scene (``"all"``), or without a recorded
+            split, leaves the decision to ``split_by_scene`` on the scenes actually read.
+
+    Raises:
+        MissingSplit: naming the builds' splits and what to rebuild.
+    """
+    from distillkit.pipelines.shards import load_index
+
+    reachable: set[str] = set()
+    built = []
+    for d in shards:
+        source = load_index(Path(d)).get("manifest", {}).get("source", {})
+        split, scenes = source.get("split"), source.get("scenes") or []
+        try:
+            allowed = set(scenes) if scenes else split_scenes(split) if isinstance(split, str) else None
+        except UnknownSplit:
+            allowed = None
+        if allowed is None:
+            return
+        reachable |= allowed
+        built.append(f"{split!r}" + (f" ({len(scenes)} named scenes)" if scenes else ""))
+    lacking = [name for name in ("train", "val") if not reachable & (split_scenes(name) or set())]
+    if lacking:
+        raise MissingSplit(", ".join(map(str, shards)), "source.split",
+                           f"built with split {', '.join(built)}, which has no official {' or '.join(lacking)} "
+                           f"scene; eval slidr needs both: {REBUILD}")
 
 
 @dataclass
@@ -65,22 +110,36 @@ class LabelledCloud:
     point_labels: Tensor  # (N,)
 
 
+def _labelled(raw: dict[str, Any]) -> bool:
+    return "lidarseg.npy" in raw
+
+
 def load_labelled(shards: Sequence[Path] | Path) -> list[LabelledCloud]:
-    """Every sample with ``lidarseg.npy`` from one or more shard directories, in index order."""
+    """Every sample with ``lidarseg.npy`` from one or more shard directories, in index order.
+
+    Samples without labels are passed over (``select``: counted, not reported as bad). The bar counts every
+    sample read, labelled or not, so that its total (the index's sample count) is reached at the end.
+    """
     dirs = [shards] if isinstance(shards, (str, Path)) else list(shards)
     out = []
     for d in dirs:
-        stream = ShardStream(d, epochs=1, shuffle_shards=False, required=["lidar.npy", "lidarseg.npy"])
-        for s in stream:
-            lidar = np.asarray(s["lidar.npy"], dtype=np.float32)
-            labels = torch.from_numpy(NUSCENES_16[np.asarray(s["lidarseg.npy"]).astype(np.int64)])
-            xyz = torch.from_numpy(lidar[:, :3].copy())
-            coords, first, inverse = cylindrical_voxelize(xyz)
-            meta = s.get("meta.json")
-            scene = meta.get("scene") if isinstance(meta, dict) else None
-            intensity = torch.from_numpy(lidar[:, 3:4].copy())
-            out.append(LabelledCloud(s["__key__"], scene, xyz, intensity, coords, intensity[first], inverse,
-                                     labels[first], labels))
+        stream = ShardStream(d, epochs=1, shuffle_shards=False, required=["lidar.npy"], select=_labelled)
+        with progress(desc=f"slidr eval: reading {Path(d).name}", total=shard_sample_count(d),
+                      unit="sample") as bar:
+            passed_over = 0
+            for s in stream:
+                bar.update(1 + stream.skipped - passed_over)
+                passed_over = stream.skipped
+                lidar = np.asarray(s["lidar.npy"], dtype=np.float32)
+                labels = torch.from_numpy(NUSCENES_16[np.asarray(s["lidarseg.npy"]).astype(np.int64)])
+                xyz = torch.from_numpy(lidar[:, :3].copy())
+                coords, first, inverse = cylindrical_voxelize(xyz)
+                meta = s.get("meta.json")
+                scene = meta.get("scene") if isinstance(meta, dict) else None
+                intensity = torch.from_numpy(lidar[:, 3:4].copy())
+                out.append(LabelledCloud(s["__key__"], scene, xyz, intensity, coords, intensity[first], inverse,
+                                         labels[first], labels))
+            bar.update(stream.skipped - passed_over)  # unlabelled samples after the last labelled one
     if not out:
         raise ValueError(f"{', '.join(map(str, dirs))}: no sample has lidarseg.npy labels; cannot evaluate")
     return out
@@ -88,7 +147,8 @@ def load_labelled(shards: Sequence[Path] | Path) -> list[LabelledCloud]:
 
 def split_by_scene(clouds: list[LabelledCloud]) -> tuple[list[LabelledCloud], list[LabelledCloud], str]:
     """(official train scenes, official val scenes, a description). Falls back to a key-parity split
-    when the shards record no scenes. Raises ``ValueError`` when no val scene is present."""
+    when the shards record no scenes. Raises ``MissingSplit`` (a ``ValueError``) when no train or no val
+    scene is present."""
     if any(c.scene is None for c in clouds):
         tr, te = split_keys(sorted(c.key for c in clouds))
         return ([c for c in clouds if c.key in tr], [c for c in clouds if c.key in te],
@@ -98,9 +158,9 @@ def split_by_scene(clouds: list[LabelledCloud]) -> tuple[list[LabelledCloud], li
     val = [c for c in clouds if c.scene in val_s]
     if not val or not train:
         present = sorted({c.scene for c in clouds})
-        raise ValueError(f"the shards hold {len(train)} samples of official train scenes and {len(val)} of val "
-                         f"scenes (scenes: {', '.join(present)}); evaluation needs both: build the shards with "
-                         "source.split = \"all\" (or separate train and val builds, given as several --shards)")
+        raise MissingSplit("the shards", "scenes",
+                           f"{len(train)} samples of official train scenes and {len(val)} of val scenes (scenes: "
+                           f"{', '.join(present)}); eval slidr needs both: {REBUILD}")
     return train, val, "official nuScenes train / val scenes"
 
 
@@ -123,10 +183,12 @@ def _input(c: LabelledCloud, device: str | torch.device) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def frozen_features(net: SparseUNet, clouds: list[LabelledCloud], device: str) -> list[Tensor]:
+def frozen_features(net: SparseUNet, clouds: list[LabelledCloud], device: str, desc: str = "features"
+                    ) -> list[Tensor]:
     """Per cloud, the (V, D) trunk features before the distillation head (eval mode, float32, on CPU)."""
     net.eval().to(device)
-    return [net(*_input(c, device), return_trunk=True).float().cpu() for c in clouds]
+    return [net(*_input(c, device), return_trunk=True).float().cpu()
+            for c in progress(clouds, desc=desc, unit="cloud")]
 
 
 def score(logits_per_cloud: list[Tensor], clouds: list[LabelledCloud]) -> dict[str, Any]:
@@ -144,12 +206,15 @@ def score(logits_per_cloud: list[Tensor], clouds: list[LabelledCloud]) -> dict[s
 
 
 def linear_probe(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str,
-                 epochs: int, seed: int) -> dict[str, Any]:
-    """Train a new 1x1 layer on frozen trunk features of ``train``; score on ``val``."""
-    ftr = frozen_features(net, train, device)
-    head = train_linear_head(ftr, [c.voxel_labels for c in train], N_CLASSES, epochs=epochs, seed=seed)
+                 epochs: int, seed: int, name: str = "") -> dict[str, Any]:
+    """Train a new 1x1 layer on frozen trunk features of ``train``; score on ``val`` (``name``: the
+    network's name in the progress bars)."""
+    tag = f" ({name})" if name else ""
+    ftr = frozen_features(net, train, device, desc=f"slidr eval: train features{tag}")
+    head = train_linear_head(ftr, [c.voxel_labels for c in train], N_CLASSES, epochs=epochs, seed=seed,
+                             desc=f"slidr eval: linear probe{tag}")
     with torch.no_grad():
-        logits = [head(f) for f in frozen_features(net, val, device)]
+        logits = [head(f) for f in frozen_features(net, val, device, desc=f"slidr eval: val features{tag}")]
     res = score(logits, val)
     res["n_train"] = int(sum(int((c.voxel_labels > 0).sum()) for c in train))
     return res
@@ -180,8 +245,9 @@ def _augment(xyz: Tensor, g: torch.Generator) -> Tensor:
 
 
 def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str, epochs: int,
-             seed: int, batch_size: int = 16, lr: float = 0.02, lr_head: float = 2.0) -> dict[str, Any]:
-    """Fine-tune the whole network with a new head on ``train`` (augmented); score on ``val``."""
+             seed: int, batch_size: int = 16, lr: float = 0.02, lr_head: float = 2.0, name: str = "") -> dict[str, Any]:
+    """Fine-tune the whole network with a new head on ``train`` (augmented); score on ``val`` (``name``: the
+    network's name in the progress bars)."""
     torch.manual_seed(seed)
     model = Segmenter(net).to(device)
     head_params = list(model.head.parameters())
@@ -190,7 +256,8 @@ def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledClou
     opt = torch.optim.SGD([{"params": head_params, "lr": lr_head}, {"params": trunk_params, "lr": lr}],
                           momentum=0.9, dampening=0.1, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
+    tag = f" ({name})" if name else ""
+    for epoch in progress(range(epochs), desc=f"slidr eval: fine-tuning{tag}", unit="epoch"):
         for group, base in zip(opt.param_groups, (lr_head, lr), strict=True):
             group["lr"] = cosine_epoch_lr(base, epoch, epochs)
         model.train()
@@ -210,7 +277,8 @@ def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledClou
             opt.step()
     model.eval()
     with torch.no_grad():
-        logits = [model(*_input(c, device)).float().cpu() for c in val]
+        logits = [model(*_input(c, device)).float().cpu()
+                  for c in progress(val, desc=f"slidr eval: val predictions{tag}", unit="cloud")]
     res = score(logits, val)
     res["n_train"] = int(sum(int((c.voxel_labels > 0).sum()) for c in train))
     return res
@@ -229,6 +297,7 @@ def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tens
         finetune_percent: 0 for linear probing, else N for fine-tuning on N% of the train scenes.
         epochs: training epochs of the head (probe) or network (fine-tuning); 100 in the released configs.
     """
+    check_built_splits([shards] if isinstance(shards, Path) else list(shards))  # before reading every sample
     clouds = load_labelled(shards)
     train, val, how = split_by_scene(clouds)
     note = ""
@@ -247,9 +316,9 @@ def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tens
         if state is not None:
             net.load_state_dict(state)
         if finetune_percent:
-            result[name] = finetune(net, train, val, device, epochs, seed)
+            result[name] = finetune(net, train, val, device, epochs, seed, name=name)
         else:
-            result[name] = linear_probe(net, train, val, device, epochs, seed)
+            result[name] = linear_probe(net, train, val, device, epochs, seed, name=name)
         log.info("%s %s mIoU %.3f", result["metric_name"], name, result[name]["miou"])
     result["miou_random"] = result["random"]["miou"]
     result["miou_distilled"] = result["distilled"]["miou"] if "distilled" in result else None

@@ -51,12 +51,63 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distillkit.pipelines.codecs import UnsafeFieldError, decode_field, refuse_unsafe
 
 log = logging.getLogger(__name__)
-__all__ = ["BadSample", "JsonFieldFilter", "ShardStream", "UnsafeFieldError", "decode_field", "make_loader",
-           "shard_files", "to_device"]
+__all__ = ["BadSample", "JsonFieldFilter", "ShardStream", "TooFewShards", "UnsafeFieldError", "check_shard_count",
+           "decode_field", "make_loader", "shard_files", "to_device"]
 
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message names shard and key."""
+
+
+class TooFewShards(ValueError):
+    """Fewer shards than ranks x loader workers: some rank or worker would have no shard to read."""
+
+
+def _too_few_message(where: str, shards: int, world_size: int, num_workers: int, samples: int | None = None,
+                     samples_per_shard: int | None = None) -> str:
+    workers = max(1, num_workers)
+    needed = world_size * workers
+    text = (f"{where} holds {shards} shard(s), but {world_size} ranks x {workers} loader worker(s) need at least "
+            f"{needed} (rank r reads shards[r::{world_size}], and each of its loader workers needs one of them)")
+    if samples is not None and samples >= needed:
+        now = f" (now {samples_per_shard})" if samples_per_shard else ""
+        text += (f": rebuild it with a smaller output.samples_per_shard{now}, at most {samples // needed} for "
+                 f"its {samples} samples (--set output.samples_per_shard={samples // needed}), or start fewer ranks "
+                 "or loader workers (--num-workers)")
+    elif samples is not None:
+        text += f": its {samples} samples cannot make {needed} shards; start fewer ranks or loader workers"
+    else:
+        text += ": rebuild it with a smaller output.samples_per_shard, or start fewer ranks or loader workers"
+    return text
+
+
+def check_shard_count(shard_dir: Path | str, world_size: int, num_workers: int) -> None:
+    """Refuse, before any process waits on another, a shard folder that cannot give every rank's every
+    loader worker a shard under ``torchrun``: a rank without one would have no batch to train on, and the
+    other ranks would wait for it.
+
+    One process needs no such check (a loader worker without a shard just ends while the others read).
+
+    Args:
+        shard_dir: the shard folder (its ``index.json`` gives the counts and the manifest's
+            ``output.samples_per_shard`` for the advice).
+        world_size: the number of training processes.
+        num_workers: DataLoader workers per process (0: loading in the process, which counts as one).
+
+    Raises:
+        TooFewShards: with a one-line message naming the counts and how to rebuild.
+    """
+    if world_size <= 1:
+        return
+    shards = shard_files(shard_dir)
+    if len(shards) >= world_size * max(1, num_workers):
+        return
+    index = json.loads((Path(shard_dir) / "index.json").read_text())
+    written = (index.get("counts") or {}).get("written")
+    per_shard = ((index.get("manifest") or {}).get("output") or {}).get("samples_per_shard")
+    raise TooFewShards(_too_few_message(str(shard_dir), len(shards), world_size, num_workers,
+                                        written if isinstance(written, int) else None,
+                                        per_shard if isinstance(per_shard, int) else None))
 
 
 def shard_files(shard_dir: Path | str) -> list[str]:
@@ -337,7 +388,15 @@ def make_loader(
     prefetch_factor: int = 2,
     drop_last: bool = True,
 ) -> DataLoader:
-    """DataLoader for a ShardStream: pinned memory on CUDA, persistent workers when there are any."""
+    """DataLoader for a ShardStream: pinned memory on CUDA, persistent workers when there are any.
+
+    Raises:
+        TooFewShards: a ``ShardStream`` of several ranks with fewer shards than ranks x loader workers
+            (``check_shard_count``; ``distillkit train`` checks before starting, this covers other callers).
+    """
+    if isinstance(dataset, ShardStream) and dataset.world_size > 1 and \
+            len(dataset.shards) < dataset.world_size * max(1, num_workers):
+        raise TooFewShards(_too_few_message("the stream", len(dataset.shards), dataset.world_size, num_workers))
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=prefetch_factor, timeout=timeout)

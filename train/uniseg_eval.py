@@ -44,8 +44,11 @@ def load_labelled(shards: Sequence[Path], size: int) -> list[tuple[str, torch.Te
     from distillkit.pipelines.uniseg import image_field
 
     out = []
+    from distillkit.train.progress import progress, shard_sample_count
+
     for d in shards:
-        for s in ShardStream(d, epochs=1, shuffle_shards=False, required=["gt.sem.png"]):
+        for s in progress(ShardStream(d, epochs=1, shuffle_shards=False, required=["gt.sem.png"]),
+                          desc=f"uniseg eval: reading {Path(d).name}", total=shard_sample_count(d), unit="image"):
             rgb = s[image_field(s)]
             img = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
             sem = cv2.resize(np.asarray(s["gt.sem.png"]).astype(np.int32), (size, size),
@@ -68,9 +71,11 @@ def token_features(net: ViT, images: list[torch.Tensor], device: str, batch: int
         device: torch device.
         batch: images per forward pass.
     """
+    from distillkit.train.progress import progress
+
     net.eval().to(device)
     out = []
-    for i in range(0, len(images), batch):
+    for i in progress(range(0, len(images), batch), desc="uniseg eval: features", unit="batch"):
         x = torch.stack(images[i : i + batch]).to(device)
         out += list(net(x)[0].permute(0, 3, 1, 2).float().cpu())
     return out
@@ -113,7 +118,7 @@ def probe(net: ViT, train: list, test: list, n_classes: int, device: str, epochs
     ftr = token_features(net, [t[1] for t in train], device)
     labels = [token_labels(t[2], f.shape[1:], n_classes) for f, t in zip(ftr, train, strict=True)]
     head = train_linear_head([f.flatten(1).T for f in ftr], labels, n_classes, epochs=epochs, batch_size=4,
-                             seed=seed)
+                             seed=seed, desc="uniseg eval: linear probe")
     hist = torch.zeros(n_classes, n_classes, dtype=torch.long)
     with torch.no_grad():
         for f, (_, _, lab) in zip(token_features(net, [t[1] for t in test], device), test, strict=True):
@@ -198,14 +203,41 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [result.get("protocol", "")]
     for n in runs:
         r = result[n]
-        lines.append(f"semantic probe mIoU {n:>9}: {r['miou']:.3f} (pixel acc {r['pixel_accuracy']:.3f}, "
-                     f"released rule {r['miou_all']:.3f}; train tokens {r['n_train']}, test px {r['n_test']})")
+        lines.append(f"semantic probe mIoU {n:>9}: {_num(r['miou'])} (pixel acc {_num(r['pixel_accuracy'])}, "
+                     f"released rule {_num(r['miou_all'])}; train tokens {r['n_train']}, test px {r['n_test']})")
     classes = sorted({int(c) for n in runs for c in result[n]["per_class"]})
     if classes:
         lines.append(f"  {'semantic id':<12}" + "".join(f"{n:>11}" for n in runs))
         for c in classes:
-            lines.append(f"  {c:<12}" + "".join(f"{result[n]['per_class'].get(c, float('nan')):>11.3f}" for n in runs))
+            lines.append(f"  {c:<12}" + "".join(f"{_num(result[n]['per_class'].get(c)):>11}" for n in runs))
     return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    """A score to three decimals, ``-`` where there is none (a class absent from the test labels has no IoU,
+    and an mIoU over no class is undefined: printed as ``-``, never ``nan``)."""
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The demo summary's number: the probe's mIoU over the classes present in the test labels.
+
+    Args:
+        result: what ``evaluate`` returned.
+
+    Returns:
+        ``{"metric", "distilled", "random", "gain"}`` (``Trainer.headline``); None where a value is missing
+        or undefined (no class present), so nothing prints as ``nan``.
+    """
+
+    def value(name: str) -> float | None:
+        r = result.get(name)
+        v = r.get("miou") if isinstance(r, dict) else None
+        return None if v is None or v != v else float(v)
+
+    distilled, random = value("distilled"), value("random")
+    gain = None if distilled is None or random is None else distilled - random
+    return {"metric": "probe mIoU", "distilled": distilled, "random": random, "gain": gain}
 
 
 def best_match_iou(levels: np.ndarray, gt: np.ndarray, ignore: tuple[int, ...] = (0,)) -> np.ndarray:

@@ -23,7 +23,8 @@ should tell apart), not in level:
 :func:`write_bad_audio` writes the inputs the bad-input tests use (empty file, corrupt header, text
 under an audio extension, silence, NaN samples, 1-channel 8 kHz, 6-channel 96 kHz). Everything derives
 from ``seed``; the same seed gives byte-identical files. "small" (20 files, about 2.5 min of audio) takes
-a second or two; "medium" (80 files) a few seconds.
+a second or two; "medium" (80 files) a few seconds; "demo" (150 files of exactly 10 s, 25 min of audio,
+``distillkit demo``'s data) about ten.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ RATES: tuple[int, ...] = (16000, 22050, 44100, 48000)
 SIZES: dict[str, tuple[int, float, float]] = {  # files per class, shortest and longest file in seconds
     "small": (4, 2.5, 13.0),
     "medium": (16, 2.5, 16.0),
+    # The demo's (pipelines/audio.py): every file exactly one 10 s segment of the demo manifest, so no
+    # segment is a zero-padded tail (a 0.5 s tail kept by `last = "pad"` is one sound repeated over a whole
+    # training crop and a whole probe example), and every segment is its own file, so the probe's split by
+    # file puts 45 independent segments on the test side (30% of 30 per class).
+    "demo": (30, 10.0, 10.0),
 }
 
 
@@ -164,7 +170,8 @@ def make_audio(out: Path, seed: int = 0, size: str = "small") -> Path:
     Args:
         out: output folder (created).
         seed: every random choice derives from it.
-        size: ``"small"`` (4 files per class) or ``"medium"`` (16 per class).
+        size: ``"small"`` (4 files per class), ``"medium"`` (16 per class) or ``"demo"`` (30 per class, each
+            exactly 10 s long).
 
     Raises:
         ValueError: unknown ``size``.

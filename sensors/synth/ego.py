@@ -16,7 +16,8 @@ bob (m) on a 1 kHz grid of *true* (= video) time. The IMU is the body-frame spec
 ``R^T (a + g)`` (m/s^2) and angular velocity (``R^T dR/dt``, rad/s) of that orientation ``R = Rz(yaw) Rx(pitch)
 Ry(roll)`` (device axes: x right, y forward along the camera, z up), sampled every 5 ms +- jitter on the IMU
 clock, with white noise and a small gyro bias, in the frame of the IMU, which each recording mounts turned by
-up to 25 degrees about each body axis (``imu_mount`` in the truth file: ``v_imu = M^T v_body``).
+up to 25 degrees about each body axis (~70 degrees in size "demo"; ``imu_mount`` in the truth file:
+``v_imu = M^T v_body``).
 The video frame at presentation time t is a 2-D view of a
 large periodic procedural texture: the view is panned by ``-f * yaw`` horizontally, ``-f * pitch`` (plus the
 bob) vertically and rotated by ``-roll`` (a pinhole camera turning in front of a distant wall, small angles).
@@ -36,7 +37,7 @@ recording has three IMU rows with a ``nan`` accelerometer value.
 
 Everything derives from ``seed``: timestamps, CSV and labels are byte-identical, and so are the decoded frames
 and (with one PyAV/x264 build) the MP4 bytes. "small" (3 recordings x 12 s, 160x120) takes ~1.5 s on one core
-and 1 MB; "medium" (6 x 30 s, 320x240) ~18 s and 12 MB.
+and 1 MB; "medium" (6 x 30 s, 320x240) ~18 s and 12 MB; "large" and "demo" (12 x 60 s, 160x120) ~15 s.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ IMU_HEADER = ("component_idx", "component_type", "component_name", "canonical_ti
 
 @dataclass(frozen=True)
 class EgoSize:
-    """Dataset size: recordings, video duration (ms), frame width/height (px), texture side (px)."""
+    """Dataset size: recordings, video duration (ms), frame width/height (px), texture side (px), and the largest
+    turn (rad, about each body axis) of a recording's IMU mount."""
 
     n_recordings: int
     duration_ms: int
     width: int
     height: int
     texture: int
+    mount_rad: float = 0.44
 
 
 SIZES: dict[str, EgoSize] = {
@@ -81,6 +84,10 @@ SIZES: dict[str, EgoSize] = {
     "medium": EgoSize(n_recordings=6, duration_ms=30_000, width=320, height=240, texture=1024),
     # Enough windows (~1400 of 1 s stride) for a probe to tell distilled from random students.
     "large": EgoSize(n_recordings=12, duration_ms=60_000, width=160, height=120, texture=512),
+    # `distillkit demo`'s data: "large" with the IMU mounted turned by up to ~70 degrees about each axis, so raw IMU
+    # axes differ a lot between recordings while the camera's view of the motion does not: the case video-to-IMU
+    # distillation is for (docs/comodo.md "The demo": with "large"'s 25 degrees the gain was not reliable).
+    "demo": EgoSize(n_recordings=12, duration_ms=60_000, width=160, height=120, texture=512, mount_rad=1.2),
 }
 
 
@@ -284,7 +291,7 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
     Args:
         out: folder to create (existing files are overwritten).
         seed: seed of every random choice; equal seeds give equal content (decoded frames, timestamps, CSV).
-        size: a key of :data:`SIZES` ("small", "medium" or "large").
+        size: a key of :data:`SIZES` ("small", "medium", "large" or "demo").
         offsets_ms: the clock offset to plant in each recording (IMU time + offset = video time), ms; by default
             drawn from +-[50, 400] ms. Tests of offset estimation plant their own.
 
@@ -320,9 +327,9 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
         m = motion(segs, tt, rng)
         acc, gyro = imu_signals(m)
         # Each wearer mounts the device a little differently: the IMU axes are the body axes turned by up to
-        # 25 degrees about each axis (the camera is unchanged), so raw axes differ between recordings while the
-        # motion seen by the camera does not.
-        mount = _rotations({k: rng.uniform(-0.44, 0.44, 1) for k in ("yaw", "pitch", "roll")})[0]
+        # mount_rad about each axis (25 degrees; ~70 for "demo"; the camera is unchanged), so raw
+        # axes differ between recordings while the motion seen by the camera does not.
+        mount = _rotations({k: rng.uniform(-sz.mount_rad, sz.mount_rad, 1) for k in ("yaw", "pitch", "roll")})[0]
         acc, gyro = acc @ mount, gyro @ mount  # rows: v_imu = M^T v_body
         # IMU samples: every 5 ms +- jitter on the IMU clock; the signal is read at video time t + offset.
         t_imu = (imu_v0 - offset) + np.arange(int((imu_v1 - imu_v0) / IMU_PERIOD_MS)) * IMU_PERIOD_MS

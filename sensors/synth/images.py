@@ -32,8 +32,8 @@ gradient and pixel noise (sigma 2/255) finish the picture.
 
 **Formats and sizes.** Image ``i`` is JPEG (quality 92) except: ``i % 8 == 3`` PNG, ``i % 8 == 5`` WebP
 (lossless), ``i == 6`` BMP and ``i == 7`` TIFF. Sizes cycle through four shapes per size (landscape,
-portrait, square, wide). "small": 32 images of 96x128 .. 80x144 px (the demo; ~0.3 s); "medium": 200 images
-of 192x256 .. 176x320 px (~4 s).
+portrait, square, wide). "small": 32 images of 96x128 .. 80x144 px (the tests; ~0.3 s); "medium": 200 images
+of 192x256 .. 176x320 px (~4 s; the demo's, so its probe tests on 100 images: docs/uniseg.md "The demo").
 
 Everything derives from ``seed``: equal seeds give equal files.
 """
