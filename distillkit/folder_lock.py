@@ -38,8 +38,9 @@ def folder_lock(folder: Path, lock_name: str, what: str = "process") -> Iterator
 
     Args:
         folder: an existing folder.
-        lock_name: the lock file's name inside ``folder`` (created if missing, never removed: removing it
-            while another process waits to open it would let two processes lock two different files).
+        lock_name: the lock file's name inside ``folder`` (created if missing; a holder that removes it, as a
+            refused ``train`` does with the folder it had just made, makes a process that opened it before
+            the removal find it gone once locked, and refuse, so two processes never hold two files).
         what: what writes the folder, for the warning (``build``, ``run``).
 
     Yields:
@@ -49,12 +50,17 @@ def folder_lock(folder: Path, lock_name: str, what: str = "process") -> Iterator
         FolderBusy: another process holds the lock.
         OSError: the lock file cannot be created (a read-only folder, say).
     """
-    fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    path = folder / lock_name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
+            if not _still_at(fd, path):
+                # The file was removed after we opened it (a refused ``train`` takes away the folder it had
+                # just made): our lock guards a file nobody else will open, so it guards nothing.
+                raise FolderBusy(str(folder))
         except BlockingIOError:
             raise FolderBusy(str(folder)) from None
         except OSError as exc:
@@ -67,3 +73,13 @@ def folder_lock(folder: Path, lock_name: str, what: str = "process") -> Iterator
         if locked:
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open lock file ``fd`` is still the file at ``path`` (same device and inode)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)

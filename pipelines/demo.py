@@ -54,9 +54,11 @@ def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[s
     Returns:
         Per pipeline name, what each step produced, so tests can check the demo as a user would.
     """
+    from distillkit.folder_lock import FolderBusy, folder_lock
     from distillkit.pipelines.inspect import show, stats_text, verify
     from distillkit.pipelines.registry import PIPELINES
     from distillkit.pipelines.runner import build
+    from distillkit.pipelines.train_cli import RUN_LOCK
     from distillkit.train.loop import format_metrics
     from distillkit.train.registry import TRAINERS
 
@@ -99,7 +101,13 @@ def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[s
             _one_thread_unless_asked(threads_asked)
             run_dir = out / "runs" / method
             t0 = time.perf_counter()
-            metrics = trainer.train(shards, run_dir, config, device="cpu")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:  # the run lock `distillkit train` holds: a `train --resume` of this folder must not join in
+                with folder_lock(run_dir, RUN_LOCK, what="run"):
+                    metrics = trainer.train(shards, run_dir, config, device="cpu")
+            except FolderBusy:
+                raise click.ClickException(f"{run_dir}: another run is writing this folder; wait for it to end, "
+                                           "or give the demo another --out") from None
             train_s = time.perf_counter() - t0
             evaluation = trainer.evaluate(Path(metrics["checkpoint"]), [shards], config, device="cpu",
                                           options=trainer.resolve_eval_options(dict(trainer.demo_eval)))
@@ -133,7 +141,8 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
              for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:{'<' if i in (0, 4, 7, 11) else '>'}{w}}}" for i, w in enumerate(widths))
-    out = ["== summary (probe on held-out data: the distilled network against the same network at random init)",
+    out = [("== summary (linear probe on examples it did not train on: the distilled network against the same "
+            "network at random init)"),
            fmt.format(*header)]
     out += [fmt.format(*line) for line in lines]
     out += [f"pictures: {', '.join(dict.fromkeys(r['picture'] for r in rows))}"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -30,10 +32,11 @@ def test_demo_slidr_runs_every_stage_and_shows_a_gain(tmp_path):
     curves = np.asarray(Image.open(out / "runs" / "slidr" / "curves.png").convert("RGB"))
     assert curves.shape[1] > 600 and curves.std() > 5  # the loss/lr/throughput picture of the run
     assert "linear probe mIoU distilled" in result.output and "linear probe mIoU    random" in result.output
-    assert "nan" not in result.output.lower()
+    assert not re.search(r"\bnan\b", result.output, re.IGNORECASE)
     summary = json.loads((out / "summary.json").read_text())["methods"]["slidr"]
     assert summary["metric"] == "val mIoU (classes present)" and summary["run_dir"] == str(out / "runs" / "slidr")
-    assert summary["gain"] == pytest.approx(summary["distilled"] - summary["random"]) and summary["gain"] > 0
+    assert summary["gain"] == pytest.approx(summary["distilled"] - summary["random"])
+    assert summary["gain"] > 0.03  # +0.064 measured; seeds 1-2: +0.176, +0.067
     assert summary["steps"] == 120 and summary["written"] == 12 and summary["rejected"] == 0
     assert "== summary" in result.output and f"{summary['gain']:+.3f}" in result.output
 

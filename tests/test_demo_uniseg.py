@@ -72,14 +72,17 @@ def test_headline_and_report_never_print_nan():
                                                                 "random": 0.6, "gain": None}
 
 
-def test_loss_terms_split_the_loss(tmp_path):
-    """The logged split adds up: cross-entropy = teacher entropy + KL, and the KL is never negative."""
+@pytest.mark.parametrize("contrast_weight", [0.0, 0.5])
+def test_loss_terms_split_the_loss(tmp_path, contrast_weight):
+    """The logged split adds up to the loss: teacher entropy + KL (+ the weighted region contrast when it is
+    on), and the KL is never negative."""
     import torch
 
     from distillkit.train.uniseg import build_method
     from distillkit.train.uniseg_data import ViewConfig, collate, make_example
 
-    config = UnisegTrainer.resolve_config({"seed": 0, "out_dim": 32, "head_hidden": 32})
+    config = UnisegTrainer.resolve_config({"seed": 0, "out_dim": 32, "head_hidden": 32,
+                                           "contrast_weight": contrast_weight})
     method = build_method(config, total_steps=10)
     method.log_every = 2
     rng = np.random.default_rng(0)
@@ -96,5 +99,6 @@ def test_loss_terms_split_the_loss(tmp_path):
     w = method.windows[0]
     assert w["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
     assert w["teacher_entropy"] > 0 and w["kl"] >= -1e-4
-    assert w["loss"] == pytest.approx(w["teacher_entropy"] + w["kl"])
+    assert w["loss"] == pytest.approx(w["teacher_entropy"] + w["kl"] + w.get("contrast", 0.0))
+    assert ("contrast" in w) == (contrast_weight > 0) and w.get("contrast", 1.0) > 0
     assert method.loss_terms() == {}  # the window was consumed

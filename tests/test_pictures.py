@@ -143,6 +143,42 @@ def test_a_trainer_called_from_python_names_its_run(tmp_path, monkeypatch):
     assert current_method() is None  # set for the call only
 
 
+def test_trainer_wrapping_survives_functools_wraps_and_refuses_static_train():
+    """A plugin keeping its base's docstring with ``functools.wraps`` is still named; a subclass of a
+    wrapped trainer is not wrapped twice; a static ``train`` is refused at class creation."""
+    import functools
+
+    from distillkit.train.base import Trainer
+    from distillkit.train.checkpoint import current_method
+
+    class Base(Trainer):
+        name, pipeline = "base-method", "none"
+
+        def train(self, shards, out, config, device="cpu", resume=False, strict=False):
+            return {"method": current_method()}
+
+        def evaluate(self, checkpoint, shards, config, device="cpu", options=None):
+            return {}
+
+    class Plugin(Base):
+        name = "plugin-method"
+
+        @functools.wraps(Base.train)  # copies the base wrapper's attributes, not its behaviour
+        def train(self, *args, **kw):
+            return {"method": current_method()}
+
+    class Child(Base):
+        name = "child-method"
+
+    assert Plugin().train(None, None, {}) == {"method": "plugin-method"}
+    assert Child().train(None, None, {}) == {"method": "child-method"} and Child.train is Base.train
+    with pytest.raises(TypeError, match="plain method"):
+        class Static(Base):  # noqa: F841 - defining it is the test
+            @staticmethod
+            def train(shards, out, config):
+                return {}
+
+
 # ---- audio: which sample show draws -------------------------------------------------------------------
 
 AUDIO_META = {"sample_rate": 16000, "hop_length": 160, "n_mels": 8, "fmin": 60.0, "fmax": 7800.0,

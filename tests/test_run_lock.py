@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from distillkit.folder_lock import FolderBusy, folder_lock
@@ -105,3 +106,25 @@ def test_a_filesystem_without_locks_still_trains(slidr_shards, tmp_path, monkeyp
         r = _train(slidr_shards, "--out", str(tmp_path / "run"))
     assert r.exit_code == 0, r.output
     assert any("has no file locks" in rec.getMessage() and "second run" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_lock_file_removed_after_it_was_opened_guards_nothing(tmp_path, monkeypatch):
+    """A refused train removes the folder it made, lock file included; a process that opened that file
+    before the removal must not believe it holds the folder once its flock succeeds."""
+    import os
+
+    import distillkit.folder_lock as fl
+
+    real_open = os.open
+
+    def open_then_removed(path, *args):
+        fd = real_open(path, *args)
+        os.unlink(path)  # the other process's clean-up, between our open and our flock
+        return fd
+
+    monkeypatch.setattr(fl.os, "open", open_then_removed)
+    with pytest.raises(fl.FolderBusy), fl.folder_lock(tmp_path, ".lock"):
+        pass
+    monkeypatch.setattr(fl.os, "open", real_open)
+    with fl.folder_lock(tmp_path, ".lock") as held:  # an ordinary lock still works
+        assert held

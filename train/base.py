@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,10 @@ COMMON_SCHEMA: Section = {
     "seed": Key(int, 0, doc="seeds weights, shuffling and augmentation"),
     "log_every": Key(int, 10, doc="steps per logged window (log.jsonl, console)"),
 }
+
+
+_RUN_NAMING_WRAPPERS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""The ``train`` wrappers ``Trainer.__init_subclass__`` made (so a subclass never wraps one twice)."""
 
 
 class ConfigError(ManifestError):
@@ -67,7 +72,11 @@ class Trainer(ABC):
         """
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("train")
-        if own is None or getattr(own, "__isabstractmethod__", False) or getattr(own, "_names_its_run", False):
+        if isinstance(own, staticmethod | classmethod):
+            raise TypeError(f"{cls.__name__}.train must be a plain method (it is called on an instance)")
+        # Our wrappers are known by identity, not by an attribute: functools.wraps copies attributes, so a
+        # plugin's own ``@functools.wraps(Base.train)`` would otherwise look wrapped and never be.
+        if own is None or getattr(own, "__isabstractmethod__", False) or own in _RUN_NAMING_WRAPPERS:
             return
 
         @functools.wraps(own)
@@ -77,7 +86,7 @@ class Trainer(ABC):
             with training_as(getattr(self, "name", None) or type(self).__name__):
                 return own(self, *args, **kw)
 
-        train._names_its_run = True  # type: ignore[attr-defined]
+        _RUN_NAMING_WRAPPERS.add(train)
         cls.train = train  # type: ignore[method-assign]
 
     @classmethod

@@ -228,13 +228,14 @@ class QuerySD(nn.Module):
         if self.dense_weight > 0 and pairs:
             loss = loss + self.dense_weight * dense
             entropy = entropy + self.dense_weight * self._dense_entropy
-        if self.training and self.log_every:
-            self._terms.append(torch.stack([loss.detach().float(), entropy.float()]))
+        contrast = s_tok.new_zeros(())
         if self.contrast_weight > 0 and pairs:
             t_emb_rep = t_emb[:, None].expand(B, V, *t_emb.shape[1:]).flatten(0, 1)
-            loss = loss + self.contrast_weight * region_contrast(s_emb, t_emb_rep, match, valid[:, None].expand(
+            contrast = self.contrast_weight * region_contrast(s_emb, t_emb_rep, match, valid[:, None].expand(
                 B, V, -1).flatten(0, 1), self.contrast_temp)
-        return loss
+        if self.training and self.log_every:  # the parts add up to the loss the loop logs
+            self._terms.append(torch.stack([loss.detach().float(), entropy.float(), contrast.detach().float()]))
+        return loss + contrast
 
     @torch.no_grad()
     def _teacher_entropy(self, t_logits: Tensor, step: int) -> Tensor:
@@ -251,14 +252,16 @@ class QuerySD(nn.Module):
         demo's curve rises from about 8.5 to 10.2 over the warm-up (docs/uniseg.md "Reading the loss curve").
 
         Returns:
-            ``{"loss": ..., "teacher_entropy": ..., "kl": ...}`` means over the training steps since the last
-            call (empty when there were none).
+            ``{"loss": ..., "teacher_entropy": ..., "kl": ...}`` (and ``"contrast"``, the weighted region-contrast
+            term, when ``contrast_weight > 0``, so the parts add up to the loss) means over the training steps
+            since the last call (empty when there were none).
         """
         if not self._terms:
             return {}
-        ce, entropy = torch.stack(self._terms).mean(0).tolist()
+        ce, entropy, contrast = torch.stack(self._terms).mean(0).tolist()
         self._terms.clear()
-        return {"loss": ce, "teacher_entropy": entropy, "kl": ce - entropy}
+        terms = {"loss": ce + contrast, "teacher_entropy": entropy, "kl": ce - entropy}
+        return {**terms, "contrast": contrast} if self.contrast_weight > 0 else terms
 
     def after_step(self, step: int, max_steps: int) -> None:
         """The EMA teacher update, called by ``train.loop`` after each optimiser step.
@@ -281,8 +284,11 @@ class QuerySD(nn.Module):
         last = self.windows[-1] if self.windows else {}
         if last.get("step") != step:
             return {}
-        return {"part 1: teacher entropy (rises as the teacher temperature warms up)": last["teacher_entropy"],
-                "part 2: KL(teacher || student), what the student lowers": last["kl"]}
+        parts = {"part 1: teacher entropy (rises as the teacher temperature warms up)": last["teacher_entropy"],
+                 "part 2: KL(teacher || student), what the student lowers": last["kl"]}
+        if "contrast" in last:
+            parts["part 3: region contrast (weighted)"] = last["contrast"]
+        return parts
 
     def dense_loss(self, tokens: Tensor, weights: Tensor, t_logits: Tensor, valid: Tensor, step: int) -> Tensor:
         """Per student token, DINO cross-entropy against the teacher distributions of the regions covering it.

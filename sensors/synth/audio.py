@@ -42,7 +42,7 @@ SIZES: dict[str, tuple[int, float, float]] = {  # files per class, shortest and 
     # The demo's (pipelines/audio.py): every file exactly one 10 s segment of the demo manifest, so no
     # segment is a zero-padded tail (a 0.5 s tail kept by `last = "pad"` is one sound repeated over a whole
     # training crop and a whole probe example), and every segment is its own file, so the probe's split by
-    # file puts 45 independent segments on the test side (30% of 30 per class).
+    # file puts independent segments on the test side (75 with the demo probe's half of the files).
     "demo": (30, 10.0, 10.0),
 }
 
