@@ -58,3 +58,16 @@ def nuscenes_copy(synth_nuscenes, tmp_path) -> Path:
     dst = tmp_path / "nuscenes"
     shutil.copytree(synth_nuscenes, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def six_images(tmp_path_factory) -> Path:
+    """Six synthetic images (with ground truth) in a folder of their own, per test module (tests write beside
+    them)."""
+    from distillkit.sensors.synth.images import make_images
+
+    src = make_images(tmp_path_factory.mktemp("synth") / "images", seed=2)
+    root = tmp_path_factory.mktemp("six")
+    for p in sorted((src / "images").glob("scene_000[0-5].*")):
+        (root / p.name).write_bytes(p.read_bytes())
+    return root

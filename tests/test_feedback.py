@@ -28,20 +28,15 @@ from distillkit.pipelines import runner
 from distillkit.pipelines.catalog import load_manifest, packaged_manifests
 from distillkit.pipelines.cli import main
 from distillkit.pipelines.registry import PIPELINES, SYNTH
-from distillkit.sensors.synth.images import make_images
 from distillkit.train import progress as progress_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
+def images(six_images) -> Path:
     """Six synthetic images (with ground truth): the fastest real pipeline (UniSeg, weight-free backbone)."""
-    src = make_images(tmp_path_factory.mktemp("synth") / "images", seed=2)
-    root = tmp_path_factory.mktemp("six")
-    for p in sorted((src / "images").glob("scene_000[0-5].*")):
-        (root / p.name).write_bytes(p.read_bytes())
-    return root
+    return six_images
 
 
 def _manifest(root: Path, out: Path, *extra: str):
