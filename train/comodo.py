@@ -580,7 +580,7 @@ class ComodoTrainer(Trainer):
         "precision": Key(str, "fp32", choices=("fp32", "bf16"), doc="CUDA autocast (CPU runs are fp32)"),
     }
     # `distillkit demo` (synth ego --size demo: 12 recordings x 60 s, IMU mounted turned by up to ~70 degrees, ~700
-    # windows): 300 steps of 64 windows (~28 passes) at lr 1e-3. The released lr 3e-4 over 150 steps left the gain
+    # windows): 300 steps of 64 windows (~28 passes) at lr 1e-3. The default lr 3e-4 over 150 steps left the gain
     # within the split-to-split noise on one seed of three (docs/comodo.md "The demo" has the runs).
     demo = {"max_steps": 300, "batch_size": 64, "lr": 1e-3}
     # Ten splits of the 12 recordings (4 held out each time, every activity on the test side), the same for both
