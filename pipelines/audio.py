@@ -3,8 +3,8 @@
 plan (client): every audio file under ``source.root`` in sorted relative-path order, one ref per
 file with its label from ``labels.csv`` when listed; no file is opened.
 samples (worker): decode, mix down, resample (``sensors.audio``), cut into ``segment_s``
-segments (the last partial one zero padded or dropped), log-mel each (``preprocess.logmel``,
-librosa reference or the batched torch path), one sample per segment with key
+segments (the last partial one zero padded, or dropped: always when under ``min_tail_s``), log-mel each
+(``preprocess.logmel``, librosa reference or the batched torch path), one sample per segment with key
 ``{sanitised relative path}_{segment:04d}``.
 Fields: ``logmel.npy`` (float16 dB), ``meta.json``, optional ``audio.flac`` (the resampled
 segment, 16-bit) and ``label.txt`` (UTF-8 class name) when the file is labelled.
@@ -53,6 +53,9 @@ SCHEMA = {
             "segment_s": Key(float, 10.0, doc="segment length in seconds"),
             "last": Key(str, "pad", choices=("pad", "drop"),
                         doc="final partial segment: zero padded, or dropped (listed as rejected)"),
+            "min_tail_s": Key(float, 1.0, doc='with last = "pad": a partial segment with less audio than this is '
+                                              "dropped (listed as rejected), so no segment is one frame of audio "
+                                              "and padding (distillkit's choice, docs/audio.md)"),
         },
         "logmel": {
             "n_fft": Key(int, 1024),
@@ -62,6 +65,10 @@ SCHEMA = {
             "fmin": Key(float, 60.0),
             "fmax": Key(float, 7800.0),
             "top_db": Key(float, 80.0),
+            "mel_scale": Key(str, "slaney", choices=("slaney", "htk"),
+                             doc='"slaney": librosa\'s Slaney mel with area normalisation and zero padding '
+                                 '(distillkit\'s default); "htk": ATST\'s front end, torchaudio MelSpectrogram + '
+                                 "AmplitudeToDB (HTK mel, no normalisation, reflect padding; docs/audio.md)"),
             "backend": Key(str, "librosa", choices=("librosa", "torch"),
                            doc="librosa (reference) or torch (batched across files; CPU or CUDA)"),
             "device": Key(str, "auto", choices=DEVICES,
@@ -97,7 +104,7 @@ def logmel_config(m: Manifest) -> LogMelConfig:
     lm = m.data["stages"]["logmel"]
     return LogMelConfig(sample_rate=m.get("stages.audio.sample_rate"), n_fft=lm["n_fft"],
                         win_length=lm["win_length"], hop_length=lm["hop_length"], n_mels=lm["n_mels"],
-                        fmin=lm["fmin"], fmax=lm["fmax"], top_db=lm["top_db"])
+                        fmin=lm["fmin"], fmax=lm["fmax"], top_db=lm["top_db"], mel_scale=lm["mel_scale"])
 
 
 @dataclass
@@ -134,6 +141,8 @@ class AudioPipeline(Pipeline):
             raise ManifestError(m.path, "stages.logmel", str(exc)) from None
         if m.get("stages.segments.segment_s") <= 0:
             raise ManifestError(m.path, "stages.segments.segment_s", "must be > 0")
+        if m.get("stages.segments.min_tail_s") < 0:
+            raise ManifestError(m.path, "stages.segments.min_tail_s", "must be >= 0 seconds")
         if m.get("output.files_per_shard") < 1:
             raise ManifestError(m.path, "output.files_per_shard", "must be >= 1")
         if m.get("stages.logmel.batch") < 1:
@@ -189,10 +198,13 @@ class AudioPipeline(Pipeline):
             raise Rejected("read", str(exc)) from None
         seg_len = int(round(m.get("stages.segments.segment_s") * rate))
         last = m.get("stages.segments.last")
-        bounds = segment_bounds(len(audio.samples), seg_len, last)
+        min_tail_s = m.get("stages.segments.min_tail_s")
+        bounds = segment_bounds(len(audio.samples), seg_len, last, int(round(min_tail_s * rate)))
         if not bounds:
+            why = (f"stages.segments.last = \"{last}\"" if last == "drop" else
+                   f"less than stages.segments.min_tail_s = {min_tail_s:g} s")
             raise Rejected("segment", f"{path}: {audio.duration_s:.3f} s is shorter than one "
-                                      f"{seg_len / rate:g} s segment (stages.segments.last = \"{last}\")")
+                                      f"{seg_len / rate:g} s segment ({why})")
         store = m.get("stages.audio.store_waveform")
         label = ref.payload.get("label")
         for i, (start, end) in enumerate(bounds):
@@ -211,10 +223,12 @@ class AudioPipeline(Pipeline):
                 fields["label.txt"] = str(label).encode("utf-8")
             yield Segment(f"{ref.key}_{i:04d}", f"{ref.source}@{start / rate:g}s", wave, fields)
         tail_start = len(bounds) * seg_len
-        if last == "drop" and tail_start < len(audio.samples):
+        if tail_start < len(audio.samples):  # a tail "pad" kept would put tail_start past the end
+            why = ("stages.segments.last = \"drop\"" if last == "drop" else
+                   f"shorter than stages.segments.min_tail_s = {min_tail_s:g} s")
             yield Rejection(f"{ref.source}@{tail_start / rate:g}s", "segment",
                             f"{path}: final partial segment of {(len(audio.samples) - tail_start) / rate:.3f} s "
-                            "dropped (stages.segments.last = \"drop\")")
+                            f"dropped ({why})")
 
     def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
         cfg = logmel_config(m)
@@ -310,7 +324,8 @@ def _finish(seg: Segment, spec: np.ndarray) -> Sample:
 
 def _cfg_of(meta: dict[str, Any]) -> LogMelConfig:
     return LogMelConfig(sample_rate=meta["sample_rate"], n_fft=meta["n_fft"], win_length=meta["win_length"],
-                        hop_length=meta["hop_length"], n_mels=meta["n_mels"], fmin=meta["fmin"], fmax=meta["fmax"])
+                        hop_length=meta["hop_length"], n_mels=meta["n_mels"], fmin=meta["fmin"], fmax=meta["fmax"],
+                        mel_scale=meta.get("mel_scale", "slaney"))
 
 
 def _check_meta(meta: Any, sample: SampleView) -> None:

@@ -7,6 +7,8 @@ enumerated on the worker (``samples``), so the plan never opens a video. Per rec
 (``preprocess.imu_windows``), and for each window decode only the frames nearest to its F instants
 (``sensors.video.VideoReader``: seek + decode forward). With ``stages.teacher.enabled`` a frozen video teacher,
 loaded once per worker (``setup``), embeds the windows in batches across recordings into ``teacher.npy``.
+``source.uids_file`` and ``source.splits_dir`` choose the recordings as the released subset list and
+train/val/test files do, and stamp each window's split.
 Shard contract: ``fields`` below and docs/reading.md; decisions: ``docs/comodo.md``.
 """
 
@@ -43,6 +45,9 @@ from distillkit.sensors.imu import CHANNELS, TIME_COLUMN, ImuRecord
 log = logging.getLogger(__name__)
 
 OFFSET_MODES = ("auto", "given", "estimate", "zero")
+LABEL_SOURCES = ("labels", "scenario")
+# The released split files (Breezelled/COMODO comodo/train.py:132-134 reads them from the dataset folder).
+SPLITS = ("train", "val", "test")
 MAX_BAD_TIMESTAMPS = 0.01  # share of IMU rows displaced or duplicated above which a recording is rejected
 # A step back in IMU time longer than this many median intervals is a clock jump, not logger jitter: sorting would
 # interleave two stretches of the recording, so the recording is rejected whatever its share of displaced rows.
@@ -67,6 +72,13 @@ class ComodoPipeline(Pipeline):
         r"imu_(mean|std)_gyro_[xyz]": "rad/s (gyroscope, over all IMU values)",
         "windows_labelled": "windows with a label.txt",
         "windows_offset_estimated": "windows whose clock offset was estimated (not from clock_offsets.json)",
+        r"windows_split_(train|val|test)": "windows of the split's recordings (source.splits_dir)",
+        "uids_listed": "uids in source.uids_file",
+        "uids_listed_without_video": "listed uids with no video under full_scale/ (left out)",
+        "uids_listed_without_imu": "listed uids with no imu/{uid}.csv (left out)",
+        "recordings_not_listed": "recordings under the root left out: not in source.uids_file",
+        "recordings_in_no_split": "recordings left out: in none of source.splits_dir's train/val/test.txt",
+        "split_uids_without_recording": "uids of the split files (and of uids_file, if set) with no file",
     }
     source_key = "source.root"
     demo = Demo(synth="ego", manifest="demo-comodo", size="demo")
@@ -76,6 +88,15 @@ class ComodoPipeline(Pipeline):
             "root": Key("existing_path", required=True, doc="holds full_scale/{uid}.mp4 and imu/{uid}.csv"),
             "offsets": Key(str, "clock_offsets.json", doc="{uid: offset_ms} under root (IMU + offset = video)"),
             "labels": Key(str, "labels.csv", doc="uid,start_ms,end_ms,label under root (video clock); optional"),
+            "uids_file": Key(str, "", doc="uids to build, one a line (the format of the released "
+                                          "dataset/Ego4D/ego4d_subset_ids.txt), under root or absolute; "
+                                          "\"\" = every recording under root"),
+            "splits_dir": Key(str, "", doc="folder (under root or absolute) with train.txt, val.txt, test.txt, "
+                                           "uid<TAB>scenario a line as released: each window records its "
+                                           "recording's split; recordings in none are left out; \"\" = no splits"),
+            "label_from": Key(str, "labels", choices=LABEL_SOURCES,
+                              doc="label.txt from labels (labels.csv intervals) or scenario (the split files' "
+                                  "second column, every window of the recording, as released)"),
         },
         "stages": {
             "imu": {
@@ -115,6 +136,9 @@ class ComodoPipeline(Pipeline):
 
     def __init__(self) -> None:
         self._teachers: dict[str, tuple[tuple[Any, ...], Any]] = {}  # device -> (checkpoint identity, teacher)
+        # What the last plan left out (uids_file, splits_dir), for index.json's stats: finalize_stats sees only
+        # the built windows' totals, and it runs on the client that planned, with this same (registered) instance.
+        self._plan_counts: dict[str, float] = {}
 
     # ---- client ----------------------------------------------------------------------
     def check_manifest(self, m: Manifest) -> None:
@@ -138,6 +162,9 @@ class ComodoPipeline(Pipeline):
             raise ManifestError(m.path, "stages.imu.window_s", "window_s * rate_hz must be a whole number of samples")
         if m.get("stages.teacher.checkpoint") and not Path(m.get("stages.teacher.checkpoint")).is_file():
             raise ManifestError(m.path, "stages.teacher.checkpoint", "file does not exist")
+        if m.get("source.label_from") == "scenario" and not m.get("source.splits_dir"):
+            raise ManifestError(m.path, "source.label_from", "'scenario' takes the label from the split files: "
+                                                             "set source.splits_dir")
 
     def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
         root = Path(m.get("source.root"))
@@ -147,11 +174,35 @@ class ComodoPipeline(Pipeline):
             raise ManifestError(m.path, "source.root", f"{root} has no full_scale/*.mp4 or imu/*.csv")
         offsets = _read_offsets(root / m.get("source.offsets"), m)
         labels = _read_labels(root / m.get("source.labels"), m)
+        uids = sorted(videos.keys() | imus.keys())
+        counts: dict[str, float] = {}
+        listed = _read_uids(root / m.get("source.uids_file"), m) if m.get("source.uids_file") else None
+        if listed is not None:
+            # A listed uid without its files is reported, not rejected: the list names what the release could
+            # access, a download may hold part of it, and a rejection would count against output.max_rejected
+            # as one window without any duration to say how many it stands for.
+            counts = {"uids_listed": len(listed),
+                      "uids_listed_without_video": sum(u not in videos for u in listed),
+                      "uids_listed_without_imu": sum(u not in imus for u in listed),
+                      "recordings_not_listed": sum(u not in listed for u in uids)}
+            uids = [u for u in uids if u in listed and u in videos and u in imus]
+        splits = _read_splits(root / m.get("source.splits_dir"), m) if m.get("source.splits_dir") else None
+        if splits is not None:
+            # A recording in no split file is left out (the release builds only the uids its split files list,
+            # Breezelled/COMODO comodo/utils/dataloader_util.py:130-135), counted, never distilled by accident.
+            on_disk = set(uids)
+            counts["recordings_in_no_split"] = sum(u not in splits for u in uids)
+            counts["split_uids_without_recording"] = sum(
+                u not in on_disk and (listed is None or u in listed) for u in splits)
+            uids = [u for u in uids if u in splits]
+        self._plan_counts = counts
+        if counts:
+            log.info("%s: %s", m.path, ", ".join(f"{k} {v:g}" for k, v in counts.items()))
         # The teacher's weights decide teacher.npy: a retrained checkpoint at the same path must rebuild the shards,
         # so it stamps every recording's inputs (Pipeline.input_files) with the video and the CSV.
         ckpt = m.get("stages.teacher.checkpoint") if m.get("stages.teacher.enabled") else ""
         refs, rejected = [], []
-        for uid in sorted(videos.keys() | imus.keys()):
+        for uid in uids:
             problem = _pairing_problem(uid, videos.get(uid, []), imus.get(uid, []))
             if problem is not None:
                 rejected.append({"source": problem[0], "stage": "plan", "reason": problem[1]})
@@ -159,7 +210,12 @@ class ComodoPipeline(Pipeline):
             video, imu = videos[uid][0], imus[uid][0]
             files = [str(video), str(imu)] + ([str(ckpt)] if ckpt else [])
             payload = {"uid": uid, "files": files, "offset_ms": offsets.get(uid), "labels": labels.get(uid, [])}
+            if splits is not None:  # only then: shards built without splits keep their plan (and fingerprint)
+                payload["split"], payload["scenario"] = splits[uid]
             refs.append(SampleRef(sanitise(uid), f"full_scale/{video.name}", payload))
+        if not refs and not rejected:
+            kept_by = " and ".join(k for k in ("source.uids_file", "source.splits_dir") if m.get(k))
+            raise ManifestError(m.path, "source", f"no recording under {root} is kept by {kept_by}")
         return refs, rejected
 
     def refs_per_shard(self, m: Manifest) -> int:
@@ -259,8 +315,14 @@ class ComodoPipeline(Pipeline):
                          "offset_ms": round(offset_ms, 3), "offset_source": source,
                          "offset_peak": None if peak is None else round(peak, 4),
                          "frame_ms": [round(float(t), 3) for t in got]}
+                if "split" in ref.payload:
+                    times["split"], times["scenario"] = ref.payload["split"], ref.payload["scenario"]
                 fields["times.json"] = json_bytes(times)
-                label = window_label(ref.payload["labels"], float(t0) + offset_ms, float(t0) + window_ms + offset_ms)
+                if m.get("source.label_from") == "scenario":
+                    label = ref.payload["scenario"] or None  # one label per recording, as released
+                else:
+                    label = window_label(ref.payload["labels"], float(t0) + offset_ms,
+                                         float(t0) + window_ms + offset_ms)
                 if label is not None:
                     fields["label.txt"] = label.encode()
                 yield Sample(f"{ref.key}_{k:06d}", fields, where)
@@ -302,17 +364,50 @@ class ComodoPipeline(Pipeline):
 
     def build_refs(self, refs: list[SampleRef], m: Manifest, raise_errors: bool = False) -> Iterator[Built]:
         if not m.get("stages.teacher.enabled"):
-            yield from super().build_refs(refs, m, raise_errors)
+            for ref in refs:
+                yield from self._counted(ref, m, guarded(ref, lambda ref=ref: self.samples(ref, m), raise_errors))
             return
         batch = int(m.get("stages.teacher.batch_size"))
         pending: list[Built] = []
         for ref in refs:
-            for item in guarded(ref, lambda ref=ref: self.samples(ref, m), raise_errors):
+            for item in self._counted(ref, m, guarded(ref, lambda ref=ref: self.samples(ref, m), raise_errors)):
                 pending.append(item)
                 if sum(isinstance(x, Sample) for x in pending) >= batch:
                     yield from self._embed(pending, m)
                     pending = []
         yield from self._embed(pending, m)
+
+    def _counted(self, ref: SampleRef, m: Manifest, items: Iterable[Built]) -> Iterator[Built]:
+        """``items`` of one recording, with a rejection of the recording as a whole (or of its rest) turned into
+        one rejection per window it would have given, so that ``output.max_rejected`` (rejected / (written +
+        rejected) entries, ``pipelines.runner.BuildResult``) compares windows with windows.
+
+        Why: counted as one entry, a recording rejected whole weighed as one window; with one of three recordings
+        rejected (a third of the windows) the ratio read 1/22 = 4.5% and passed a 5% guard. The estimate is the
+        windows of ``stages.imu.window_s`` every ``stride_s`` over the recording's duration (``_expected_windows``),
+        less those it already gave; at least one. The first entry (source ``<video>@whole``) keeps the reason and
+        says how many it stands for; each other names the key its window would have had (``<uid>_<k>``).
+
+        Args:
+            ref: the recording.
+            m: the manifest.
+            items: ``guarded(ref, ...)``'s samples and rejections.
+        """
+        done = 0
+        for item in items:
+            if not (isinstance(item, Rejection) and item.source == ref.source):
+                done += 1
+                yield item
+                continue
+            total = _expected_windows(ref, m)
+            n = max(total - done, 1)
+            yield Rejection(f"{ref.source}@whole", item.stage,
+                            f"{item.reason} (recording rejected whole: counted as the {n} windows it would have "
+                            f"given, {ref.key}_{done:06d}..{ref.key}_{done + n - 1:06d})")
+            for k in range(done + 1, done + n):
+                yield Rejection(f"{ref.key}_{k:06d}", item.stage,
+                                f"{ref.payload['uid']}: window {k} not built: its recording was rejected whole "
+                                f"({ref.source}@whole)")
 
     def _embed(self, items: list[Built], m: Manifest) -> list[Built]:
         """Add ``teacher.npy`` to the samples among ``items`` with one batched forward (order kept)."""
@@ -332,7 +427,8 @@ class ComodoPipeline(Pipeline):
     def fields(self, sample: SampleView) -> dict[str, FieldSpec]:
         specs = {
             "imu.npy": FieldSpec("float32 (6, T) accel x/y/z, gyro x/y/z on a uniform grid", check=_check_imu),
-            "times.json": FieldSpec("uid, t0_ms, t1_ms, rate_hz, offset_ms, frame_ms (video clock)",
+            "times.json": FieldSpec("uid, t0_ms, t1_ms, rate_hz, offset_ms, frame_ms (video clock); split and "
+                                    "scenario with source.splits_dir",
                                     check=_check_times),
             "teacher.npy": FieldSpec("float16 (D,) frozen video-teacher embedding", required=False,
                                      check=lambda a, s: expect_array(a, "float16", 1)),
@@ -354,14 +450,19 @@ class ComodoPipeline(Pipeline):
         times = sample["times.json"]
         out["offset_estimated"] = float(times.get("offset_source") == "estimated")
         out["labelled"] = float("label.txt" in sample)
+        if "split" in times:
+            out[f"split_{times['split']}"] = 1.0
         return out
 
     def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
         n = totals.get("imu_values", 0.0)
         if not n:
-            return {}
+            return dict(self._plan_counts)
         out = {"samples": totals["samples"], "windows_offset_estimated": totals.get("offset_estimated", 0.0),
                "windows_labelled": totals.get("labelled", 0.0)}
+        if self._plan_counts.get("recordings_in_no_split") is not None:  # built with split files: every split
+            out.update({f"windows_split_{name}": totals.get(f"split_{name}", 0.0) for name in SPLITS})
+        out.update(self._plan_counts)
         for name in CHANNELS:
             mean = totals[f"{name}_sum"] / n
             out[f"imu_mean_{name}"] = mean
@@ -545,6 +646,91 @@ def _read_labels(path: Path, m: Manifest) -> dict[str, list[list[Any]]]:
     return out
 
 
+def _read_uids(path: Path, m: Manifest) -> set[str]:
+    """The uids of ``source.uids_file``: one a line (surrounding blanks and empty lines ignored), as the released
+    ``dataset/Ego4D/ego4d_subset_ids.txt`` (Breezelled/COMODO; 2,289 lines, the last without a newline).
+
+    Args:
+        path: the file (the key's value joined to the source root).
+        m: the manifest, for errors.
+
+    Raises:
+        ManifestError: the file is missing or lists no uid.
+    """
+    if not path.is_file():
+        raise ManifestError(m.path, "source.uids_file", f"{path} does not exist")
+    uids = {line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()}
+    if not uids:
+        raise ManifestError(m.path, "source.uids_file", f"{path} lists no uid")
+    return uids
+
+
+def _read_splits(folder: Path, m: Manifest) -> dict[str, tuple[str, str]]:
+    """{uid: (split, scenario)} from ``train.txt``, ``val.txt`` and ``test.txt`` in ``folder``.
+
+    The released format (Breezelled/COMODO dataset/Ego4D/{train,val,test}.txt): one video a line,
+    ``uid<TAB>scenario``, read with ``uid, scenario = line.strip().split("\t")`` (comodo/utils/dataloader_util.py:210;
+    the scenario is the label, comodo/train.py:149 and dataloader_util.py:251). Empty lines are skipped (the
+    release would fail on one); a line without a tab gives an empty scenario.
+
+    Args:
+        folder: the key's value joined to the source root.
+        m: the manifest, for errors.
+
+    Raises:
+        ManifestError: a missing file, a line with more than one tab, or a uid in two files (or twice in one).
+    """
+    key = "source.splits_dir"
+    if not folder.is_dir():
+        raise ManifestError(m.path, key, f"{folder} is not a folder")
+    out: dict[str, tuple[str, str]] = {}
+    where: dict[str, str] = {}
+    for split in SPLITS:
+        path = folder / f"{split}.txt"
+        if not path.is_file():
+            raise ManifestError(m.path, key, f"{path} does not exist (needs {', '.join(s + '.txt' for s in SPLITS)})")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().split("\t")
+            if len(parts) > 2:
+                raise ManifestError(path, "", f"line {lineno}: expected uid<TAB>scenario, found {len(parts)} fields")
+            uid, scenario = parts[0].strip(), parts[1].strip() if len(parts) == 2 else ""
+            if uid in out:
+                raise ManifestError(path, "", f"line {lineno}: uid {uid} is already in {where[uid]}: a recording "
+                                              "belongs to one split")
+            out[uid], where[uid] = (split, scenario), f"{path.name} line {lineno}"
+    if m.get("source.label_from") == "scenario" and (empty := [u for u, (_, sc) in out.items() if not sc]):
+        raise ManifestError(m.path, "source.label_from", f"'scenario' needs uid<TAB>scenario lines; {len(empty)} "
+                                                         f"uids in {folder} have no scenario (first {empty[0]})")
+    return out
+
+
+def _expected_windows(ref: SampleRef, m: Manifest) -> int:
+    """How many windows recording ``ref`` would have given: windows of ``stages.imu.window_s`` every ``stride_s``
+    over its video's duration (or, when the video cannot be read, its IMU's span); 1 when neither can be read.
+    An estimate for ``output.max_rejected`` only: the clock offset, holes and gaps are not known here."""
+    from distillkit.preprocess.imu_windows import window_starts
+    from distillkit.sensors.imu import read_imu_csv
+    from distillkit.sensors.video import probe_video
+
+    video_path, imu_path = ref.payload["files"][:2]
+    span = 0.0
+    # Any failure only moves on to the next source of a duration: the recording is already rejected, with its reason.
+    try:
+        span = probe_video(video_path).duration_ms
+    except Exception:
+        pass
+    if span <= 0:
+        try:
+            t = read_imu_csv(imu_path).t_ms
+            span = float(t.max() - t.min()) if len(t) else 0.0
+        except Exception:
+            pass
+    imu = m.data["stages"]["imu"]
+    return max(len(window_starts(0.0, span, imu["window_s"] * 1000.0, imu["stride_s"] * 1000.0)), 1)
+
+
 def _check_imu(x: np.ndarray, sample: SampleView) -> None:
     expect_array(x, "float32", 2)
     if x.shape[0] != 6:
@@ -566,6 +752,8 @@ def _check_times(t: Any, sample: SampleView) -> None:
     f = np.asarray(t["frame_ms"], np.float64)
     if len(f) == 0 or np.any(np.diff(f) < 0):
         raise ValueError("frame_ms must be a non-empty, non-decreasing list")
+    if "split" in t and t["split"] not in SPLITS:
+        raise ValueError(f"split {t['split']!r} is not one of {SPLITS}")
 
 
 def _check_label(data: bytes, sample: SampleView) -> None:

@@ -73,7 +73,8 @@ def render_comodo(sample: SampleView) -> Any:
     t0, t1 = times["t0_ms"] / 1000, times["t1_ms"] / 1000
     fig.suptitle(
         f"recording {times['uid']}, window {times.get('window', '?')}: {n} video frames and the IMU (motion "
-        f"sensor) readings of the same {t1 - t0:.2f} s; activity label: {label}\n"
+        f"sensor) readings of the same {t1 - t0:.2f} s; activity label: {label}"
+        + (f"; split: {times['split']}" if "split" in times else "") + "\n"
         f"IMU clock {t0:.2f} to {t1:.2f} s; a frame's instant = its video time minus the video-to-IMU clock "
         f"offset ({times['offset_ms']:+.1f} ms, {offset_text(times)})",
         fontsize=10)

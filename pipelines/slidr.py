@@ -156,7 +156,10 @@ class SlidrPipeline(Pipeline):
         ])
         # Which scene and when: the probe splits by scene and the trainer filters by split;
         # a sample's key (its token) alone cannot tell, and shards are no longer in scene order.
-        out["meta.json"] = json_bytes({"scene": kf["scene"], "timestamp": kf["timestamp"]})
+        meta = {"scene": kf["scene"], "timestamp": kf["timestamp"]}
+        if kf.get("scene_index", -1) >= 0:  # position in the scene table: eval's N% subset follows it
+            meta["scene_index"] = kf["scene_index"]
+        out["meta.json"] = json_bytes(meta)
         if kf.get("lidarseg_path"):
             try:
                 seg = np.fromfile(kf["lidarseg_path"], dtype=np.uint8)
@@ -182,7 +185,8 @@ class SlidrPipeline(Pipeline):
             "pairs_uvd.npy": FieldSpec("float32 (M,3) u,v,depth", check=_check_uvd),
             "lidarseg.npy": FieldSpec("uint8 (N,) lidarseg class", required=False, check=_check_seg),
             # Optional so that shards written before it stay valid; every build writes it.
-            "meta.json": FieldSpec('{"scene", "timestamp"}: scene name, LIDAR_TOP timestamp (us)',
+            "meta.json": FieldSpec('{"scene", "timestamp", "scene_index"}: scene name, LIDAR_TOP timestamp (us), '
+                                   "the scene's position in the dataset's scene table (absent in older builds)",
                                    required=False, check=_check_meta),
         }
         for i in range(n_cams):
@@ -289,6 +293,9 @@ def _check_meta(meta: Any, sample: SampleView) -> None:
     ts = meta.get("timestamp")
     if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
         raise ValueError(f"timestamp must be a non-negative integer (microseconds), got {ts!r}")
+    idx = meta.get("scene_index")
+    if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or idx < 0):
+        raise ValueError(f"scene_index must be a non-negative integer (scene-table position), got {idx!r}")
 
 
 def _check_lidar(lidar: np.ndarray, sample: SampleView) -> None:

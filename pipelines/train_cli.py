@@ -24,7 +24,7 @@ import click
 
 from distillkit.pipelines.manifest import Key, ManifestError
 
-RUN_OPTIONS = ("shards", "device", "out", "resume", "overwrite", "strict", "overrides", "config_file")
+RUN_OPTIONS = ("shards", "device", "out", "resume", "overwrite", "strict", "overrides", "config_file", "show_config")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -181,8 +181,8 @@ def make_train_command(name: str) -> click.Command:
     """The ``train NAME`` subcommand, its options read from the trainer's schema."""
     trainer = _trainer(name)
     params: list[click.Parameter] = [
-        click.Option(["--shards"], required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-                     help=f"a {trainer.pipeline} shard directory"),
+        click.Option(["--shards"], type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help=f"a {trainer.pipeline} shard directory [required, except with --show-config]"),
         click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
         click.Option(["--out"], default=None, type=click.Path(path_type=Path, file_okay=False),
                      help=f"run folder: latest.pt, log.jsonl, curves.png [default: a new runs/{name}/"
@@ -194,6 +194,9 @@ def make_train_command(name: str) -> click.Command:
                      help="start afresh in an --out that holds a run: its latest.pt, log.jsonl, curves.png are "
                           "removed first"),
         click.Option(["--strict"], is_flag=True, help="stop at the first bad sample instead of skipping it"),
+        click.Option(["--show-config"], is_flag=True,
+                     help="print the fully resolved configuration as TOML (which --config accepts), each key "
+                          "commented with where its value comes from, and exit without training"),
         *_config_params(trainer.config_schema(), "set a configuration key", "a TOML file of configuration keys"),
     ]
 
@@ -202,11 +205,20 @@ def make_train_command(name: str) -> click.Command:
         from distillkit.train.loop import format_metrics
         from distillkit.train.streaming import BadSample, TooFewShards
 
+        if kw["show_config"]:
+            show_config(trainer, kw)
+            return
+        if kw["shards"] is None:
+            raise click.UsageError("Missing option '--shards'.")
         _device_ok(kw["device"])
         try:
             ranks = distributed.join(kw["device"])  # under torchrun: one process per GPU (train/distributed.py)
         except RuntimeError as exc:
             fail(str(exc))
+        if not ranks.main:  # start-up and progress messages once, from rank 0; warnings still come from every rank
+            import logging
+
+            logging.getLogger("distillkit").setLevel(logging.WARNING)
         # Rank 0 alone reads OUT, resolves the configuration and creates the run folder; the others follow its
         # answer, so that every rank trains into the same folder, or every rank stops on the same error.
         # ``held`` keeps rank 0's lock on the run folder (RUN_LOCK) until the run ends, however it ends.
@@ -244,6 +256,41 @@ def make_train_command(name: str) -> click.Command:
         help=f"{trainer.summary or 'Train ' + name}. Reads {trainer.pipeline} shards.",
         context_settings={"show_default": True},
     )
+
+
+def show_config(trainer: Any, kw: dict[str, Any]) -> None:
+    """Print ``train METHOD --show-config``: the configuration the options resolve to (``train.config_toml``), the
+    keys the user set named by how they were set. A value that cannot be read (unknown key, wrong type) is a
+    one-line error, exit 2. A configuration that reads but that a run would refuse (``check_config``: e.g. the
+    paper size without its teacher) is still printed, with the refusal as its first comment, and then the same
+    one-line error and exit 2 as the run would give: the user sees the recipe and what it still needs.
+
+    Args:
+        trainer: the trainer class.
+        kw: the command's parsed options.
+    """
+    from distillkit.train.base import ConfigError
+    from distillkit.train.config_toml import flatten, render_config
+
+    try:
+        file_layer = _read_config_file(kw["config_file"])
+        explicit = {k: v for k, v in kw.items() if k not in RUN_OPTIONS and v is not None}
+        config = trainer.resolve_config(file_layer, explicit, overrides=list(kw["overrides"]), check=False)
+    except (ConfigError, ManifestError, Refused) as exc:
+        fail(str(exc))
+    refused = None
+    try:
+        trainer.check_config(config, f"train {trainer.name}")
+    except ConfigError as exc:
+        refused = str(exc)
+    user = {k: f"--config {kw['config_file']}" for k in flatten(file_layer)}
+    user |= {text.partition("=")[0].strip(): "--set" for text in kw["overrides"]}
+    user |= {k: "--" + k.replace("_", "-") for k in explicit}
+    if refused:
+        click.echo(f"# note: a run with this configuration is refused: {refused}")
+    click.echo(render_config(trainer, config, user), nl=False)
+    if refused:
+        fail(refused)
 
 
 def bad_sample_reason(exc: BaseException) -> str:
@@ -336,6 +383,10 @@ def _plan_train(trainer: Any, kw: dict[str, Any], world_size: int,
         except (ConfigError, ManifestError) as exc:
             raise Refused(str(exc)) from None
         check_shards(trainer, kw["shards"], f"train {name}")
+        global_batch = trainer.effective_config(config).get("batch_size")
+        if isinstance(global_batch, int) and global_batch % world_size:
+            raise Refused(f"train {name}: batch_size: {global_batch} is the global batch and must divide across the "
+                          f"{world_size} processes: give a multiple of {world_size}")
         if out is not None and not (resume or overwrite) and (found := holds_run(out)):
             raise Refused(f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite "
                           f"replaces it, and without --out the run gets a new folder under {RUNS_ROOT / name}")

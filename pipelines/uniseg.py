@@ -211,6 +211,9 @@ class UnisegPipeline(Pipeline):
         th = u["thresholds"]
         if not th or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in th):
             raise ManifestError(m.path, "stages.uniap.thresholds", "must be a non-empty list of numbers")
+        if not all(-1.0 <= t <= 1.0 for t in th) or any(b >= a for a, b in zip(th, th[1:], strict=False)):
+            raise ManifestError(m.path, "stages.uniap.thresholds",
+                                f"must be strictly decreasing within [-1, 1], got {th}")
         if u["min_size"] < 1:
             raise ManifestError(m.path, "stages.uniap.min_size", "must be >= 1")
         if not 0.0 <= u["spatial_weight"] <= 1.0:
@@ -321,9 +324,10 @@ class UnisegPipeline(Pipeline):
                     yield item
                     continue
                 x, levels = next(it)
-                yield Sample(ref.key, self._fields(ref, x, levels, cfg), ref.source)
+                yield Sample(ref.key, self._fields(ref, x, levels, cfg, u["backend"]), ref.source)
 
-    def _fields(self, ref: SampleRef, x: dict[str, Any], levels: np.ndarray, cfg: Any) -> dict[str, bytes]:
+    def _fields(self, ref: SampleRef, x: dict[str, Any], levels: np.ndarray, cfg: Any,
+                backend: str = "scipy") -> dict[str, bytes]:
         img = x["img"]
         H, W = img.rgb.shape[:2]
         out = {f"image.{img.ext}": img.data, "uniap.npy": npy_bytes(levels.astype(np.int32))}
@@ -340,6 +344,12 @@ class UnisegPipeline(Pipeline):
             "min_size": cfg.min_size,
             "spatial_weight": cfg.spatial_weight,
             "update": cfg.update,
+            # every UniAP option, so that a shard says how its partitions were made (both paths run float64:
+            # ``partition`` calls them with their default dtype)
+            "sigma": cfg.sigma,
+            "semantic": cfg.semantic,
+            "backend": backend,
+            "dtype": "float64",
             "stored": "re-encoded png" if img.reencoded else "original",
             "notes": img.notes,
             "image_mode": img.mode,

@@ -55,6 +55,9 @@ computed this many row x token elements at a time (128 MiB in float64), so their
 on large grids; the results do not depend on it."""
 
 
+NONFINITE = "features contain NaN or inf"
+
+
 @dataclass(frozen=True)
 class UniAPConfig:
     """UniAP settings (see the module docstring).
@@ -78,6 +81,14 @@ class UniAPConfig:
     def __post_init__(self) -> None:
         if not self.thresholds:
             raise ValueError("thresholds must not be empty")
+        t = self.thresholds
+        # scores are cosines: a threshold outside [-1, 1] never or always merges, and the levels are nested
+        # only when each threshold is lower than the one before
+        in_range = all(np.isfinite(x) and -1.0 <= x <= 1.0 for x in t)
+        if not in_range or any(b >= a for a, b in zip(t, t[1:], strict=False)):
+            raise ValueError(f"thresholds must be strictly decreasing within [-1, 1], got {list(t)}")
+        if not (np.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {self.sigma}")
         if self.update not in ("sum", "softmax"):
             raise ValueError(f"update must be 'sum' or 'softmax', got {self.update!r}")
         if not 0.0 <= self.spatial_weight <= 1.0:
@@ -280,8 +291,11 @@ def _semantic_level(g: _NumpyGraph, inst: np.ndarray, tau: float, cfg: UniAPConf
     iu, ju = np.triu_indices(k, k=1)
     _merge_to_convergence(sg, np.stack([iu, ju]).astype(np.int64), tau)
     n = len(sg.size)
-    # on a complete graph every node keeps an edge until one node is left, which is then dropped
-    keep = sg.size >= cfg.min_size if n > 1 else np.zeros(n, bool)
+    # On a complete graph every node keeps an edge until one node is left. That node is dropped only when it
+    # covers the whole image (a partition into one region says nothing); when some tokens were dropped at the
+    # instance level (e.g. two same-class blocks on a background) the merged node is a real region: kept.
+    whole = n == 1 and len(tok_idx) == flat.size
+    keep = sg.size >= cfg.min_size if not whole else np.zeros(n, bool)
     out = np.full(flat.shape, -1, np.int64)
     out[tok_idx] = np.where(keep[sg.label], sg.label, -1)
     return canonical_labels(out.reshape(inst.shape))
@@ -322,7 +336,7 @@ def uniap(
     if features.ndim != 3 or min(features.shape) < 1:
         raise ValueError(f"features must be (h, w, C) with every side >= 1, got {features.shape}")
     if not np.isfinite(features).all():
-        raise ValueError("features contain NaN or inf")
+        raise ValueError(NONFINITE)
     if backend == "torch":
         import torch
 
@@ -545,7 +559,9 @@ def _torch_semantic(g: _TorchBatch, inst, tau: float, cfg: UniAPConfig):
     e = torch.cat(edges, 1) if edges else torch.zeros(2, 0, dtype=torch.long, device=dev)
     _torch_merge(sg, e, tau)
     counts_img = torch.bincount(sg.img_of_node, minlength=len(g.shapes))
-    single = counts_img[sg.img_of_node] <= 1  # a whole image in one node has no edge left: dropped
+    # one node left that covers every token of its image is dropped (as in ``_semantic_level``)
+    covers_all = torch.tensor(sg.n_tok, device=dev) == torch.tensor(g.n_tok, device=dev)
+    single = (counts_img[sg.img_of_node] <= 1) & covers_all[sg.img_of_node]
     keep = (sg.size >= cfg.min_size) & ~single
     lvl_sub = torch.where(keep[sg.label], sg.label, torch.full_like(sg.label, -1))
     # images whose level had fewer than two kept instances are copied unchanged (as the reference does)
@@ -581,6 +597,8 @@ def uniap_batch(features: list, cfg: UniAPConfig | None = None, device: str = "c
     for f in feats:
         if f.ndim != 3 or min(f.shape) < 1:
             raise ValueError(f"features must be (h, w, C) with every side >= 1, got {tuple(f.shape)}")
+        if not bool(torch.isfinite(f).all()):  # the same refusal as the scipy path
+            raise ValueError(NONFINITE)
     g = _TorchBatch(feats, cfg, torch.device(device), tdtype)
     e = g.edges
     inst_levels, sem_levels = [], []

@@ -52,6 +52,10 @@ class KeyframeRef:
     lidar_path: str
     cameras: list[CameraRef]
     lidarseg_path: str | None
+    # the scene's position in the dataset's scene table (``nusc.scene``): SLidR's N% fine-tuning subset
+    # counts scenes in that order (valeoai/SLidR downstream/dataloader_nuscenes.py:127-132), which is not
+    # name order, and evaluation reads shards without the raw tables
+    scene_index: int = -1
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +154,7 @@ def plan_keyframes(
                 f"{rec.get('calibrated_sensor_token')} for sample_data {rec['token']}"
             )
     known = {s["name"]: s for s in nusc.scene}
+    table_index = {s["name"]: i for i, s in enumerate(nusc.scene)}
     if scenes:
         missing = [s for s in scenes if s not in known]
         if missing:
@@ -167,7 +172,8 @@ def plan_keyframes(
             try:
                 if token in orphan_reason:
                     raise KeyError(orphan_reason[token])
-                refs.append(_keyframe(nusc, dataroot, scene["name"], sample, lidarseg_by_sd))
+                refs.append(_keyframe(nusc, dataroot, scene["name"], sample, lidarseg_by_sd,
+                                      table_index[scene["name"]]))
             except KeyError as exc:
                 rejected.append({"source": source, "stage": "calibration", "reason": str(exc.args[0])})
             token = sample["next"]
@@ -175,7 +181,7 @@ def plan_keyframes(
 
 
 def _keyframe(nusc: Any, dataroot: Path, scene: str, sample: dict[str, Any],
-              lidarseg_by_sd: dict[str, str]) -> KeyframeRef:
+              lidarseg_by_sd: dict[str, str], scene_index: int = -1) -> KeyframeRef:
     data = sample["data"]
     missing = [c for c in (LIDAR, *CAMERAS) if c not in data]
     if missing:
@@ -212,6 +218,7 @@ def _keyframe(nusc: Any, dataroot: Path, scene: str, sample: dict[str, Any],
         lidar_path=os.fspath(dataroot / sd_lidar["filename"]),
         cameras=cams,
         lidarseg_path=os.fspath(dataroot / seg) if seg else None,
+        scene_index=scene_index,
     )
 
 

@@ -71,3 +71,25 @@ def six_images(tmp_path_factory) -> Path:
     for p in sorted((src / "images").glob("scene_000[0-5].*")):
         (root / p.name).write_bytes(p.read_bytes())
     return root
+
+
+def keep_audio_files(root: Path, n: int) -> list[str]:
+    """Delete all but the first ``n`` clips (sorted paths) of a synthetic audio tree and their labels.csv rows
+    (small shard builds for speed); returns the kept paths relative to ``root``."""
+    keep = sorted(p.relative_to(root).as_posix() for p in root.rglob("clip_*"))[:n]
+    for p in list(root.rglob("clip_*")):
+        if p.relative_to(root).as_posix() not in keep:
+            p.unlink()
+    lines = (root / "labels.csv").read_text().splitlines()
+    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in keep])
+                                     + "\n")
+    return keep
+
+
+def build_serial(manifest: str, out: Path, *sets: str) -> Path:
+    """Build the packaged ``manifest`` in-process into ``out`` with ``--set`` style ``sets``; returns ``out``."""
+    from distillkit.pipelines.catalog import load_manifest
+    from distillkit.pipelines.runner import build
+
+    build(load_manifest(manifest, [f"output.dir={out}", "cluster.scheduler=serial", *sets]), progress=False)
+    return out

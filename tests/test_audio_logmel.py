@@ -134,3 +134,82 @@ def test_mel_power_is_the_filterbank_product_in_a_fixed_order():
     assert not np.array_equal(flipped, got) and np.allclose(flipped, got, rtol=2e-6)
     empty = np.zeros((2, fb.shape[1]), np.float32)
     assert not mel_power(empty, power).any()  # a band without bins is 0, not the first bin
+
+
+def test_min_tail_drops_short_tails():
+    """A 10.003 s file in 10 s segments: the 3 ms tail (one frame of audio in a 1001-frame segment) is dropped
+    at the default 1 s minimum; so are the demo's 0.49 s tails; a 1.5 s tail is kept."""
+    rate, seg = 16000, 160000
+    min_tail = 16000  # stages.segments.min_tail_s = 1.0
+    assert segment_bounds(160048, seg, "pad", min_tail) == [(0, seg)]  # 10.003 s
+    assert segment_bounds(160048, seg, "pad") == [(0, seg), (seg, 2 * seg)]  # the old behaviour: 3 ms kept
+    assert segment_bounds(int(10.49 * rate), seg, "pad", min_tail) == [(0, seg)]
+    assert segment_bounds(int(11.5 * rate), seg, "pad", min_tail) == [(0, seg), (seg, 2 * seg)]
+    assert segment_bounds(int(0.49 * rate), seg, "pad", min_tail) == []  # a short file's only segment too
+    assert segment_bounds(seg + min_tail, seg, "pad", min_tail) == [(0, seg), (seg, 2 * seg)]  # exactly 1 s
+    with pytest.raises(ValueError, match="min_tail"):
+        segment_bounds(10, 10, "pad", -1)
+
+
+HTK = LogMelConfig(mel_scale="htk")
+
+
+def atst_formula(y: np.ndarray) -> np.ndarray:
+    """ATST's front end written out independently of preprocess.logmel: torchaudio's MelSpectrogram (reflect
+    padded centred STFT, periodic Hann, power 2, HTK triangles of peak 1 on linspace(0, sr/2) bins) and
+    AmplitudeToDB(stype="power", top_db=80) (10 log10(max(x, 1e-10)), clipped at the maximum minus 80)."""
+    import torch
+
+    x = torch.from_numpy(y).double()
+    spec = torch.stft(x, 1024, hop_length=160, win_length=1024, window=torch.hann_window(1024, dtype=torch.float64),
+                      center=True, pad_mode="reflect", return_complex=True).abs() ** 2
+    bins = torch.linspace(0, 8000, 513, dtype=torch.float64)
+    mel = torch.linspace(2595 * np.log10(1 + 60 / 700), 2595 * np.log10(1 + 7800 / 700), 66, dtype=torch.float64)
+    hz = 700 * (10 ** (mel / 2595) - 1)
+    slopes = hz[None, :] - bins[:, None]  # (513, 66)
+    down = -slopes[:, :-2] / (hz[1:-1] - hz[:-2])
+    up = slopes[:, 2:] / (hz[2:] - hz[1:-1])
+    fb = torch.clamp(torch.minimum(down, up), min=0)  # (513, 64)
+    db = 10 * torch.log10(torch.clamp(fb.T @ spec, min=1e-10))
+    return torch.maximum(db, db.max() - 80).numpy()
+
+
+@pytest.mark.parametrize("backend", ["librosa", "torch"])
+def test_htk_front_end_is_atst_formula(backend):
+    """stages.logmel.mel_scale = "htk" equals ATST's torchaudio front end (formula above) within 0.05 dB above
+    the floor, and is not the Slaney default (which differs by several dB: another scale and normalisation)."""
+    sig = signals()
+    for name in ("harmonic", "white_noise", "square_full_scale"):
+        y = sig[name]
+        want = atst_formula(y)
+        got = logmel(y[None], HTK, backend=backend)[0]
+        assert got.shape == want.shape == (64, 1 + N // 160)
+        above = want > want.max() - 80 + 0.05
+        assert np.abs(got - want)[above].max() <= 0.05, name
+        assert np.abs(logmel(y[None], CFG, backend=backend)[0] - want).max() > 1.0, name
+
+
+def test_htk_front_end_matches_torchaudio():
+    """Against torchaudio itself where it imports beside this torch (run with a throwaway copy on PYTHONPATH)."""
+    try:
+        import torch
+        import torchaudio
+    except Exception as exc:  # not installed, or built for another torch: the formula test above stands in
+        pytest.skip(f"torchaudio unavailable: {exc}")
+    melspec = torchaudio.transforms.MelSpectrogram(16000, f_min=60, f_max=7800, hop_length=160, win_length=1024,
+                                                   n_fft=1024, n_mels=64)
+    to_db = torchaudio.transforms.AmplitudeToDB(stype="power", top_db=80)
+    for name, y in signals().items():
+        if name == "silence":  # all at the floor: nothing above it to compare
+            continue
+        want = to_db(melspec(torch.from_numpy(y))).numpy()
+        for backend in ("librosa", "torch"):
+            got = logmel(y[None], HTK, backend=backend)[0]
+            above = want > want.max() - 80 + 0.05
+            assert np.abs(got - want)[above].max() <= 0.05, (name, backend)
+
+
+def test_mel_scale_is_checked_and_recorded():
+    with pytest.raises(ValueError, match="mel_scale"):
+        LogMelConfig(mel_scale="mfcc").check()
+    assert "mel_scale" not in CFG.meta() and HTK.meta()["mel_scale"] == "htk"

@@ -16,19 +16,14 @@ from distillkit.pipelines.runner import build
 from distillkit.pipelines.shards import load_index
 from distillkit.sensors.synth.audio import make_audio, write_bad_audio
 from distillkit.train.streaming import ShardStream
+from tests.conftest import keep_audio_files
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """The small synthetic tree minus most files (speed), plus every bad input."""
     root = make_audio(tmp_path_factory.mktemp("audio") / "src", seed=2, size="small")
-    keep = sorted(p.relative_to(root).as_posix() for p in root.rglob("clip_*"))[:6]
-    for p in list(root.rglob("clip_*")):
-        if p.relative_to(root).as_posix() not in keep:
-            p.unlink()
-    lines = (root / "labels.csv").read_text().splitlines()
-    (root / "labels.csv").write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] in keep])
-                                     + "\n")
+    keep = keep_audio_files(root, 6)
     bad = write_bad_audio(root)
     return root, keep, bad
 
@@ -55,13 +50,18 @@ def test_build_keeps_good_and_odd_files_and_rejects_bad_ones(source, tmp_path):
             assert rejected[rel]["stage"] == "read"
         else:
             assert rel not in rejected
-    assert len(rejected) == sum(f == "rejected" for f in bad.values())
+    read_rejected = [r for r in index["rejected"] if r["stage"] == "read"]
+    assert len(read_rejected) == sum(f == "rejected" for f in bad.values())
+    # every other entry is a tail under stages.segments.min_tail_s (1 s): listed, and no segment has so little
+    tails = [r for r in index["rejected"] if r["stage"] != "read"]
+    assert all(r["stage"] == "segment" and "min_tail_s" in r["reason"] for r in tails)
     assert result is not None
     got = samples(out)
     sources = {s["meta.json"]["source"] for s in got.values()}
     assert sources == set(keep) | {r for r, f in bad.items() if f == "kept"}
     for key, s in got.items():
         meta, spec = s["meta.json"], s["logmel.npy"]
+        assert meta["duration_s"] >= 1.0, key  # stages.segments.min_tail_s
         assert "." not in key and key.endswith(f"_{meta['segment']:04d}")
         assert spec.dtype == np.float16 and spec.shape == (64, 1001)
         assert meta["sample_rate"] == 16000 and meta["n_mels"] == 64 and meta["hop_length"] == 160
@@ -172,3 +172,24 @@ def test_float_files_over_full_scale_are_counted(tmp_path):
     peaks = {k.split("_wav")[0]: s["meta.json"]["peak"] for k, s in samples(tmp_path / "out").items()}
     assert peaks["hot"] == pytest.approx(100, rel=1e-3) and peaks["ok"] == pytest.approx(0.5, rel=1e-3)
     assert load_index(tmp_path / "out")["stats"]["over_range_segments"] == 1
+
+
+def test_min_tail_drops_a_3ms_tail(tmp_path):
+    """A 10.003 s file: at the default stages.segments.min_tail_s = 1 s one segment and the 3 ms tail listed as
+    rejected; with min_tail_s = 0 (the old behaviour) a second segment with one frame of audio."""
+    import soundfile as sf
+
+    root = tmp_path / "src"
+    root.mkdir()
+    n = 160048  # 10.003 s at 16 kHz
+    sf.write(str(root / "long.wav"), (0.3 * np.sin(np.arange(n) * 0.05)).astype(np.float32), 16000, subtype="FLOAT")
+    default = _built(manifest(root, tmp_path / "default"))
+    got = samples(default)
+    assert sorted(got) == ["long_wav_0000"] and got["long_wav_0000"]["meta.json"]["duration_s"] == 10.0
+    (tail,) = load_index(default)["rejected"]
+    assert tail["stage"] == "segment" and "0.003 s" in tail["reason"] and "min_tail_s" in tail["reason"]
+    old = samples(_built(manifest(root, tmp_path / "old", "stages.segments.min_tail_s=0")))
+    assert sorted(old) == ["long_wav_0000", "long_wav_0001"]
+    assert old["long_wav_0001"]["meta.json"]["duration_s"] == 0.003
+    with pytest.raises(ManifestError, match="min_tail_s"):
+        manifest(root, tmp_path / "bad", "stages.segments.min_tail_s=-1.0")

@@ -118,3 +118,53 @@ def test_headline_is_the_mean_balanced_accuracy_over_splits_and_never_nan():
     # a side without any test example has a NaN balanced accuracy: no number, not "nan"
     assert headline({"random_init": probe(float("nan")), "distilled": probe(0.75)})["gain"] is None
     assert AudioTrainer.demo["max_steps"] >= 1 and AudioTrainer.resolve_eval_options(AudioTrainer.demo_eval)
+
+
+@pytest.mark.parametrize("size, want", [
+    # Audio-WestlakeU/audiossl ec3a14d audiossl/methods/atst/train_small.sh:1-12 and train_base.sh:1-8 (global batch
+    # = batch_size_per_gpu x nproc), train.py:18-32 (no clipping, fp32, sync_batchnorm=True)
+    ("paper", {"max_steps": 39100, "batch_size": 4 * 384, "lr": 5e-4, "ema_base": 0.99, "crop_s": 9.0,
+               "grad_clip": 0.0, "precision": "fp32", "sync_batchnorm": True}),
+    ("base", {"max_steps": 318000, "batch_size": 6 * 256, "lr": 2e-4, "ema_base": 0.9995, "crop_s": 6.0,
+              "grad_clip": 0.0, "precision": "fp32", "sync_batchnorm": True}),
+])
+def test_paper_and_base_are_the_released_atst_recipes(size, want):
+    from distillkit.train.audio import SIZES
+
+    eff = AudioTrainer.effective_config(AudioTrainer.resolve_config({"size": size}))
+    assert {k: eff[k] for k in want} == want
+    assert SIZES[size].warmup_steps == {"paper": 1300, "base": 15860}[size]
+    assert SIZES[size].final_lr == 1e-6  # cosine_scheduler_step(lr, 1e-6, ...): model.py:22
+    sources = AudioTrainer.config_sources(eff)
+    assert all("audiossl" in sources[k] for k in want if k != "sync_batchnorm") and "train.py:22" in sources[
+        "sync_batchnorm"]
+    # the network: no qkv bias, stochastic depth 0.1 (audio_transformer.py:82, :368, :371), bias-free
+    # projector/predictor Linear layers (byol.py:12)
+    torch.manual_seed(0)
+    m = AudioTeacherStudent(size, 64, 8)
+    blocks = m.student.encoder.blocks
+    assert all(b.attn.qkv.bias is None for b in blocks) and blocks[-1].drop_path == pytest.approx(0.1)
+    assert blocks[0].drop_path == 0.0 and len(blocks) == 12
+    linears = [x for x in [*m.student.head, *m.predictor] if isinstance(x, torch.nn.Linear)]
+    assert len(linears) == 4 and all(x.bias is None for x in linears)
+    assert m.student.encoder.embed_dim == {"paper": 384, "base": 768}[size]
+    # both views go through one forward (byol.py:113-121): the heads' BatchNorm normalises over both views' 2B
+    # samples, which gives another loss than one forward per view (small's way)
+    m = AudioTeacherStudent(size, 64, 8, mixup_alpha=0.0, rrc=False).train()
+    batch = {"views": torch.randn(4, 2, 64, 8) * 10 - 30}
+    with torch.no_grad():
+        torch.manual_seed(1)
+        joint = float(m.loss(batch))
+        m.joint_views = False
+        torch.manual_seed(1)
+        apart = float(m.loss(batch))
+    assert math.isfinite(joint) and abs(joint - apart) > 1e-4
+
+
+def test_small_keeps_its_cpu_recipe():
+    eff = AudioTrainer.effective_config(AudioTrainer.resolve_config({}))
+    assert (eff["max_steps"], eff["batch_size"], eff["grad_clip"], eff["precision"], eff["sync_batchnorm"]) == (
+        100, 16, 3.0, "bf16", False)
+    assert AudioTrainer.effective_config(AudioTrainer.resolve_config({"sync_batchnorm": True}))["sync_batchnorm"]
+    with pytest.raises(ConfigError, match="grad_clip"):
+        AudioTrainer.resolve_config({"grad_clip": -1.0})

@@ -420,7 +420,7 @@ def test_evaluation_standardises_with_the_checkpoints_statistics(shards, tmp_pat
     class Stop(Exception):
         pass
 
-    def capture(student, shard_dirs, m, s, device="cpu"):
+    def capture(student, shard_dirs, m, s, device="cpu", **kw):
         seen.append((m.clone(), s.clone()))
         raise Stop
 

@@ -34,6 +34,8 @@ def test_torchrun_trains_slidr_on_two_processes_and_resumes(slidr_shards, tmp_pa
     first = torchrun(*base, "--max-steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("step=2") == 1, first.stdout  # metrics printed by rank 0 only
+    assert "world_size=2 global_batch=2 rank_batch=1" in first.stdout, first.stdout  # the run says its scale
+    assert first.stderr.count("JPEG decoding:") == 1, first.stderr  # start-up messages once, from rank 0
     steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2], steps  # one log, written once (rank 0), not once per rank
     ckpt = torch.load(out / "latest.pt", weights_only=False)

@@ -62,6 +62,13 @@ def test_curves_title_names_method_size_and_run_folder(tmp_path):
     assert "12 of 12 steps" in title and "5 steps before it" in title
     assert all(ax.get_xlabel() == "optimiser step" and ax.get_ylabel() for ax in fig.axes)
     assert "small network" in curves_figure(out, method="slidr", size="small").get_suptitle()
+    # the run's scale, from the configuration line train.loop writes
+    lines = (out / "log.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({"step": 0, "config": {"size": "paper"}, "world_size": 8, "global_batch": 32,
+                           "rank_batch": 4})
+    (out / "log.jsonl").write_text("\n".join(lines) + "\n")
+    title = curves_figure(out, method="slidr", max_steps=12).get_suptitle()
+    assert "12 of 12 steps of 32 samples (8 processes x 4)" in title
     (out / "log.jsonl").write_text(json.dumps({"step": 0, "config": {}}) + "\n")
     assert curves_figure(out) is None  # no metrics yet: no picture
 

@@ -115,10 +115,12 @@ def test_packaged_manifests_choose_their_split():
 def test_every_sample_records_scene_and_lidar_timestamp(slidr_shards, synth_nuscenes):
     nusc = NuScenes(version="v1.0-mini", dataroot=str(synth_nuscenes), verbose=False)
     want = {}
+    table = [s["token"] for s in nusc.scene]  # the scene table's order: SLidR's N% subset counts in it
     for sample in nusc.sample:
         lidar = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
         scene = nusc.get("scene", sample["scene_token"])["name"]
-        want[sample["token"]] = {"scene": scene, "timestamp": lidar["timestamp"]}
+        want[sample["token"]] = {"scene": scene, "timestamp": lidar["timestamp"],
+                                 "scene_index": table.index(sample["scene_token"])}
     index = load_index(slidr_shards)
     urls = [str(slidr_shards / s["file"]) for s in index["shards"]]
     got = {s["__key__"]: s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).decode()}  # stock reader
@@ -134,8 +136,11 @@ def test_meta_json_is_optional_but_checked(slidr_shards):
     spec = pipeline.fields(SampleView(fields))["meta.json"]
     assert not spec.required  # shards written before meta.json existed stay valid
     spec.check({"scene": "scene-0061", "timestamp": 1}, SampleView(fields))
+    spec.check({"scene": "scene-0061", "timestamp": 1, "scene_index": 0}, SampleView(fields))
     for bad in ({"scene": "", "timestamp": 1}, {"scene": "scene-0061", "timestamp": -1},
-                {"scene": "scene-0061", "timestamp": 1.5}, ["scene-0061"]):
+                {"scene": "scene-0061", "timestamp": 1.5}, ["scene-0061"],
+                {"scene": "scene-0061", "timestamp": 1, "scene_index": -1},
+                {"scene": "scene-0061", "timestamp": 1, "scene_index": "3"}):
         with pytest.raises(ValueError):
             spec.check(bad, SampleView(fields))
 

@@ -215,3 +215,47 @@ def test_dense_terms_memory_is_bounded_by_the_block_size(monkeypatch):
 
     assert peak(1 << 30) > 12e6  # the whole matrices: the measurement sees them
     assert peak(1 << 14) < 3e6
+
+
+def two_blocks_apart() -> np.ndarray:
+    """Two same-class 4x4 blocks at opposite corners of a 10x10 grid on a background of scattered noise
+    (orthogonal feature per token, so no background token merges and all are dropped at min_size 4)."""
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(10, 10, 64))
+    f[:4, :4] = 0.0
+    f[6:, 6:] = 0.0
+    f[:4, :4, 0] = f[6:, 6:, 0] = 1.0
+    return f
+
+
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_semantic_pooling_keeps_a_merged_node_that_is_not_the_whole_image(backend):
+    lv = uniap(two_blocks_apart(), semantic=True, backend=backend)
+    inst, sem = lv[:5], lv[5:]
+    assert [int(x.max()) + 1 for x in inst] == [2, 2, 2, 2, 2]
+    # the two blocks are one class: one semantic region covering both, the background stays dropped
+    assert [int(x.max()) + 1 for x in sem] == [1, 1, 1, 1, 1]
+    assert (sem[:, :4, :4] == 0).all() and (sem[:, 6:, 6:] == 0).all()
+    np.testing.assert_array_equal(sem == -1, inst == -1)
+    # a node covering the whole image is still dropped (it says nothing)
+    assert (uniap(np.ones((3, 3, 4)), semantic=True, backend=backend) == -1).all()
+
+
+@pytest.mark.parametrize("thresholds", [(0.5, 0.7), (0.8, 0.8), (1.2, 0.5), (0.5, -1.5), (0.5, float("nan"))])
+def test_thresholds_must_decrease_within_minus_one_one(thresholds):
+    with pytest.raises(ValueError, match=r"strictly decreasing within \[-1, 1\]"):
+        UniAPConfig(thresholds)
+    with pytest.raises(ValueError, match=r"strictly decreasing within \[-1, 1\]"):
+        uniap(np.ones((2, 2, 2)), thresholds=thresholds)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_both_backends_refuse_non_finite_features_alike(bad):
+    f = np.ones((3, 3, 2))
+    f[1, 1, 0] = bad
+    errors = []
+    for call in (lambda: uniap(f), lambda: uniap(f, backend="torch"), lambda: uniap_batch([f])):
+        with pytest.raises(ValueError) as exc:
+            call()
+        errors.append(str(exc.value))
+    assert errors == ["features contain NaN or inf"] * 3

@@ -33,6 +33,6 @@ def test_train_uniseg_on_cuda_bf16(tmp_path):
     build(demo_manifest(p, data, tmp_path / "shards", "cluster.scheduler=serial",
                         'stages.uniap.backend="torch"', 'stages.features.device="cuda"'), progress=False)
     t = UnisegTrainer()
-    config = t.resolve_config({"max_steps": 3, "log_every": 1, "dense_weight": 0.5})
+    config = t.resolve_config({"max_steps": 3, "log_every": 1, "token_weight": 0.5})
     m = t.train(tmp_path / "shards", tmp_path / "run", config, device="cuda")
     assert m["step"] == 3 and math.isfinite(m["loss"])

@@ -70,7 +70,8 @@ def manifest_plan(m):
 
 
 def test_build_fields_ground_truth_and_backends_agree(synth, tmp_path):
-    """scipy and torch UniAP write byte-identical shards; fields follow the schema; ground truth is stored."""
+    """scipy and torch UniAP write identical partitions and metadata (but the backend each records); fields
+    follow the schema; ground truth is stored; uniap.json records every UniAP option."""
     root = tmp_path / "few"
     root.mkdir()
     for p in sorted((synth / "images").iterdir())[:24]:  # 8 images of several formats, with their labels
@@ -78,11 +79,18 @@ def test_build_fields_ground_truth_and_backends_agree(synth, tmp_path):
     a = build(manifest(root, tmp_path / "a"), progress=False)
     build(manifest(root, tmp_path / "b", 'stages.uniap.backend="torch"'), progress=False)
     assert a.written == 8 and not a.rejected
-    sha = lambda d: [e["sha256"] for e in load_index(d)["shards"]]  # noqa: E731
-    assert sha(tmp_path / "a") == sha(tmp_path / "b")
     assert verify(tmp_path / "a").ok
-    for key, s in samples(tmp_path / "a").items():
-        meta = s["uniap.json"]
+    sa, sb = samples(tmp_path / "a"), samples(tmp_path / "b")
+    assert sa.keys() == sb.keys()
+    for key, s in sa.items():
+        meta, other = s["uniap.json"], sb[key]["uniap.json"]
+        assert (meta["backend"], other["backend"]) == ("scipy", "torch")
+        assert {**meta, "backend": "torch"} == other
+        np.testing.assert_array_equal(s["uniap.npy"], sb[key]["uniap.npy"])
+        assert {k: meta[k] for k in ("thresholds", "min_size", "spatial_weight", "update", "sigma", "semantic",
+                                     "dtype")} == {"thresholds": [0.8, 0.7, 0.6, 0.5, 0.4], "min_size": 4,
+                                                   "spatial_weight": 0.0, "update": "sum", "sigma": 0.07,
+                                                   "semantic": False, "dtype": "float64"}
         image_name = next(n for n in s if n.startswith("image."))
         assert s[image_name].shape[:2] == tuple(meta["image_size"])
         src = root / meta["source"]
@@ -339,3 +347,11 @@ def test_ground_truth_drawn_on_stored_pixels_turns_with_the_image(tmp_path):
     red = img.rgb[..., 0] > 150
     assert gt.shape == red.shape and (gt == 1).sum() == 160 and (red & (gt == 1)).sum() > 0.9 * red.sum()
     assert any("turned by EXIF orientation 6" in n for n in img.notes)
+
+
+@pytest.mark.parametrize("bad", ["[0.5, 0.7]", "[0.8, 0.8]", "[1.5, 0.4]"])
+def test_manifest_thresholds_must_decrease_within_minus_one_one(synth, tmp_path, bad):
+    from distillkit.pipelines.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=r"stages\.uniap\.thresholds.*strictly decreasing within \[-1, 1\]"):
+        manifest(synth, tmp_path / "o", f"stages.uniap.thresholds={bad}")  # loading checks the manifest

@@ -71,7 +71,7 @@ def test_example_shapes(batch):
 
 
 def test_querysd_step_trains_student_only_and_teacher_follows(batch):
-    config = UnisegTrainer.resolve_config({"dense_weight": 0.5})
+    config = UnisegTrainer.resolve_config({"token_weight": 0.5})
     torch.manual_seed(0)
     m = build_method(config, total_steps=10).train()
     t0 = {k: v.clone() for k, v in m.teacher.state_dict().items()}
@@ -132,3 +132,49 @@ def test_init_checkpoint_starts_student_teacher_and_baseline(tmp_path):
     torch.testing.assert_close(initial_backbone(config).blocks[3].attn.qkv.weight, dino.blocks[3].attn.qkv.weight)
     plain = build_method(UnisegTrainer.resolve_config({}), total_steps=10)
     assert plain.student.backbone.embed_dim != 384
+
+
+@pytest.mark.parametrize("weights", [{"pixel_weight": 1.0, "token_weight": 0.0}, {"pixel_weight": 0.5}])
+def test_querysd_step_with_the_released_pixel_loss(batch, weights):
+    torch.manual_seed(0)
+    m = build_method(UnisegTrainer.resolve_config(weights), total_steps=10).train()
+    m.log_every = 1
+    loss = m.loss(batch)
+    assert torch.isfinite(loss) and float(m._pixel_entropy) > 0
+    loss.backward()
+    # the pixel term reaches the student's backbone through head(query) (queries pooled from its tokens)
+    assert m.student.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.teacher.parameters())
+    m0 = build_method(UnisegTrainer.resolve_config({**weights, "pixel_weight": 0.0}), total_steps=10).train()
+    m0.load_state_dict(m.state_dict())
+    m0.loss_fn.center.zero_()
+    m.loss_fn.center.zero_()
+    assert float(m.loss(batch).detach()) != pytest.approx(float(m0.loss(batch).detach()))  # the option counts
+
+
+def test_dense_weight_is_read_as_token_weight_and_conflicts_are_refused(caplog):
+    from distillkit.train.base import ConfigError
+
+    config = UnisegTrainer.resolve_config({"dense_weight": 0.25})
+    assert config["token_weight"] == 0.25 and config["dense_weight"] is None
+    assert "old name of token_weight" in caplog.text
+    with pytest.raises(ConfigError, match="old name of token_weight"):
+        UnisegTrainer.resolve_config({"dense_weight": 0.25, "token_weight": 0.5})
+
+
+@pytest.mark.parametrize("size", ["small", "paper"])
+def test_effective_config_fills_the_size_and_says_where_from(size):
+    from distillkit.train.uniseg import SIZES
+
+    config = UnisegTrainer.resolve_config({"size": size})
+    eff = UnisegTrainer.effective_config(config)
+    s = SIZES[size]
+    assert (eff["batch_size"], eff["max_steps"], eff["lr"], eff["momentum"]) == (
+        s.batch_size, s.max_steps, s.loop["lr"], s.momentum)
+    assert eff["sync_batchnorm"] is False and "dense_weight" not in eff
+    assert not [k for k, v in eff.items() if v is None and k != "init_checkpoint"]
+    # the filled configuration is accepted again and trains the same run
+    assert UnisegTrainer.effective_config(UnisegTrainer.resolve_config(eff)) == eff
+    sources = UnisegTrainer.config_sources(config)
+    assert set(sources) <= set(eff)
+    assert "S2UniSeg.py:443" in sources["lr"] and "S2UniSeg.py:318" in sources["sync_batchnorm"]

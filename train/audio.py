@@ -11,13 +11,17 @@ tokens of the two views. Optimisation, bf16, checkpoints, resume and the run rec
 shared loop (``train.loop``).
 
 Sizes: ``small`` = ViT 96-d x 2 blocks (3 heads), projector/predictor 256 -> 64, batch 16, 2 s crops,
-for CPU runs; ``paper`` = ATST-Clip small (ViT-S 384-d x 12, 6 heads; projector 4096 -> 256, predictor;
-EMA 0.99 -> 1; batch 256 per device); ``base`` = ATST-Clip base (ViT-B 768-d, EMA 0.9995 -> 1).
+for CPU runs; ``paper`` = ATST small's released recipe (Audio-WestlakeU/audiossl
+audiossl/methods/atst/train_small.sh: ViT-S 384-d x 12, 6 heads, no qkv bias, stochastic depth 0.1;
+bias-free projector 4096 -> 256 and predictor; EMA 0.99 -> 1; global batch 4 x 384; lr 5e-4; 1300 warm-up
+steps of 39100; 9 s crops; fp32, no clipping); ``base`` = ATST base's (train_base.sh: ViT-B 768-d x 12,
+EMA 0.9995 -> 1, global batch 6 x 256, lr 2e-4, 15860 warm-up steps of 318000, 6 s crops). Every value
+with its file and line: ``AudioTrainer.config_sources`` and docs/audio.md "Released vs distillkit".
 Optimisation as ATST: AdamW with DINO's parameter groups (biases and norms undecayed), weight decay on a
-cosine from 0.04 to 0.4, lr ``lr * batch / 256`` with warm-up and cosine; the EMA update follows each
-optimiser step (the loop's ``after_step``). Deviations from the released recipe (docs/audio.md): mixup
-partners come from the batch instead of a per-worker memory bank, and log-mels are standardised with the
-dataset's mean/std instead of ATST's fixed min/max scaling to [-1, 1].
+cosine from 0.04 to 0.4, lr ``lr * global batch / 256`` (ATST's train.py:12) with warm-up and cosine; the EMA
+update follows each optimiser step (the loop's ``after_step``). Deviations from the released recipe
+(docs/audio.md): mixup partners come from the batch instead of a per-worker memory bank, and log-mels are
+standardised with the dataset's mean/std instead of ATST's fixed min/max scaling to [-1, 1].
 
 Evaluation (``distillkit eval audio``): clip embeddings (CLS and mean patch token, concatenated, of
 the teacher encoder by default, averaged over ``crop_s`` windows of the segment's audio) of every
@@ -72,32 +76,50 @@ class AudioSize:
     proj_hidden: int
     proj_out: int
     dino_out: int
-    batch_size: int
+    batch_size: int  # global: over all processes
     ema_base: float
-    lr: float  # at batch 256 (scaled by batch / 256)
+    lr: float  # at batch 256 (scaled by global batch / 256)
     warmup_steps: int
     crop_s: float
+    max_steps: int = 100
+    qkv_bias: bool = True
+    drop_path: float = 0.0
+    head_bias: bool = True  # biases of the projector/predictor Linear layers
+    grad_clip: float = 3.0  # 0 = off
+    precision: str = "bf16"
+    final_lr: float = 0.0  # the cosine's end (absolute, as the release's cosine_scheduler_step)
+    # both views through the networks in one forward (the heads' BatchNorm over 2B samples), as the release;
+    # small keeps one forward per view: the demo's recipe, measured so (joint: +0.017 instead of +0.065)
+    joint_views: bool = False
 
 
+# paper and base are the two released ATST-Clip recipes (Audio-WestlakeU/audiossl at ec3a14d; docs/audio.md
+# "Released vs distillkit" cites every line): ATST small (audiossl/methods/atst/train_small.sh) and ATST base
+# (train_base.sh). The release's global batch is 4 GPUs x 384 (small) and 6 GPUs x 256 (base), both 1536.
+_ATST = dict(proj_hidden=4096, proj_out=256, dino_out=8192, qkv_bias=False, drop_path=0.1, head_bias=False,
+             grad_clip=0.0, precision="fp32", final_lr=1e-6, joint_views=True)
 SIZES = {
     # small: chosen on medium synthetic data (docs/audio.md): 2 s crops at batch 16 (800 steps) beat random
     # init in CPU minutes, where 6 s crops at batch 8 (300 steps, several learning rates) did not.
     "small": AudioSize(96, 2, 3, 256, 64, 256, 16, 0.99, 8e-3, 10, 2.0),
-    "paper": AudioSize(384, 12, 6, 4096, 256, 8192, 256, 0.99, 5e-4, 1000, 6.0),
-    "base": AudioSize(768, 12, 12, 4096, 256, 8192, 256, 0.9995, 5e-4, 1000, 6.0),
+    "paper": AudioSize(384, 12, 6, batch_size=1536, ema_base=0.99, lr=5e-4, warmup_steps=1300, crop_s=9.0,
+                       max_steps=39100, **_ATST),
+    "base": AudioSize(768, 12, 12, batch_size=1536, ema_base=0.9995, lr=2e-4, warmup_steps=15860, crop_s=6.0,
+                      max_steps=318000, **_ATST),
 }
 
 
-def mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+def mlp(in_dim: int, hidden: int, out: int, bias: bool = True) -> nn.Sequential:
     """BYOL's projector/predictor: Linear -> BatchNorm -> ReLU -> Linear.
 
     Args:
         in_dim: input width.
         hidden: hidden width.
         out: output width.
+        bias: Linear biases (ATST's ``build_mlp`` has none: audiossl/models/atst/byol.py:12).
     """
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out))
+    return nn.Sequential(nn.Linear(in_dim, hidden, bias=bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out, bias=bias))
 
 
 class Branch(nn.Module):
@@ -125,20 +147,29 @@ class AudioTeacherStudent(nn.Module):
         mixup_alpha: largest log-mixup-exp weight (0 = off).
         rrc: apply random-resized-crop.
         ema_base: teacher momentum at step 0 (None: the size's).
+        front_end: the training shards' front end (``read_norm``), saved in the state dict (buffer
+            ``front_end``, ``encode_front_end``) so ``eval`` can refuse shards with another one.
     """
 
     def __init__(self, size: str, n_mels: int, crop: int, loss: str = "byol", mean: float = 0.0, std: float = 1.0,
-                 total_steps: int = 100, mixup_alpha: float = 0.4, rrc: bool = True, ema_base: float | None = None):
+                 total_steps: int = 100, mixup_alpha: float = 0.4, rrc: bool = True, ema_base: float | None = None,
+                 front_end: dict[str, Any] | None = None):
         super().__init__()
         cfg = SIZES[size]
         self.loss_kind, self.total_steps = loss, total_steps
+        self.joint_views = cfg.joint_views
         self.mixup_alpha, self.rrc = mixup_alpha, rrc
         self.ema_base = cfg.ema_base if ema_base is None else ema_base
         encoder = ViT(patch=(n_mels, 4), in_chans=1, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                      num_heads=cfg.num_heads, img_size=(n_mels, crop))
+                      num_heads=cfg.num_heads, img_size=(n_mels, crop), drop_path_rate=cfg.drop_path)
+        if not cfg.qkv_bias:
+            # ATST's AST_small/AST_base build their blocks with qkv_bias=False
+            # (audiossl/models/atst/audio_transformer.py:368, :371); preprocess.vit always has one, so drop it
+            for blk in encoder.blocks:
+                blk.attn.qkv.bias = None
         if loss == "byol":
-            head: nn.Module = mlp(cfg.embed_dim, cfg.proj_hidden, cfg.proj_out)
-            self.predictor: nn.Module | None = mlp(cfg.proj_out, cfg.proj_hidden, cfg.proj_out)
+            head: nn.Module = mlp(cfg.embed_dim, cfg.proj_hidden, cfg.proj_out, cfg.head_bias)
+            self.predictor: nn.Module | None = mlp(cfg.proj_out, cfg.proj_hidden, cfg.proj_out, cfg.head_bias)
             self.dino_loss: DINOLoss | None = None
         elif loss == "dino":
             head = DINOHead(cfg.embed_dim, cfg.dino_out, hidden_dim=cfg.proj_hidden,
@@ -155,6 +186,14 @@ class AudioTeacherStudent(nn.Module):
         self.register_buffer("mean", torch.tensor(float(mean)))
         self.register_buffer("std", torch.tensor(float(std)))
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        # a tensor, not extra state: the state dict stays tensors only (DDP broadcasts it, tools clone it)
+        self.register_buffer("front_end", encode_front_end(front_end))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint written before the front end was recorded (issue 20) has no ``front_end``: it resumes and
+        # evaluates as "not recorded" instead of failing the strict load.
+        state_dict.setdefault(prefix + "front_end", encode_front_end(None))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def normalise(self, db: Tensor) -> Tensor:
         """(dB - dataset mean) / dataset std."""
@@ -181,12 +220,24 @@ class AudioTeacherStudent(nn.Module):
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         step = int(self.ema_step)
         v1, v2 = self.views(batch)
-        with torch.no_grad():
-            t1, t2 = self.teacher(v1), self.teacher(v2)
-        s1, s2 = self.student(v1), self.student(v2)
+        if self.joint_views:
+            # Both views in one forward, as ATST's MultiCropWrapper concatenates equal-length crops
+            # (audiossl/models/atst/byol.py:113-121): the projector's and predictor's BatchNorm then normalise
+            # over the 2B samples of both views, not over each view's B apart.
+            both = torch.cat([v1, v2])
+            with torch.no_grad():
+                t1, t2 = self.teacher(both).chunk(2)
+            s1, s2 = self.student(both).chunk(2)
+        else:
+            with torch.no_grad():
+                t1, t2 = self.teacher(v1), self.teacher(v2)
+            s1, s2 = self.student(v1), self.student(v2)
         if self.loss_kind == "byol":
             assert self.predictor is not None
-            p1, p2 = self.predictor(s1), self.predictor(s2)
+            if self.joint_views:
+                p1, p2 = self.predictor(torch.cat([s1, s2])).chunk(2)
+            else:
+                p1, p2 = self.predictor(s1), self.predictor(s2)
             return 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
         assert self.dino_loss is not None
         return self.dino_loss.multicrop([s1, s2], [t1, t2], step)
@@ -217,21 +268,77 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- data
+FRONT_END_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmin", "fmax", "top_db", "mel_scale")
+
+
 def read_norm(shards: Path) -> tuple[float, float, dict[str, Any]]:
-    """(log-mel mean, std, one sample's meta.json front-end) from a shard directory's index.json.
+    """(log-mel mean, std, front end) from a shard directory's index.json; the front end is every
+    ``FRONT_END_KEYS`` setting of the manifest it was built with (``LogMelConfig``'s defaults where an older
+    manifest lacks one: ``mel_scale`` was added later and "slaney" is what those shards hold).
 
     Args:
         shards: an audio shard directory.
     """
+    from distillkit.preprocess.logmel import LogMelConfig
+
     index = json.loads((Path(shards) / "index.json").read_text())
     stats = index.get("stats", {})
     if "logmel_mean" not in stats or "logmel_std" not in stats:
         raise ValueError(f"{shards}/index.json: no logmel_mean/logmel_std statistics (not audio shards?)")
-    lm = index.get("manifest", {}).get("stages", {})
-    front = {"sample_rate": lm.get("audio", {}).get("sample_rate", 16000),
-             "hop_length": lm.get("logmel", {}).get("hop_length", 160),
-             "n_mels": lm.get("logmel", {}).get("n_mels", 64)}
+    stages = index.get("manifest", {}).get("stages", {})
+    lm = {**stages.get("logmel", {}), "sample_rate": stages.get("audio", {}).get("sample_rate", 16000)}
+    default = LogMelConfig()
+    front = {k: lm.get(k, getattr(default, k)) for k in FRONT_END_KEYS}
     return float(stats["logmel_mean"]), max(float(stats["logmel_std"]), 1e-3), front
+
+
+MEL_SCALES = ("slaney", "htk")
+
+
+def encode_front_end(front: dict[str, Any] | None) -> Tensor:
+    """``read_norm``'s front end as a float64 tensor in ``FRONT_END_KEYS`` order (``mel_scale`` by its index in
+    ``MEL_SCALES``); all NaN for None (not recorded).
+
+    Args:
+        front: the front end, or None.
+    """
+    if not front:
+        return torch.full((len(FRONT_END_KEYS),), float("nan"), dtype=torch.float64)
+    values = [MEL_SCALES.index(front[k]) if k == "mel_scale" else float(front[k]) for k in FRONT_END_KEYS]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def decode_front_end(t: Tensor) -> dict[str, Any]:
+    """Inverse of ``encode_front_end``; ``{}`` when not recorded.
+
+    Args:
+        t: the ``front_end`` buffer.
+    """
+    if t.numel() != len(FRONT_END_KEYS) or bool(torch.isnan(t).any()):
+        return {}
+    # numbers come back as floats: 16000.0 == 16000, so comparisons with read_norm's values hold
+    return {k: MEL_SCALES[int(v)] if k == "mel_scale" else v
+            for k, v in zip(FRONT_END_KEYS, t.tolist(), strict=True)}
+
+
+def check_front_end(trained: dict[str, Any], shards: Path) -> None:
+    """Raise ``ConfigError`` (one line, exit 2 from the CLI) when ``shards`` were not built with the ``trained``
+    front end: an encoder trained on one spectrogram (mel scale, bands, hop, ...) reads another as noise, silently.
+
+    Args:
+        trained: the checkpoint's front end (``decode_front_end`` of its ``front_end`` buffer); empty: not
+            recorded, no check.
+        shards: an audio shard directory to evaluate.
+    """
+    front = read_norm(shards)[2]
+    diff = {k: (trained[k], front.get(k)) for k in trained if front.get(k) != trained[k]}
+    if diff:
+        def show(v: Any) -> str:
+            return f"{v:g}" if isinstance(v, float) else repr(v)
+
+        said = ", ".join(f"{k} {show(b)} (checkpoint: {show(a)})" for k, (a, b) in diff.items())
+        raise ConfigError(shards, "stages.logmel", f"front end differs from the checkpoint's training shards: "
+                          f"{said}; rebuild them with the training manifest's stages.audio/stages.logmel")
 
 
 class CropTransform:
@@ -265,7 +372,7 @@ def build_method(config: dict[str, Any], shards: Path, total_steps: int) -> Audi
     crop = crop_frames(config["crop_s"] or SIZES[config["size"]].crop_s, front["sample_rate"], front["hop_length"])
     torch.manual_seed(config["seed"])
     return AudioTeacherStudent(config["size"], front["n_mels"], crop, config["loss"], mean, std, total_steps,
-                               config["mixup_alpha"], config["rrc"], config["ema_base"])
+                               config["mixup_alpha"], config["rrc"], config["ema_base"], front)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -278,21 +385,27 @@ class AudioTrainer(Trainer):
     pipeline = "audio"
     summary = "ATST-Clip-style teacher-student (BYOL or DINO loss, EMA teacher) on log-mel shards"
     schema = {
-        "max_steps": Key(int, 100, doc="optimiser steps (the lr and EMA momentum schedules span them)"),
-        "batch_size": Key(int, None, doc="clips per step, 2 views each (default: small 16, paper/base 256)"),
+        "max_steps": Key(int, None, doc="optimiser steps (the lr and EMA momentum schedules span them; default: "
+                                        "small 100, paper 39100 and base 318000 as ATST small/base)"),
+        "batch_size": Key(int, None, doc="clips per step over all processes, 2 views each (default: small 16, "
+                                         "paper/base 1536 = ATST's 4 x 384 and 6 x 256 GPUs x clips)"),
         "size": Key(str, "small", choices=tuple(SIZES),
-                    doc="small = tiny ViT for CPU; paper = ATST-Clip small (ViT-S); base = ATST-Clip base (ViT-B)"),
+                    doc="small = tiny ViT for CPU; paper = ATST small's released recipe (ViT-S, train_small.sh); "
+                        "base = ATST base's (ViT-B, train_base.sh)"),
         "loss": Key(str, "byol", choices=("byol", "dino"), doc="BYOL (ATST's) or DINO loss on the CLS token"),
-        "crop_s": Key(float, None, doc="seconds per view (default: small 2, paper/base 6 as ATST-Clip)"),
+        "crop_s": Key(float, None, doc="seconds per view (default: small 2, paper 9 and base 6 as ATST small/base)"),
         "mixup_alpha": Key(float, 0.4, doc="largest log-mixup-exp weight (ATST: 0.4; 0 = off)"),
         "rrc": Key(bool, True, doc="BYOL-A random-resized-crop on the device"),
         "ema_base": Key(float, None, doc="teacher momentum at step 0, cosine to 1 (default: small/paper 0.99, "
                                          "base 0.9995)"),
-        "lr": Key(float, None, doc="AdamW peak lr at batch 256, scaled by batch/256 (default: small 8e-3, "
-                                   "paper 5e-4)"),
+        "lr": Key(float, None, doc="AdamW peak lr at batch 256, scaled by global batch/256 (default: small 8e-3, "
+                                   "paper 5e-4, base 2e-4)"),
+        "grad_clip": Key(float, None, doc="gradient norm clipping, 0 = off (default: small 3.0; paper/base off as "
+                                          "ATST)"),
         "weight_decay": Key(float, 0.04, doc="AdamW weight decay at step 0 (ATST: 0.04); biases and norms: none"),
         "weight_decay_end": Key(float, 0.4, doc="weight decay at the last step, on a cosine (ATST: 0.4)"),
-        "precision": Key(str, "bf16", choices=("bf16", "fp32"), doc="CUDA autocast (CPU always runs fp32)"),
+        "precision": Key(str, None, choices=("bf16", "fp32"),
+                         doc="CUDA autocast (CPU always runs fp32; default: small bf16, paper/base fp32 as ATST)"),
         "shuffle_buffer": Key(int, 64, doc="samples each loader worker holds for shuffling"),
     }
     eval_schema = {
@@ -312,8 +425,73 @@ class AudioTrainer(Trainer):
     demo_eval = {"splits": DEMO_SPLITS, "test_fraction": 0.5}
 
     @classmethod
+    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with the size's defaults filled in (``Trainer.effective_config``).
+
+        Args:
+            config: a resolved configuration.
+        """
+        out = super().effective_config({**config, "sync_batchnorm": config.get("sync_batchnorm")})
+        s = SIZES[out["size"]]
+        fill = {"max_steps": s.max_steps, "batch_size": s.batch_size, "crop_s": s.crop_s, "ema_base": s.ema_base,
+                "lr": s.lr, "grad_clip": s.grad_clip, "precision": s.precision}
+        for key, value in fill.items():
+            if out.get(key) is None:
+                out[key] = value
+        if config.get("sync_batchnorm") is None:
+            # ATST's Lightning Trainer has sync_batchnorm=True (audiossl/methods/atst/train.py:22) at both sizes;
+            # small is distillkit's CPU size, where per-process BatchNorm is the plain case
+            out["sync_batchnorm"] = out["size"] != "small"
+        return out
+
+    @classmethod
+    def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:
+        """Where each value of ``effective_config(config)`` comes from (``Trainer.config_sources``).
+
+        Args:
+            config: a resolved configuration.
+        """
+        size = config.get("size") or "small"
+        rel = "Audio-WestlakeU/audiossl audiossl/methods/atst/"
+        sh = {"paper": f"{rel}train_small.sh", "base": f"{rel}train_base.sh"}.get(size)
+        cpu = "distillkit's choice: the small size is a CPU-minutes recipe (docs/audio.md)"
+        src = {
+            "size": "distillkit's choice: small runs on a CPU; paper/base are ATST small/base",
+            "loss": "Audio-WestlakeU/audiossl audiossl/models/atst/byol.py:61-78 (BYOL loss over both view orders); "
+                    "dino is distillkit's option",
+            "mixup_alpha": f"{rel}transform.py:37, :43 (Mixup(): ratio=0.4 default, audiossl/transforms/byol_a.py:94)",
+            "rrc": f"{rel}transform.py:38, :44 (RandomResizeCrop((1, 1.5)))",
+            "weight_decay": f"{rel}model.py:21 (cosine_scheduler_step(0.04, 0.4, max_steps))",
+            "weight_decay_end": f"{rel}model.py:21 (cosine_scheduler_step(0.04, 0.4, max_steps))",
+            "sync_batchnorm": (f"{rel}train.py:22 (Trainer(sync_batchnorm=True))" if size != "small" else
+                               f"{cpu}; the release synchronises at every size ({rel}train.py:22)"),
+            "shuffle_buffer": "distillkit's choice: streaming shards need a buffer; the release samples an LMDB",
+        }
+        if sh is None:
+            src.update({k: cpu for k in ("max_steps", "batch_size", "crop_s", "ema_base", "lr", "grad_clip",
+                                         "precision")})
+            return src
+        small = size == "paper"
+        src.update({
+            "max_steps": f"{sh}:{2 if small else 3} (max_steps={39100 if small else 318000})",
+            "batch_size": (f"{sh}:{'3, :7' if small else '4, :8'} (batch_size={384 if small else 256} per GPU x "
+                           f"nproc={4 if small else 6}; "
+                           "distillkit's batch_size is the global batch)"),
+            "crop_s": (f"{sh}:12 (train_len=9.0)" if small else
+                       f"{rel}data.py:12 (train_len=6.0 default; train_base.sh sets none)"),
+            "ema_base": f"{sh}:{5 if small else 6} (ema={0.99 if small else 0.9995}), cosine to 1: {rel}model.py:20",
+            "lr": (f"{sh}:{6 if small else 7} (lr={5e-4 if small else 2e-4}) x nproc x batch_size_per_gpu / 256: "
+                   f"{rel}train.py:12"),
+            "grad_clip": f"{rel}train.py:18-32 (the Trainer sets no gradient_clip_val: no clipping)",
+            "precision": f"{rel}train.py:18-32 (the Trainer sets no precision: Lightning's fp32)",
+        })
+        return src
+
+    @classmethod
     def check_config(cls, config: dict[str, Any], where: str | Path) -> None:
         super().check_config(config, where)
+        if config["grad_clip"] is not None and config["grad_clip"] < 0:
+            raise ConfigError(where, "grad_clip", "must be >= 0 (0 = off)")
         if config["crop_s"] is not None and config["crop_s"] <= 0:
             raise ConfigError(where, "crop_s", "must be > 0")
         if config["mixup_alpha"] < 0 or config["mixup_alpha"] >= 1:
@@ -323,6 +501,7 @@ class AudioTrainer(Trainer):
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:
+        config = self.effective_config(config)  # every size default explicit, in the checkpoint and log too
         size = SIZES[config["size"]]
         batch = config["batch_size"] or size.batch_size
         steps = config["max_steps"]
@@ -337,12 +516,15 @@ class AudioTrainer(Trainer):
         loop = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
                           optimizer="adamw", lr=lr, weight_decay=config["weight_decay"],
                           weight_decay_end=config["weight_decay_end"], decay_norm_and_bias=False,
-                          warmup_steps=min(size.warmup_steps, max(0, steps // 10)), grad_clip=3.0,
+                          warmup_steps=min(size.warmup_steps, max(0, steps // 10)),
+                          grad_clip=config["grad_clip"] or None, min_lr_ratio=min(1.0, size.final_lr / lr),
                           log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
-                          bf16=config["precision"] == "bf16", run_config=config)
+                          bf16=config["precision"] == "bf16", run_config=config, global_batch=batch,
+                          sync_batchnorm=bool(self.effective_config(config)["sync_batchnorm"]))
 
         def batches() -> Any:
-            return make_loader(stream, batch, collate_views, num_workers=config["num_workers"], device=device,
+            return make_loader(stream, distributed.rank_batch(batch), collate_views,
+                               num_workers=config["num_workers"], device=device,
                                timeout=600)
 
         metrics = train_loop(method, batches, loop, batch_size=lambda b: int(b["views"].shape[0]))
@@ -446,6 +628,14 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     """
     if splits < 1:
         raise ValueError("splits must be >= 1")
+    state = None
+    if checkpoint is not None:
+        state = load_checkpoint(Path(checkpoint), map_location="cpu")["model"]
+        trained = decode_front_end(state["front_end"]) if "front_end" in state else {}
+        if not trained:  # a checkpoint written before the front end was recorded: nothing to compare
+            log.warning("%s: no recorded front end; not checking the shards against it", checkpoint)
+        for d in shards:
+            check_front_end(trained, Path(d))
     specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
@@ -459,13 +649,25 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
                      f"segments), {len(names)} classes, {epochs} full-batch AdamW steps"),
     }
     per_split: dict[str, list[dict[str, float]]] = {}
-    runs: list[tuple[str, Path | None]] = [("random_init", None)]
-    if checkpoint is not None:
-        runs.append(("distilled", Path(checkpoint)))
-    for name, ckpt in runs:
+    runs: list[tuple[str, dict[str, Any] | None]] = [("random_init", None)]
+    if state is not None:
+        runs.append(("distilled", state))
+    for name, weights in runs:
         method = build_method(config, Path(shards[0]), max(1, config["max_steps"] or 1))
-        if ckpt is not None:
-            method.load_state_dict(load_checkpoint(ckpt, map_location="cpu")["model"])
+        if weights is not None:
+            try:
+                method.load_state_dict(weights)
+            except RuntimeError as exc:  # e.g. a paper/base checkpoint of the recipe before issue 20 (qkv bias)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(checkpoint, "size", f"the checkpoint's weights do not fit the {config['size']!r} "
+                                  f"network of this version ({first}); it was written by another recipe: "
+                                  "docs/audio.md \"Released vs distillkit\"") from None
+        elif state is not None:
+            # the random-init baseline reads its input exactly as the distilled encoder does: with the training
+            # shards' mean/std from the checkpoint, not the evaluated shards' own (a gain must come from the
+            # weights, not from a different normalisation)
+            method.mean.copy_(state["mean"])
+            method.std.copy_(state["std"])
         crop = method.student.encoder.base_grid[1] * 4
         emb = clip_embeddings(method, specs, crop, device, encoder)
         probes = [linear_probe(emb[tr], y[tr], emb[te], y[te], names, epochs=epochs, lr=lr, seed=config["seed"])

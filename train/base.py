@@ -26,10 +26,13 @@ from distillkit.pipelines.manifest import Key, ManifestError, Section, merge_sch
 
 COMMON_SCHEMA: Section = {
     "max_steps": Key(int, 100, doc="optimiser steps (the cosine schedule spans them)"),
-    "batch_size": Key(int, 2, doc="samples per step"),
+    "batch_size": Key(int, 2, doc="samples per optimiser step over all processes (the global batch; under torchrun "
+                                   "each of N processes takes batch_size / N)"),
     "num_workers": Key(int, 0, doc="DataLoader worker processes (0 = load in the training process)"),
     "seed": Key(int, 0, doc="seeds weights, shuffling and augmentation"),
     "log_every": Key(int, 10, doc="steps per logged window (log.jsonl, console)"),
+    "sync_batchnorm": Key(bool, None, doc="under torchrun, BatchNorm statistics over the global batch instead of each "
+                                          "process's share (default: as the method's release, see --show-config)"),
 }
 
 
@@ -100,9 +103,12 @@ class Trainer(ABC):
         *layers: dict[str, Any],
         overrides: list[str] = (),  # type: ignore[assignment]
         where: str | Path = "",
+        check: bool = True,
     ) -> dict[str, Any]:
         """Merge configuration ``layers`` (later wins; e.g. checkpoint, file, explicit options),
-        then ``--set KEY=VALUE`` ``overrides``, and validate against ``config_schema``.
+        then ``--set KEY=VALUE`` ``overrides``, and validate against ``config_schema``; with ``check`` (default) also
+        the cross-key checks of ``check_config`` (``--show-config`` runs them apart, to print the configuration
+        even when a run of it would be refused).
 
         Raises:
             ConfigError: unknown key, wrong type, bad choice, as ``where: key: reason``.
@@ -122,7 +128,8 @@ class Trainer(ABC):
             config = validate(where, cls.config_schema(), merged)
         except ManifestError as exc:
             raise ConfigError(exc.file, exc.key, exc.reason) from None
-        cls.check_config(config, where)
+        if check:
+            cls.check_config(config, where)
         return config
 
     @classmethod
@@ -172,6 +179,40 @@ class Trainer(ABC):
             device: ``"cpu"`` or ``"cuda"``.
             options: evaluation options, resolved against ``eval_schema``.
         """
+
+    @classmethod
+    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with every key that the run leaves to its size or method (``None``) filled in with the
+        value the run will use.
+
+        Why a hook: ``--show-config`` must print what a run does, not ``None``; only the trainer knows its
+        sizes' defaults. What it returns must be a configuration ``--config`` accepts and that trains the same
+        run. Keys that stay ``None`` (a run length given the other way, an optional file) are left out of the
+        TOML with a comment. The default fills ``sync_batchnorm`` with False (a trainer whose release
+        synchronises BatchNorm overrides this).
+
+        Args:
+            config: a resolved configuration (``resolve_config``).
+        """
+        out = copy.deepcopy(config)
+        if out.get("sync_batchnorm") is None:
+            out["sync_batchnorm"] = False
+        return out
+
+    @classmethod
+    def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:
+        """Where each (dotted) key's value in ``effective_config(config)`` comes from, at ``config``'s size:
+        the released file and line it follows (``"valeoai/SLidR config/slidr_minkunet.yaml:12"``), or
+        ``"distillkit's choice: <why>"``.
+
+        Why a hook: a researcher comparing a run with a paper needs each number's origin next to it, and only
+        the trainer knows which of its defaults follow a release. Keys not in the mapping print as
+        "distillkit's default"; keys the user set print as set by the user, whatever this says.
+
+        Args:
+            config: a resolved configuration (``resolve_config``).
+        """
+        return {}
 
     def format_eval(self, result: dict[str, Any]) -> str:
         """A readable report of ``evaluate``'s result."""

@@ -90,6 +90,11 @@ class LoopConfig:
     resume: bool = False
     bf16: bool = True  # only honoured on CUDA
     run_config: dict[str, Any] | None = None  # the trainer's resolved configuration: checkpoint + log
+    # Samples per optimiser step over all processes (the ``batch_size`` key), for the run's record of its scale;
+    # None: not stated (the record then says only the world size).
+    global_batch: int | None = None
+    # BatchNorm statistics over the global batch under several processes (``distributed.convert_sync_batchnorm``).
+    sync_batchnorm: bool = False
 
 
 def make_optimizer(named: Iterable[tuple[str, nn.Parameter]], cfg: LoopConfig) -> torch.optim.Optimizer:
@@ -170,6 +175,9 @@ def train_loop(
         raise RuntimeError("--device cuda requested but CUDA is not available")
     method.to(device)
     ranks = distributed.ranks()
+    if cfg.sync_batchnorm:  # before DDP wraps it and before the optimiser takes its parameters
+        method = distributed.convert_sync_batchnorm(method, device)
+    scale = run_scale(cfg.global_batch, ranks.world_size)
     if ranks.world_size > 1 and ranks.rank:
         # Parameters come from rank 0 (DDP broadcasts them); random draws in the steps must differ per rank.
         torch.manual_seed(torch.initial_seed() + ranks.rank)
@@ -199,7 +207,7 @@ def train_loop(
     if writes:  # a fresh run starts a fresh log (even its step-0 line); a resumed one drops what it will train again
         truncate_after(Path(cfg.out), step if found is not None else -1)
         if step == 0 and cfg.run_config is not None:
-            append_entry(Path(cfg.out), {"step": 0, "config": cfg.run_config})
+            append_entry(Path(cfg.out), {"step": 0, "config": cfg.run_config, **scale})
 
     def save() -> None:
         distributed.check_in_sync(method)
@@ -324,9 +332,24 @@ def train_loop(
         "samples_per_s": tot_samples / max(tot_time, 1e-9),
         "data_wait_fraction": tot_wait / max(tot_time, 1e-9),
         "timed_steps": timed,
+        **scale,
         "checkpoint": str(ckpt_path) if ckpt_path else None,
         "curves": str(curves) if curves else None,
     }
+
+
+def run_scale(global_batch: int | None, world_size: int) -> dict[str, int]:
+    """What a run's record says of its scale: ``world_size`` and, when known, the global batch and each
+    process's share (a 2-process run's log must not read like a 1-process one).
+
+    Args:
+        global_batch: samples per optimiser step over all processes, or None.
+        world_size: the number of training processes.
+    """
+    out = {"world_size": world_size}
+    if global_batch is not None:
+        out |= {"global_batch": global_batch, "rank_batch": global_batch // world_size}
+    return out
 
 
 def _gather_rng_states() -> list[Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,6 +145,8 @@ def train_linear_head(
     weight_decay: float = 1e-4,
     seed: int = 0,
     desc: str = "linear probe",
+    drop_last: bool = False,
+    resample: Callable[[int], tuple[Sequence[Tensor], Sequence[Tensor]]] | None = None,
 ) -> nn.Linear:
     """Train a new per-point linear layer (a 1x1 convolution) on frozen features.
 
@@ -156,6 +158,10 @@ def train_linear_head(
             settings (batch of samples, SGD, cosine annealing over epochs, CE + Lovász-softmax).
         seed: seeds the head's initialisation and the sample order.
         desc: the progress bar's label (``train.progress``: stderr, terminals only).
+        drop_last: skip each epoch's last partial batch (SLidR's released loader does,
+            valeoai/SLidR downstream/lightning_datamodule.py:60), except when there is only one batch.
+        resample: ``resample(epoch)`` gives the (features, labels) of epochs after the first (``features``,
+            ``labels`` are epoch 0's): a probe that re-augments its training clouds every epoch.
     """
     from distillkit.train.progress import progress
 
@@ -166,10 +172,16 @@ def train_linear_head(
                           weight_decay=weight_decay)
     n = len(features)
     for epoch in progress(range(epochs), desc=desc, unit="epoch"):
+        if resample is not None and epoch > 0:
+            features, labels = resample(epoch)
+            if len(features) != n:
+                raise ValueError(f"resample({epoch}) gave {len(features)} samples, epoch 0 had {n}")
         for group in opt.param_groups:
             group["lr"] = cosine_epoch_lr(lr, epoch, epochs)
         order = torch.randperm(n, generator=g).tolist()
-        for start in range(0, n, batch_size):
+        # drop_last: a split smaller than one batch keeps its one short batch so it trains at all
+        used = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, used, batch_size):
             idx = order[start : start + batch_size]
             x = torch.cat([features[i] for i in idx]).float()
             y = torch.cat([labels[i] for i in idx]).long()

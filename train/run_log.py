@@ -123,6 +123,11 @@ def curves_figure(out: Path, method: str | None = None, size: str | None = None,
     # logging window's length; a last, shorter window can follow at max_steps.
     window = steps[0]
     reached = f"{steps[-1]} of {max_steps} steps" if max_steps else f"{steps[-1]} steps"
+    head = next((e for e in log if isinstance(e.get("config"), dict)), {})
+    if head.get("global_batch"):  # the run's scale (train.loop.run_scale), so two runs' pictures compare honestly
+        world = int(head.get("world_size", 1))
+        reached += f" of {head['global_batch']} samples" + (f" ({world} processes x {head['rank_batch']})"
+                                                             if world > 1 else "")
     fig.suptitle(f"{curves_title(out, method, size)}\n{reached}; each point summarises the {window} steps "
                  "before it (loss: their mean; learning rate: its value at that step)", fontsize=10)
     fig.tight_layout()

@@ -35,6 +35,7 @@ from distillkit.train.image_decode import decode_crops, nvjpeg_available
 from distillkit.train.loop import LoopConfig, train_loop
 from distillkit.train.models.resnet import FrozenTeacher, ResNet, load_moco_v2
 from distillkit.train.models.sparse import PAPER, SMALL, SparseUNet, SparseUNetConfig
+from distillkit.train.models.vit_teacher import DINO_TEACHERS, ViTTeacher, build_vit_teacher
 from distillkit.train.probe import format_probe
 from distillkit.train.slidr_aug import check_slidr, slidr_collate, slidr_required, slidr_train_transform
 from distillkit.train.slidr_loss import superpixel_nce_loss
@@ -58,6 +59,7 @@ class SlidrSize:
     epochs: int | None = None
     bf16: bool = True  # autocast on CUDA (CPU runs are float32)
     grad_clip: float | None = 10.0
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm over the global batch
 
 
 SIZES = {
@@ -81,6 +83,7 @@ SIZES = {
         epochs=50,
         bf16=False,
         grad_clip=None,
+        sync_batchnorm=True,
     ),
 }
 
@@ -91,14 +94,15 @@ class SLidR(nn.Module):
     def __init__(
         self,
         point_net: SparseUNet,
-        teacher: FrozenTeacher,
+        teacher: FrozenTeacher | ViTTeacher,
         crop: tuple[int, int],
         feat_dim: int = 64,
         temperature: float = 0.07,
     ):
         super().__init__()
         self.point_net, self.teacher, self.crop, self.temperature = point_net, teacher, crop, temperature
-        self.decoder = nn.Conv2d(teacher.net.out_channels, feat_dim, 1)
+        self.decoder = nn.Conv2d(teacher.out_channels if isinstance(teacher, ViTTeacher) else teacher.net.out_channels,
+                                 feat_dim, 1)
 
     def train(self, mode: bool = True) -> SLidR:
         super().train(mode)
@@ -127,9 +131,26 @@ def build_point_net(size: str, seed: int) -> SparseUNet:
     return SparseUNet(SIZES[size].point_net)
 
 
-def build_method(size: str, seed: int, teacher_checkpoint: Path | None = None) -> SLidR:
+TEACHERS = ("moco_v2_resnet50", *DINO_TEACHERS)
+
+
+def build_method(size: str, seed: int, teacher_checkpoint: Path | None = None,
+                 teacher: str = "moco_v2_resnet50") -> SLidR:
+    """The SLidR module at ``size``: point network (seeded), frozen image teacher, trainable 1x1 decoder.
+
+    Args:
+        size: "small" or "paper".
+        seed: seeds the point network and decoder.
+        teacher_checkpoint: the teacher's weights (MoCo v2 ResNet-50, or a DINO ViT /8 backbone).
+        teacher: "moco_v2_resnet50" (the release's default, config/slidr_minkunet.yaml:30-32), "dino_vits8" or
+            "dino_vitb8" (valeoai/SLidR model/image_model.py:179, :181).
+    """
     cfg = SIZES[size]
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r} ({' | '.join(TEACHERS)})")
     point_net = build_point_net(size, seed)
+    if teacher in DINO_TEACHERS:
+        return SLidR(point_net, build_vit_teacher(teacher, size, teacher_checkpoint), cfg.crop)
     resnet = ResNet(cfg.resnet_layers, cfg.resnet_width, replace_stride_with_dilation=(True, True, True))
     load_moco_v2(resnet, teacher_checkpoint)
     return SLidR(point_net, FrozenTeacher(resnet), cfg.crop)
@@ -191,7 +212,7 @@ def make_stream(
 def loop_config(
     size: str, max_steps: int, device: str, out: Path | None, resume: bool = False, log_every: int = 10,
     run_config: dict[str, Any] | None = None, steps_per_epoch: int | None = None, bf16: bool | None = None,
-    grad_clip: float | None = None,
+    grad_clip: float | None = None, global_batch: int | None = None, sync_batchnorm: bool | None = None,
 ) -> LoopConfig:
     """The training-loop settings of ``size`` (optimiser, lr, schedule), checkpointing 4 times a run.
 
@@ -209,6 +230,8 @@ def loop_config(
         steps_per_epoch=steps_per_epoch,
         bf16=cfg.bf16 if bf16 is None else bf16,
         grad_clip=cfg.grad_clip if grad_clip is None else (grad_clip or None),
+        global_batch=global_batch,
+        sync_batchnorm=cfg.sync_batchnorm if sync_batchnorm is None else sync_batchnorm,
         **cfg.loop,
     )
 
@@ -273,12 +296,14 @@ def resolve_schedule(size: str, max_steps: int | None, epochs: int | None, batch
     if epochs is None:
         return int(max_steps), None, batch_size  # type: ignore[arg-type]
     n = count_split_samples(shards, split)
-    world = distributed.ranks().world_size  # a step takes a batch on every rank
-    per_epoch = n // (batch_size * world)  # the loader drops the last partial batch
+    world = distributed.ranks().world_size
+    # batch_size is the global batch (released: the datamodule divides it by the GPU count), and the loader drops
+    # the last partial batch
+    per_epoch = n // batch_size
     if per_epoch < 1:
         raise ValueError(f"{shards}: {n} samples of split {split!r}, fewer than one batch of {batch_size}")
-    log.info("%d epochs of %d steps (%d samples of split %r, batch %d, %d rank(s))", epochs, per_epoch, n, split,
-             batch_size, world)
+    log.info("%d epochs of %d steps (%d samples of split %r, global batch %d over %d process(es))", epochs,
+             per_epoch, n, split, batch_size, world)
     return epochs * per_epoch, per_epoch, batch_size
 
 
@@ -301,6 +326,8 @@ def train_main(
     precision: str = "auto",
     grad_clip: float | None = None,
     random_teacher: bool = False,
+    sync_batchnorm: bool | None = None,
+    teacher: str = "moco_v2_resnet50",
 ) -> dict:
     """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics.
 
@@ -324,8 +351,11 @@ def train_main(
         split: train on the samples of these nuScenes scenes (``"pretrain"``, ``"all"``, ...).
         precision: ``"auto"`` (small: bf16 on CUDA; paper: float32, as released), ``"fp32"``, ``"bf16"``.
         grad_clip: gradient-norm clip; None = the size's (small 10, paper none); 0 = none.
+        sync_batchnorm: BatchNorm over the global batch under torchrun (None: the size's; paper as released).
         random_teacher: allow ``size="paper"`` without ``teacher_checkpoint`` (the paper's teacher is
             MoCo v2; a random one is a different experiment, so it has to be asked for).
+        teacher: the image teacher (``TEACHERS``): "moco_v2_resnet50" or a DINO ViT /8 ("dino_vits8",
+            "dino_vitb8"), whose weights ``teacher_checkpoint`` holds.
 
     Raises:
         ValueError: unknown size, paper without a teacher (and not ``random_teacher``), a bad schedule.
@@ -338,28 +368,27 @@ def train_main(
         raise ValueError(f"unknown precision {precision!r} (auto | fp32 | bf16)")
     run_config = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "num_workers": num_workers,
                   "seed": seed, "log_every": log_every, "size": size, "split": split, "precision": precision,
-                  "grad_clip": grad_clip, "random_teacher": random_teacher,
-                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None}
+                  "grad_clip": grad_clip, "random_teacher": random_teacher, "sync_batchnorm": sync_batchnorm,
+                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None, "teacher": teacher}
     steps, per_epoch, batch_size = resolve_schedule(size, max_steps, epochs, batch_size, Path(shards), split)
     if decode_on_device is None:
         decode_on_device = str(device).startswith("cuda") and nvjpeg_available()
     log.info("JPEG decoding: %s", "on the training device" if decode_on_device else "in the data loader (CPU)")
     torch.manual_seed(seed)
     np.random.seed(seed)
-    method = build_method(size, seed, teacher_checkpoint)
+    method = build_method(size, seed, teacher_checkpoint, teacher)
     ranks = distributed.ranks()  # under torchrun each rank reads its own shards
     stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split,
                          rank=ranks.rank, world_size=ranks.world_size)
 
     def batches() -> Any:
-        return make_loader(
-            stream, batch_size, slidr_collate, num_workers=num_workers, device=device, timeout=600
-        )
+        return make_loader(stream, distributed.rank_batch(batch_size), slidr_collate, num_workers=num_workers,
+                           device=device, timeout=600)
 
     bf16 = None if precision == "auto" else precision == "bf16"
     cfg = loop_config(size, steps, device, Path(out) if out is not None else None, resume=resume,
                       log_every=log_every, run_config=run_config, steps_per_epoch=per_epoch, bf16=bf16,
-                      grad_clip=grad_clip)
+                      grad_clip=grad_clip, global_batch=batch_size, sync_batchnorm=sync_batchnorm)
     metrics = train_loop(method, batches, cfg, batch_size=batch_samples)
     metrics.update(size=size, seed=seed, bad_samples=stream.bad_samples, decode_on_device=decode_on_device)
     return metrics
@@ -368,7 +397,8 @@ def train_main(
 PAPER_TEACHER_MESSAGE = (
     "--size paper needs the paper's teacher: --teacher-checkpoint with MoCo v2's 800-epoch ResNet-50 weights "
     "(moco_v2_800ep_pretrain.pth.tar, keys module.encoder_q.*; the fc layer is dropped); pass --random-teacher "
-    "to train against a randomly initialised teacher knowingly"
+    "to train against a randomly initialised teacher knowingly (teacher = dino_vits8 / dino_vitb8: DINO's "
+    "dino_deitsmall8_pretrain.pth / dino_vitbase8_pretrain.pth)"
 )
 
 
@@ -377,11 +407,12 @@ PAPER_TEACHER_MESSAGE = (
 
 def eval_main(
     checkpoint: Path | None, shards: Path | list[Path], device: str = "cpu", size: str = "small", seed: int = 0,
-    finetune: int = 0, epochs: int = 100,
+    finetune: int = 0, epochs: int = 100, probe_augment: bool | None = None,
 ) -> dict:
     """SLidR's downstream protocol (``train.slidr_eval``) for the distilled point network against the
     same network at random init (same seed): linear probing (``finetune=0``) or fine-tuning on
-    ``finetune`` percent of the train scenes; ``epochs`` of the head or of fine-tuning."""
+    ``finetune`` percent of the train scenes; ``epochs`` of the head or of fine-tuning; ``probe_augment``: re-augment
+    the probe's clouds every epoch as released (None: on CUDA only)."""
     from distillkit.train.slidr_eval import evaluate
 
     state = None
@@ -390,7 +421,7 @@ def eval_main(
         state = {k[len("point_net.") :]: v for k, v in st.items() if k.startswith("point_net.")}
     dirs = [Path(shards)] if isinstance(shards, (str, Path)) else [Path(d) for d in shards]
     return evaluate(lambda: build_point_net(size, seed), state, dirs, device=device, seed=seed,
-                    finetune_percent=finetune, epochs=epochs)
+                    finetune_percent=finetune, epochs=epochs, probe_augment=probe_augment)
 
 
 class SlidrTrainer(Trainer):
@@ -407,8 +438,12 @@ class SlidrTrainer(Trainer):
         "split": Key(str, "pretrain", choices=SPLIT_NAMES,
                      doc='train on the samples of these nuScenes scenes only (meta.json): "pretrain" = SLidR\'s '
                          '(train minus its 100 held-out scenes), "all" = every sample, or a devkit split'),
+        "teacher": Key(str, "moco_v2_resnet50", choices=TEACHERS,
+                       doc="frozen image teacher: MoCo v2 ResNet-50 (released default) or a DINO ViT-S/8 or "
+                           "ViT-B/8 (released options; small size without a checkpoint: a tiny random ViT /8)"),
         "teacher_checkpoint": Key("existing_path", None,
-                                  doc="MoCo v2 ResNet-50 checkpoint for the frozen teacher"),
+                                  doc="the teacher's weights: MoCo v2 ResNet-50 (moco_v2_800ep_pretrain.pth.tar) or "
+                                      "DINO's dino_deitsmall8_pretrain.pth / dino_vitbase8_pretrain.pth"),
         "random_teacher": Key(bool, False, doc="allow --size paper without --teacher-checkpoint"),
         "precision": Key(str, "auto", choices=("auto", "fp32", "bf16"),
                          doc="CUDA autocast; auto = bf16 for small, fp32 for paper as released (CPU: fp32)"),
@@ -417,6 +452,9 @@ class SlidrTrainer(Trainer):
     eval_schema = {
         "finetune": Key(int, 0, doc="0 = linear probing; N = fine-tune on N% of the train scenes (released: 1)"),
         "epochs": Key(int, 100, doc="epochs of the probe's head or of fine-tuning (released: 100)"),
+        "probe_augment": Key(bool, None, doc="linear probe: re-augment (rotation, flips) and re-voxelise the train "
+                                             "clouds every epoch as released (default: on with CUDA, off on CPU, "
+                                             "where it costs a trunk pass per epoch)"),
     }
     # 120 steps on the 6 pretrain keyframes of the small synthetic scenes: figures over 3 seeds in
     # docs/training.md "The demo".
@@ -434,6 +472,84 @@ class SlidrTrainer(Trainer):
             raise ConfigError(where, "epochs", "must be >= 1")
         if config["size"] == "paper" and path is None and not config.get("random_teacher"):
             raise ConfigError(where, "teacher_checkpoint", PAPER_TEACHER_MESSAGE)
+        if path is not None and str(config.get("teacher", "")).startswith("dino"):
+            # Before the run folder is made: a MoCo file given to a DINO teacher must be a one-line refusal, not a
+            # traceback from inside training. The file is memory-mapped, so this costs a moment, not a copy.
+            from distillkit.train.models.vit_teacher import build_vit_teacher
+
+            try:
+                build_vit_teacher(config["teacher"], config["size"], Path(path))
+            except ValueError as exc:
+                raise ConfigError(where, "teacher_checkpoint", str(exc)) from None
+
+    @classmethod
+    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with the size's defaults filled in (``Trainer.effective_config``): the run length
+        (``max_steps`` or ``epochs``, whichever the size trains by when neither is given), ``batch_size``,
+        ``grad_clip`` and ``sync_batchnorm``.
+
+        Args:
+            config: a resolved configuration.
+        """
+        out = super().effective_config({**config, "sync_batchnorm": config.get("sync_batchnorm")})
+        s = SIZES[out["size"]]
+        if out.get("max_steps") is None and out.get("epochs") is None:
+            if s.epochs is not None:
+                out["epochs"] = s.epochs
+            else:
+                out["max_steps"] = s.max_steps
+        for key, value in {"batch_size": s.batch_size, "grad_clip": s.grad_clip}.items():
+            if out.get(key) is None and value is not None:
+                out[key] = value
+        if config.get("sync_batchnorm") is None:  # the base class filled False: the size decides
+            out["sync_batchnorm"] = s.sync_batchnorm
+        return out
+
+    @classmethod
+    def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:
+        """Where each value of ``effective_config(config)`` comes from (``Trainer.config_sources``): at
+        ``size = "paper"`` the released file and line (valeoai/SLidR 14729d0), at ``small`` distillkit's
+        reason.
+
+        Args:
+            config: a resolved configuration.
+        """
+        rel = "valeoai/SLidR"
+        yaml = f"{rel} config/slidr_minkunet.yaml"
+        src = {
+            "split": f"{rel} pretrain/dataloader_nuscenes.py:15, :121-123 (phase parametrizing: train scenes minus "
+                     "the 100 of CUSTOM_SPLIT)",
+            "precision": f"{rel} pretrain.py:45-55 (Lightning Trainer without precision=: float32); "
+                         "small bf16 on CUDA is distillkit's choice (speed)",
+            "teacher_checkpoint": f"{rel} model/image_model.py:21 (moco_v2_800ep_pretrain.pth.tar, "
+                                  f"{yaml}:30 image_weights: moco_v2)",
+            "random_teacher": "distillkit's choice: a random teacher at paper size must be asked for",
+            "teacher": f"{yaml}:27-32 (images_encoder resnet50, image_weights moco_v2); the DINO ViT-S/8 and "
+                       f"ViT-B/8 options: {rel} model/image_model.py:177-182",
+        }
+        if config["size"] == "paper":
+            src.update({
+                "batch_size": f"{yaml}:8 (batch_size : 4, the global batch: pretrain/lightning_datamodule.py:29-30 "
+                              "divides it by num_gpus)",
+                "epochs": f"{yaml}:14 (num_epochs : 50; CosineAnnealingLR over epochs, "
+                          f"{rel} pretrain/lightning_trainer.py:43)",
+                "sync_batchnorm": f"{rel} pretrain.py:37-39 (num_gpus > 1: ME.MinkowskiSyncBatchNorm."
+                                  "convert_sync_batchnorm on the 3D net, nn.SyncBatchNorm.convert_sync_batchnorm "
+                                  "on the 2D net)",
+                "grad_clip": f"{rel} pretrain.py:45-55 (no gradient_clip_val: none)",
+                "max_steps": f"unset: the release trains by epochs ({rel} pretrain.py:50 max_epochs)",
+            })
+        else:
+            why = "distillkit's choice: the small size is a CPU-minutes smoke run on synthetic scenes"
+            src.update({
+                "batch_size": f"{why} (2 keyframes per step fit CPU memory)",
+                "max_steps": f"{why} (100 AdamW steps; SGD at lr 0.5 does not converge in that many)",
+                "epochs": why,
+                "sync_batchnorm": f"{why}, usually in one process; set it true to follow the release's "
+                                  f"multi-GPU rule ({rel} pretrain.py:37-39: synchronised when num_gpus > 1)",
+                "grad_clip": f"{why} (clip at 10 keeps AdamW with bf16 stable)",
+            })
+        return src
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:
@@ -444,13 +560,15 @@ class SlidrTrainer(Trainer):
             batch_size=config["batch_size"], num_workers=config["num_workers"], log_every=config["log_every"],
             teacher_checkpoint=Path(teacher) if teacher else None, split=config["split"],
             precision=config["precision"], grad_clip=config["grad_clip"], random_teacher=config["random_teacher"],
+            sync_batchnorm=config.get("sync_batchnorm"), teacher=config["teacher"],
         )
 
     def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
                  device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:
         options = self.resolve_eval_options(options or {})
         return eval_main(checkpoint, shards, device=device, size=config["size"], seed=config["seed"],
-                         finetune=options["finetune"], epochs=options["epochs"])
+                         finetune=options["finetune"], epochs=options["epochs"],
+                         probe_augment=options.get("probe_augment"))
 
     def format_eval(self, result: dict[str, Any]) -> str:
         return format_probe(result)

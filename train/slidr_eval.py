@@ -8,12 +8,18 @@ valeoai/SLidR ``downstream/`` (``config/semseg_nuscenes.yaml``):
   distillation head: SGD lr 0.05, momentum 0.9, dampening 0.1, weight decay 1e-4, cosine annealing over
   epochs, batch 16, cross-entropy + Lovász-softmax ignoring class 0, on the voxels of every scene of the
   official ``train`` split present in the shards; mIoU on the points of the ``val`` scenes.
-- **Fine-tuning on N% of the scenes** (``finetune=N``): every (100/N)-th ``train`` scene in scene order
-  (the released ``dataset_skip_step``), the whole network trained with a new head, trunk lr 0.02 and
-  head lr 2.0, rotation + axis-flip augmentation, the same loss and schedule; mIoU on ``val``.
+- **Fine-tuning on N% of the scenes** (``finetune=N``): every (100/N)-th ``train`` scene in the dataset's
+  scene-table order (the released ``dataset_skip_step``, downstream/dataloader_nuscenes.py:127-132), the
+  whole network trained with a new head, trunk lr 0.02 and head lr 2.0, BatchNorm momentum 0.02
+  (config/semseg_nuscenes.yaml:24), rotation + axis-flip augmentation, the same loss and schedule; mIoU
+  on ``val``.
 
-Deviations that a CPU run needs (docs/decisions.md): the linear probe's features are computed once
-without augmentation (the released probe re-augments every epoch); features of all training scenes
+Both drop each epoch's last partial batch as the released loader does (downstream/lightning_datamodule.py:60),
+except a split smaller than one batch, which keeps its one batch so that it trains at all.
+
+Deviations that a CPU run needs (docs/decisions.md): on a CPU the linear probe's features are computed once
+without augmentation by default (the released probe re-augments every epoch; ``probe_augment`` turns that on,
+the default on CUDA); features of all training scenes
 are held in memory; when the shards hold fewer than 100/N training scenes (synthetic data), the first
 training scene is used. Scenes come from each sample's ``meta.json``; shards without it fall back to a
 deterministic half/half split by key, said in the result.
@@ -108,6 +114,7 @@ class LabelledCloud:
     inverse: Tensor  # (N,) voxel of each point
     voxel_labels: Tensor  # (V,) 16-class label of each voxel's first point (the released rule)
     point_labels: Tensor  # (N,)
+    scene_index: int | None = None  # the scene's position in the dataset's scene table (meta.json), if recorded
 
 
 def _labelled(raw: dict[str, Any]) -> bool:
@@ -136,9 +143,10 @@ def load_labelled(shards: Sequence[Path] | Path) -> list[LabelledCloud]:
                 coords, first, inverse = cylindrical_voxelize(xyz)
                 meta = s.get("meta.json")
                 scene = meta.get("scene") if isinstance(meta, dict) else None
+                scene_index = meta.get("scene_index") if isinstance(meta, dict) else None
                 intensity = torch.from_numpy(lidar[:, 3:4].copy())
                 out.append(LabelledCloud(s["__key__"], scene, xyz, intensity, coords, intensity[first], inverse,
-                                         labels[first], labels))
+                                         labels[first], labels, scene_index=scene_index))
             bar.update(stream.skipped - passed_over)  # unlabelled samples after the last labelled one
     if not out:
         raise ValueError(f"{', '.join(map(str, dirs))}: no sample has lidarseg.npy labels; cannot evaluate")
@@ -165,12 +173,31 @@ def split_by_scene(clouds: list[LabelledCloud]) -> tuple[list[LabelledCloud], li
 
 
 def every_nth_scene(clouds: list[LabelledCloud], percent: int) -> tuple[list[LabelledCloud], str]:
-    """The released N% subset: scenes in order, every (100/N)-th one (the 1-based positions that are
-    multiples of the step); at least the first scene when there are fewer."""
+    """The released N% subset: every (100/N)-th train scene (the 1-based positions that are multiples of
+    the step) in the dataset's scene-table order, as valeoai/SLidR downstream/dataloader_nuscenes.py:127-132
+    counts them (``for scene_idx in range(len(self.nusc.scene))``, skip_counter % dataset_skip_step); at
+    least the first scene when there are fewer. The order is each sample's ``meta.json`` ``scene_index``
+    (recorded at build time); shards built without it fall back to name order, said in the note.
+
+    Args:
+        clouds: the train clouds.
+        percent: N (1 = every 100th scene).
+    """
+    if not 1 <= percent <= 100:
+        raise ValueError(f"finetune percent must be in 1..100, got {percent}")
     step = max(1, round(100 / percent))
-    scenes = sorted({c.scene or c.key for c in clouds})
+    index: dict[str, int | None] = {}
+    for c in clouds:
+        index.setdefault(c.scene or c.key, c.scene_index)
+    table_order = all(i is not None for i in index.values())
+    if table_order:
+        scenes = sorted(index, key=lambda s: (index[s], s))
+        order = "scene-table order"
+    else:
+        scenes = sorted(index)
+        order = "name order: these shards record no scene_index (rebuild for the released scene-table order)"
     chosen = set(scenes[step - 1 :: step])
-    note = f"every {step}th of {len(scenes)} train scenes"
+    note = f"every {step}th of {len(scenes)} train scenes in {order}"
     if not chosen:
         chosen = {scenes[0]}
         note = f"the first of {len(scenes)} train scenes (fewer than {step}: the released rule would keep none)"
@@ -205,18 +232,52 @@ def score(logits_per_cloud: list[Tensor], clouds: list[LabelledCloud]) -> dict[s
             "n_test": int(sum(int((c.point_labels > 0).sum()) for c in clouds))}
 
 
+def _augmented_voxels(net: SparseUNet, train: list[LabelledCloud], device: str, g: torch.Generator
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+    """Trunk features and voxel labels of freshly augmented, re-voxelised ``train`` clouds (one probe epoch)."""
+    feats, labels = [], []
+    net.eval().to(device)
+    with torch.no_grad():
+        for c in train:
+            vox, first, _ = cylindrical_voxelize(_augment(c.xyz, g))
+            coords = torch.cat([torch.zeros(len(vox), 1, dtype=torch.long), vox], 1)
+            feats.append(net(coords.to(device), c.intensity[first].to(device), return_trunk=True).float().cpu())
+            labels.append(c.point_labels[first])
+    return feats, labels
+
+
 def linear_probe(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str,
-                 epochs: int, seed: int, name: str = "") -> dict[str, Any]:
-    """Train a new 1x1 layer on frozen trunk features of ``train``; score on ``val`` (``name``: the
-    network's name in the progress bars)."""
+                 epochs: int, seed: int, name: str = "", augment: bool = False) -> dict[str, Any]:
+    """Train a new 1x1 layer on frozen trunk features of ``train``; score on ``val``.
+
+    Args:
+        net: the point network (frozen, eval mode as released: downstream/lightning_trainer.py:106-107).
+        train, val: labelled clouds.
+        device: torch device.
+        epochs: epochs of the head.
+        seed: seeds the head, the sample order and the augmentation.
+        name: the network's name in the progress bars.
+        augment: re-augment (rotation about z, x/y flips) and re-voxelise the training clouds every epoch, as
+            the released probe's loader does (valeoai/SLidR downstream/lightning_datamodule.py:25,
+            config/semseg_nuscenes.yaml:32, utils/transforms.py:23-54); costs one trunk pass over the training
+            clouds per epoch. False: features computed once, un-augmented.
+    """
     tag = f" ({name})" if name else ""
-    ftr = frozen_features(net, train, device, desc=f"slidr eval: train features{tag}")
-    head = train_linear_head(ftr, [c.voxel_labels for c in train], N_CLASSES, epochs=epochs, seed=seed,
-                             desc=f"slidr eval: linear probe{tag}")
+    if augment:
+        g = torch.Generator().manual_seed(seed)
+        ftr, labels = _augmented_voxels(net, train, device, g)
+        resample = lambda epoch: _augmented_voxels(net, train, device, g)  # noqa: E731 (one-line closure)
+    else:
+        ftr = frozen_features(net, train, device, desc=f"slidr eval: train features{tag}")
+        labels, resample = [c.voxel_labels for c in train], None
+    head = train_linear_head(ftr, labels, N_CLASSES, epochs=epochs, seed=seed,
+                             drop_last=True,  # as released: downstream/lightning_datamodule.py:60
+                             resample=resample, desc=f"slidr eval: linear probe{tag}")
     with torch.no_grad():
         logits = [head(f) for f in frozen_features(net, val, device, desc=f"slidr eval: val features{tag}")]
     res = score(logits, val)
     res["n_train"] = int(sum(int((c.voxel_labels > 0).sum()) for c in train))
+    res["augmented"] = augment
     return res
 
 
@@ -244,12 +305,60 @@ def _augment(xyz: Tensor, g: torch.Generator) -> Tensor:
     return out
 
 
+def full_batches(n: int, batch_size: int) -> int:
+    """How many samples an epoch uses when the last partial batch is dropped, as the released downstream
+    loader does (valeoai/SLidR downstream/lightning_datamodule.py:60, ``drop_last=True``). When ``n`` is
+    below one batch the release trains on nothing; distillkit keeps that one short batch instead so a
+    small (synthetic) split still trains (distillkit's choice).
+
+    Args:
+        n: training samples.
+        batch_size: samples per step.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return n if n < batch_size else n - n % batch_size
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set every BatchNorm's running-statistics momentum (torch convention); returns how many were set.
+
+    Args:
+        model: the network.
+        momentum: the new momentum.
+    """
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+            count += 1
+    return count
+
+
+# valeoai/SLidR config/semseg_nuscenes.yaml:24 (bn_momentum : 0.02), read by model/res16unet.py:36 for every
+# BatchNorm of the downstream network; pretraining uses 0.05 (config/slidr_minkunet.yaml:22).
+FINETUNE_BN_MOMENTUM = 0.02
+
+
 def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledCloud], device: str, epochs: int,
-             seed: int, batch_size: int = 16, lr: float = 0.02, lr_head: float = 2.0, name: str = "") -> dict[str, Any]:
-    """Fine-tune the whole network with a new head on ``train`` (augmented); score on ``val`` (``name``: the
-    network's name in the progress bars)."""
+             seed: int, batch_size: int = 16, lr: float = 0.02, lr_head: float = 2.0, name: str = "",
+             bn_momentum: float = FINETUNE_BN_MOMENTUM) -> dict[str, Any]:
+    """Fine-tune the whole network with a new head on ``train`` (augmented); score on ``val``.
+
+    Args:
+        net: the point network (its 64-d head is replaced by a new classification layer).
+        train, val: labelled clouds.
+        device: torch device.
+        epochs: passes over ``train`` (cosine annealing per epoch).
+        seed: seeds the head, the sample order and the augmentation.
+        batch_size: clouds per step; the last partial batch of an epoch is dropped (``full_batches``).
+        lr, lr_head: trunk and head learning rates (released: 0.02 and 2.0).
+        name: the network's name in the progress bars.
+        bn_momentum: BatchNorm momentum while fine-tuning (released: 0.02).
+    """
     torch.manual_seed(seed)
     model = Segmenter(net).to(device)
+    set_bn_momentum(model, bn_momentum)
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     trunk_params = [p for p in model.parameters() if id(p) not in head_ids]
@@ -262,7 +371,7 @@ def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledClou
             group["lr"] = cosine_epoch_lr(base, epoch, epochs)
         model.train()
         order = torch.randperm(len(train), generator=g).tolist()
-        for start in range(0, len(order), batch_size):
+        for start in range(0, full_batches(len(order), batch_size), batch_size):
             batch = [train[i] for i in order[start : start + batch_size]]
             coords, feats, labels = [], [], []
             for b, c in enumerate(batch):
@@ -285,7 +394,8 @@ def finetune(net: SparseUNet, train: list[LabelledCloud], val: list[LabelledClou
 
 
 def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tensor] | None, shards: Sequence[Path],
-             device: str = "cpu", seed: int = 0, finetune_percent: int = 0, epochs: int = 100) -> dict[str, Any]:
+             device: str = "cpu", seed: int = 0, finetune_percent: int = 0, epochs: int = 100,
+             probe_augment: bool | None = None) -> dict[str, Any]:
     """The chosen protocol for the random-init network and, given its state, the distilled one.
 
     Args:
@@ -296,7 +406,12 @@ def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tens
         seed: seeds the heads, sample orders and augmentations.
         finetune_percent: 0 for linear probing, else N for fine-tuning on N% of the train scenes.
         epochs: training epochs of the head (probe) or network (fine-tuning); 100 in the released configs.
+        probe_augment: re-augment the probe's training clouds every epoch as released (``linear_probe``);
+            None = on when ``device`` is CUDA (one trunk pass per epoch is cheap there; on a CPU it multiplies
+            the probe's time by about the epoch count, so it is off).
     """
+    if probe_augment is None:
+        probe_augment = str(device).startswith("cuda")
     check_built_splits([shards] if isinstance(shards, Path) else list(shards))  # before reading every sample
     clouds = load_labelled(shards)
     train, val, how = split_by_scene(clouds)
@@ -305,7 +420,8 @@ def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tens
         train, note = every_nth_scene(train, finetune_percent)
     result: dict[str, Any] = {
         "protocol": (f"fine-tuning on {finetune_percent}% ({note})" if finetune_percent else "linear probing")
-        + f"; train {len(train)} / val {len(val)} samples; {how}; {epochs} epochs",
+        + f"; train {len(train)} / val {len(val)} samples; {how}; {epochs} epochs"
+        + ("" if finetune_percent else f"; {'re-augmented every epoch' if probe_augment else 'no augmentation'}"),
         "metric_name": f"{finetune_percent}% fine-tune" if finetune_percent else "linear probe",
     }
     runs: list[tuple[str, dict[str, Tensor] | None]] = [("random", None)]
@@ -318,7 +434,7 @@ def evaluate(make_net: Callable[[], SparseUNet], distilled_state: dict[str, Tens
         if finetune_percent:
             result[name] = finetune(net, train, val, device, epochs, seed, name=name)
         else:
-            result[name] = linear_probe(net, train, val, device, epochs, seed, name=name)
+            result[name] = linear_probe(net, train, val, device, epochs, seed, name=name, augment=probe_augment)
         log.info("%s %s mIoU %.3f", result["metric_name"], name, result[name]["miou"])
     result["miou_random"] = result["random"]["miou"]
     result["miou_distilled"] = result["distilled"]["miou"] if "distilled" in result else None

@@ -213,7 +213,9 @@ class ShardStream(IterableDataset):
     sample into a training example. ``images``: ``"rgb"`` decodes photographs to (H, W, 3) uint8,
     ``"raw"`` leaves them as bytes (label images are decoded either way). ``select(raw)`` returns
     False for a sample to skip before decoding it (see the module docstring); skipped samples are
-    counted in ``skipped``.
+    counted in ``skipped``. ``interleave``: shards each worker reads at once, one sample from each in turn,
+    before the shuffle buffer; shards written one recording after another (COMODO's windows) then mix
+    ``interleave`` times as many recordings per batch for the same buffer memory.
     """
 
     def __init__(
@@ -234,8 +236,12 @@ class ShardStream(IterableDataset):
         keep_raw: Sequence[str] = (),
         images: Literal["rgb", "raw"] = "rgb",
         select: Callable[[dict[str, Any]], bool] | None = None,
+        interleave: int = 1,
     ):
         super().__init__()
+        if interleave < 1:
+            raise ValueError(f"interleave must be >= 1, not {interleave}")
+        self.interleave = interleave
         self.shards = list(shards) if shards is not None else shard_files(shard_dir)
         self.seed, self.epochs = seed, epochs
         self.shuffle_shards, self.shuffle_buffer = shuffle_shards, shuffle_buffer
@@ -331,7 +337,9 @@ class ShardStream(IterableDataset):
                 return  # more workers than shards: this worker has nothing to do
             buf_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
             good, skipped_before = 0, self.skipped
-            for raw in _buffer_shuffle(self._raw_samples(shards), self.shuffle_buffer, buf_rng):
+            raws = (self._raw_samples(shards) if self.interleave == 1 else
+                    _round_robin([self._raw_samples([s]) for s in shards], self.interleave))
+            for raw in _buffer_shuffle(raws, self.shuffle_buffer, buf_rng):
                 sample = self._decoded(raw)
                 if sample is None:
                     continue
@@ -360,6 +368,29 @@ class ShardStream(IterableDataset):
                     log.error("no usable sample in %d shard(s) of this worker: stopping the stream", len(shards))
                 return
             epoch += 1
+
+
+def _round_robin(streams: list[Iterator[Any]], width: int) -> Iterator[Any]:
+    """One item from each of up to ``width`` open ``streams`` in turn; an exhausted one is replaced by the next
+    unopened one, in order (deterministic, so a resumed run's fast-forward meets the same sequence). Streams are
+    generators, so a shard is opened only when its turn first comes."""
+    pending = iter(streams)
+    active = [s for _, s in zip(range(width), pending, strict=False)]
+    while active:
+        still = []
+        for s in active:
+            item = next(s, _END)
+            if item is _END:
+                nxt = next(pending, None)
+                if nxt is not None:
+                    still.append(nxt)
+                continue
+            yield item
+            still.append(s)
+        active = still
+
+
+_END = object()
 
 
 def _buffer_shuffle(it: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:

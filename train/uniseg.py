@@ -11,11 +11,12 @@ there). Region pairs are matched by construction (same region id), the paper's c
 the mask identity instead of Dice. The loss is DINO's cross-entropy between the centred, sharpened
 teacher distribution and the student's, averaged over matched (region, crop) pairs; the centre is an EMA
 (0.9) of teacher outputs, the teacher temperature warms up linearly, and the teacher follows the
-student with a cosine momentum schedule (``train.ema``). A per-token term (``dense_weight``, default 1)
-adds the released code's per-pixel loss: every student token against the teacher distributions of the
-regions covering it; without it the region queries alone made the features worse for a linear probe
-in short CPU runs (docs/uniseg.md). ``contrast_weight`` optionally adds identifying a crop-part's region
-among the image's regions.
+student with a cosine momentum schedule (``train.ema``). distillkit's per-token term (``token_weight``,
+default 1; formerly ``dense_weight``) runs the student head on every token against the teacher
+distributions of the regions covering it; without it the region queries alone made the features worse
+for a linear probe in short CPU runs (docs/uniseg.md). The released code's per-pixel loss is the option
+``pixel_weight`` (``query_mixture_loss``: per-token mixtures of head(query) over each view's queries).
+``contrast_weight`` optionally adds identifying a crop-part's region among the image's regions.
 
 Differences from the paper, all for a dependency-free plain-torch trainer: no ViT-Adapter and no
 Mask2Former decoder (the queries are region-pooled tokens, not decoder queries, so no mask loss);
@@ -164,29 +165,33 @@ class QuerySD(nn.Module):
         teacher_temp_warmup: warm-up length in steps.
         student_temp: student temperature.
         min_coverage: least region coverage (in student tokens) for a (region, crop) pair to count.
-        dense_weight: weight of the per-token term (``dense_loss``); 0 = region queries only.
+        token_weight: weight of distillkit's per-token term (``region_token_loss``); 0 = region queries only.
+        pixel_weight: weight of the released per-pixel query-mixture term (``query_mixture_loss``); 0 = off.
+        nq_temp: temperature of the token-to-query attention of that term.
         contrast_weight: weight of the region-identification term (``region_contrast``); 0 = off.
         contrast_temp: its temperature.
     """
 
     def __init__(self, student: Branch, out_dim: int, total_steps: int, momentum: float = 0.996,
                  teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04, teacher_temp_warmup: int = 0,
-                 student_temp: float = 0.1, min_coverage: float = 0.5, dense_weight: float = 0.0,
-                 contrast_weight: float = 0.0, contrast_temp: float = 0.1) -> None:
+                 student_temp: float = 0.1, min_coverage: float = 0.5, token_weight: float = 0.0,
+                 contrast_weight: float = 0.0, contrast_temp: float = 0.1, pixel_weight: float = 0.0,
+                 nq_temp: float = 0.1) -> None:
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
         self.loss_fn = DINOLoss(out_dim, teacher_temp, warmup_teacher_temp, teacher_temp_warmup, student_temp)
         self.total_steps, self.momentum, self.min_coverage = total_steps, momentum, min_coverage
-        self.dense_weight = dense_weight
+        self.token_weight, self.pixel_weight, self.nq_temp = token_weight, pixel_weight, nq_temp
         self.contrast_weight, self.contrast_temp = contrast_weight, contrast_temp
         # the optimisation step, in the state dict so that schedules resume where they were
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.last_pairs = 0
         # The loss split into its two parts, summed since the last ``loss_terms()`` (see ``loss_terms``).
         self._terms: list[Tensor] = []
-        self._dense_entropy = torch.zeros(())
+        self._token_entropy = torch.zeros(())
+        self._pixel_entropy = torch.zeros(())
         self.log_every = 0  # steps per logged window of loss_terms (train_main sets the run's log_every)
         self.windows: list[dict[str, float]] = []  # loss_terms of each logged window, with its step
 
@@ -217,17 +222,23 @@ class QuerySD(nn.Module):
         pairs = self.last_pairs > 0
         s_logits = self.student.head(s_emb[match])
         t_rep = t_logits[:, None].expand(B, V, *t_logits.shape[1:]).flatten(0, 1)  # (B*V, R, K)
-        if self.dense_weight > 0 and pairs:
-            dense = self.dense_loss(s_tok.flatten(1, 2), sw, t_rep, valid[:, None].expand(B, V, -1).flatten(0, 1),
-                                    step)
-        # updates the centre (after the dense term, which reads the old one) from the matched pairs' teacher
-        # outputs: a region counts once per crop it reaches. Counting each region once (DINO counts each
+        if self.token_weight > 0 and pairs:
+            token = self.region_token_loss(s_tok.flatten(1, 2), sw, t_rep,
+                                           valid[:, None].expand(B, V, -1).flatten(0, 1), step)
+        if self.pixel_weight > 0 and pairs:
+            pixel = self._pixel_term(t_tok, t_emb, t_logits, valid, s_tok, s_emb, match, boxes, step)
+        # updates the centre (after the per-token and per-pixel terms, which read the old one, as the release's
+        # DINOLoss.forward calls update_center last: bio-mlhui/S2-UniSeg S2UniSeg.py:252) from the matched
+        # pairs' teacher outputs: a region counts once per crop it reaches. Counting each region once (DINO counts each
         # teacher output once) measured +0.009 mIoU against +0.031 this way on the gain test (docs/uniseg.md).
         entropy = self._teacher_entropy(t_rep[match], step) if pairs else s_tok.new_zeros(())
         loss = self.loss_fn(s_logits, t_rep[match], step) + s_tok.sum() * 0.0
-        if self.dense_weight > 0 and pairs:
-            loss = loss + self.dense_weight * dense
-            entropy = entropy + self.dense_weight * self._dense_entropy
+        if self.token_weight > 0 and pairs:
+            loss = loss + self.token_weight * token
+            entropy = entropy + self.token_weight * self._token_entropy
+        if self.pixel_weight > 0 and pairs:
+            loss = loss + self.pixel_weight * pixel
+            entropy = entropy + self.pixel_weight * self._pixel_entropy
         contrast = s_tok.new_zeros(())
         if self.contrast_weight > 0 and pairs:
             t_emb_rep = t_emb[:, None].expand(B, V, *t_emb.shape[1:]).flatten(0, 1)
@@ -290,13 +301,15 @@ class QuerySD(nn.Module):
             parts["part 3: region contrast (weighted)"] = last["contrast"]
         return parts
 
-    def dense_loss(self, tokens: Tensor, weights: Tensor, t_logits: Tensor, valid: Tensor, step: int) -> Tensor:
+    def region_token_loss(self, tokens: Tensor, weights: Tensor, t_logits: Tensor, valid: Tensor,
+                          step: int) -> Tensor:
         """Per student token, DINO cross-entropy against the teacher distributions of the regions covering it.
 
         The target of a token is the mean of the (centred, sharpened) teacher distributions of the regions
         that cover it, weighted by coverage (regions of several levels overlap: a multi-granular target);
-        tokens that no region covers by at least half are left out. The released code's per-pixel loss
-        (reference/uniap.md §4) in this module's terms.
+        tokens that no region covers by at least half are left out. distillkit's own term: the student's
+        head runs on each token, which the release never does (its per-pixel maps are mixtures of head
+        outputs on queries: ``query_mixture_loss``, the ``pixel_weight`` option).
 
         Args:
             tokens: (N, T, D) student patch tokens of N crops.
@@ -309,14 +322,108 @@ class QuerySD(nn.Module):
         total = w.sum(1)  # (N, T)
         keep = total >= 0.5
         if not bool(keep.any()):
-            self._dense_entropy = tokens.new_zeros(())
+            self._token_entropy = tokens.new_zeros(())
             return tokens.sum() * 0.0
         q = torch.softmax((t_logits.float() - self.loss_fn.center) / self.loss_fn.temperature(step), dim=-1)
         target = torch.einsum("nrt,nrk->ntk", w.float(), q) / total.clamp_min(1e-6)[..., None]
         with torch.no_grad():  # its entropy: the part of this term that the student cannot lower (loss_terms)
-            self._dense_entropy = -(target[keep] * torch.log(target[keep].clamp_min(1e-30))).sum(-1).mean()
+            self._token_entropy = -(target[keep] * torch.log(target[keep].clamp_min(1e-30))).sum(-1).mean()
         logp = torch.log_softmax(self.student.head(tokens[keep]).float() / self.loss_fn.student_temp, dim=-1)
         return -(target[keep] * logp).sum(-1).mean()
+
+    def _pixel_term(self, t_tok: Tensor, t_emb: Tensor, t_logits: Tensor, valid: Tensor, s_tok: Tensor,
+                    s_emb: Tensor, match: Tensor, boxes: Tensor, step: int) -> Tensor:
+        """The released per-pixel query-mixture term on this step's views (``query_mixture_loss``).
+
+        Queries of a view are its UniAP regions pooled over that view (the teacher's on the global view, the
+        student's over the part of each region inside the crop, kept where ``match``). The release computes
+        them online with UniAP on each view's frozen-backbone features (bio-mlhui/S2-UniSeg S2UniSeg.py:470-510,
+        :529); distillkit takes the stored regions restricted to the view.
+        """
+        B, V = boxes.shape[:2]
+        t_map = query_mixture(t_tok.flatten(1, 2), t_emb, t_logits, valid, self.nq_temp)  # (B, T, K)
+        s_q_logits = torch.zeros(*s_emb.shape[:2], t_logits.shape[-1], device=s_emb.device, dtype=t_logits.dtype)
+        s_q_logits = s_q_logits.masked_scatter(match[..., None], self.student.head(s_emb[match]).to(t_logits.dtype))
+        s_map = query_mixture(s_tok.flatten(1, 2), s_emb, s_q_logits, match, self.nq_temp)  # (B*V, Ts, K)
+        h, w = t_tok.shape[1:3]
+        loss, entropy = query_mixture_loss(
+            s_map.unflatten(0, (B, V)).unflatten(2, s_tok.shape[1:3]), t_map.unflatten(1, (h, w)), boxes,
+            self.loss_fn.center, self.loss_fn.temperature(step), self.loss_fn.student_temp)
+        self._pixel_entropy = entropy
+        return loss
+
+
+def query_mixture(tokens: Tensor, queries: Tensor, q_logits: Tensor, q_valid: Tensor, temp: float) -> Tensor:
+    """Per token, the mixture of its view's query head outputs weighted by a soft attention over the queries.
+
+    As the release (bio-mlhui/S2-UniSeg S2UniSeg.py:535-561): attention = softmax over the view's queries
+    of cos(token, query) / ``temp``, computed without gradient (:543-546); the token's logits = attention @
+    head(query), the teacher's head on the teacher's views (:557-559), the student's on every view
+    (:560-561). A view without any valid query gives zeros (the caller leaves its pixels out).
+
+    Args:
+        tokens: (N, T, D) patch tokens of N views.
+        queries: (N, R, D) query embeddings of each view.
+        q_logits: (N, R, K) head outputs on the queries.
+        q_valid: (N, R) queries that exist in the view.
+        temp: attention temperature (the release's ``nq_temperature``).
+
+    Returns:
+        (N, T, K) per-token logits.
+    """
+    with torch.no_grad():
+        cos = torch.einsum("ntd,nrd->ntr", F.normalize(tokens.float(), dim=-1, eps=1e-10),
+                           F.normalize(queries.float(), dim=-1, eps=1e-10))
+        cos = cos.masked_fill(~q_valid[:, None, :], float("-inf"))
+        attn = torch.softmax(cos / temp, dim=-1).nan_to_num(0.0)  # a view with no query: all-zero attention
+    return torch.einsum("ntr,nrk->ntk", attn, q_logits.float())
+
+
+def query_mixture_loss(s_map: Tensor, t_map: Tensor, boxes: Tensor, center: Tensor, t_temp: float,
+                       s_temp: float) -> tuple[Tensor, Tensor]:
+    """DINO cross-entropy per pixel of the views' overlap between the teacher's and the student's mixture maps.
+
+    Release steps (bio-mlhui/S2-UniSeg S2UniSeg.py): teacher logits centred and sharpened over K before any
+    resampling, ``softmax((t - center) / t_temp)`` (:212); student logits over ``student_temp`` (:208);
+    both maps resampled onto the overlap's grid with ``grid_sample`` (bilinear, border padding,
+    align_corners=False, the teacher's side detached: :244-245); per pixel ``-sum_k q log_softmax(s)``
+    (:248); mean over every pixel of every (teacher view, student view) pair of the rank's batch
+    (:250-251). Here the teacher's view is the whole image, so the overlap is the crop: the common grid is
+    the student's own token grid (identity resampling for the student) and the teacher's map is sampled at
+    those tokens' centres. The release sizes its grid with ``box_to_grid(box, K, h)`` (:186-198, :237-239),
+    so its height follows K: not reproduced. Crops of an image without any query (an all-zero student map)
+    are left out.
+
+    Args:
+        s_map: (B, V, hs, ws, K) student mixture logits of each crop.
+        t_map: (B, h, w, K) teacher mixture logits of each whole image.
+        boxes: (B, V, 4) crops as (y0, x0, y1, x1) in [0, 1] image coordinates (x0 > x1: flipped).
+        center: (1, K) teacher centre.
+        t_temp: teacher temperature.
+        s_temp: student temperature.
+
+    Returns:
+        The loss and, without gradient, the mean entropy of the teacher targets (its part the student cannot lower).
+    """
+    B, V, hs, ws, K = s_map.shape
+    q = torch.softmax((t_map.float() - center.float()) / t_temp, dim=-1).permute(0, 3, 1, 2)  # (B, K, h, w)
+    dev = s_map.device
+    ty = (torch.arange(hs, device=dev, dtype=torch.float32) + 0.5) / hs
+    tx = (torch.arange(ws, device=dev, dtype=torch.float32) + 0.5) / ws
+    y0, x0, y1, x1 = boxes.float().unbind(-1)  # (B, V)
+    gy = (y0[..., None] + ty * (y1 - y0)[..., None])[..., :, None].expand(B, V, hs, ws)
+    gx = (x0[..., None] + tx * (x1 - x0)[..., None])[..., None, :].expand(B, V, hs, ws)
+    grid = (torch.stack([gx, gy], -1) * 2 - 1).flatten(1, 2)  # (B, V*hs, ws, 2), (x, y) in [-1, 1]
+    qs = F.grid_sample(q, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, K, V*hs, ws)
+    qs = qs.reshape(B, K, V, hs, ws).permute(0, 2, 3, 4, 1)  # (B, V, hs, ws, K)
+    logp = torch.log_softmax(s_map.float() / s_temp, dim=-1)
+    keep = s_map.detach().abs().flatten(2).amax(-1) > 0  # (B, V): crops with at least one query
+    ce = -(qs * logp).sum(-1)[keep]
+    with torch.no_grad():
+        entropy = -(qs * torch.log(qs.clamp_min(1e-30))).sum(-1)[keep].mean()
+    if not bool(keep.any()):
+        return s_map.sum() * 0.0, s_map.new_zeros(())
+    return ce.mean(), entropy
 
 
 def region_contrast(s_emb: Tensor, t_emb: Tensor, match: Tensor, valid: Tensor, temp: float) -> Tensor:
@@ -385,8 +492,9 @@ def build_method(config: dict[str, Any], total_steps: int) -> QuerySD:
                    momentum=config["momentum"] if config["momentum"] is not None else s.momentum,
                    teacher_temp=config["teacher_temp"], warmup_teacher_temp=config["warmup_teacher_temp"],
                    teacher_temp_warmup=warm, student_temp=config["student_temp"],
-                   min_coverage=config["min_coverage"], dense_weight=config["dense_weight"],
-                   contrast_weight=config["contrast_weight"])
+                   min_coverage=config["min_coverage"], token_weight=config["token_weight"],
+                   contrast_weight=config["contrast_weight"], pixel_weight=config["pixel_weight"],
+                   nq_temp=config["nq_temp"])
 
 
 def view_config(config: dict[str, Any]) -> ViewConfig:
@@ -454,10 +562,12 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
         loop["lr"] = config["lr"]
     cfg = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
                      log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
-                     run_config=config, bf16=config["precision"] != "fp32", grad_clip=3.0, **loop)
+                     run_config=config, bf16=config["precision"] != "fp32", grad_clip=3.0, global_batch=batch_size,
+                     sync_batchnorm=bool(UnisegTrainer.effective_config(config)["sync_batchnorm"]), **loop)
 
     def batches() -> Any:
-        return make_loader(stream, batch_size, collate, num_workers=config["num_workers"], device=device,
+        return make_loader(stream, distributed.rank_batch(batch_size), collate,
+                           num_workers=config["num_workers"], device=device,
                            timeout=600 if config["num_workers"] else 0)
 
     method.log_every = config["log_every"]
@@ -495,7 +605,15 @@ class UnisegTrainer(Trainer):
         "local_scale": Key(list, [0.05, 0.4], doc="crop area range as a fraction of the image (paper 0.05-0.4)"),
         "max_regions": Key(int, 32, doc="UniAP regions (all levels, deduplicated) used per image"),
         "min_coverage": Key(float, 0.5, doc="least region coverage of a crop, in student tokens, to match it"),
-        "dense_weight": Key(float, 1.0, doc="weight of the per-token term (released code's per-pixel loss); 0 = off"),
+        "token_weight": Key(float, 1.0, doc="weight of distillkit's per-token term (the student head on every "
+                                           "token against the covering regions' teacher targets; not in the "
+                                           "release); 0 = off"),
+        "pixel_weight": Key(float, 0.0, doc="weight of the released per-pixel loss (query mixtures of head outputs "
+                                           "over each view's UniAP queries, S2UniSeg.py:535-561); 0 = off"),
+        "nq_temp": Key(float, 0.1, doc="temperature of that loss's token-to-query attention (release: nq_temperature, "
+                                      "value not released)"),
+        "dense_weight": Key(float, None, doc="old name of token_weight (renamed: it is not the released per-pixel "
+                                            "loss); still read, with a warning, so old configs and checkpoints load"),
         "contrast_weight": Key(float, 0.0, doc="weight of the region-identification term (region_contrast); 0 = off"),
         "momentum": Key(float, None, doc="base EMA momentum, cosine to 1 (default: small 0.99, paper 0.996)"),
         "teacher_temp": Key(float, 0.07, doc="teacher temperature after warm-up"),
@@ -528,6 +646,80 @@ class UnisegTrainer(Trainer):
                 raise ConfigError(where, key, "must be >= 1")
         if config["momentum"] is not None and not 0 <= config["momentum"] <= 1:
             raise ConfigError(where, "momentum", "must be in [0, 1]")
+        for key in ("token_weight", "pixel_weight", "contrast_weight"):
+            if config[key] < 0:
+                raise ConfigError(where, key, "must be >= 0")
+        if not config["nq_temp"] > 0:
+            raise ConfigError(where, "nq_temp", "must be > 0")
+        if config["dense_weight"] is not None:
+            # The old name of token_weight: configs and checkpoints written before the rename still load, but
+            # setting both to different values is ambiguous.
+            if config["token_weight"] not in (cls.schema["token_weight"].default, config["dense_weight"]):
+                raise ConfigError(where, "dense_weight", "is the old name of token_weight; set only token_weight")
+            log.warning("%s: dense_weight is the old name of token_weight (distillkit's per-token term, not the "
+                        "released per-pixel loss: pixel_weight); reading it as token_weight", where)
+            config["token_weight"], config["dense_weight"] = config["dense_weight"], None
+
+    @classmethod
+    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with the size's defaults filled in (``Trainer.effective_config``).
+
+        Args:
+            config: a resolved configuration.
+        """
+        out = super().effective_config(config)
+        s = SIZES[out["size"]]
+        fill = {"max_steps": s.max_steps, "batch_size": s.batch_size, "head_hidden": s.head_hidden,
+                "momentum": s.momentum, "lr": s.loop["lr"], "patch": s.patch}
+        for key, value in fill.items():
+            if out.get(key) is None:
+                out[key] = value
+        if out.get("vit") is None and out.get("init_checkpoint") is None:  # a checkpoint sets its own ViT
+            out["vit"] = s.vit
+        if out.get("dense_weight") is None:  # the old name: not printed unless a config still uses it
+            out.pop("dense_weight", None)
+        # no BatchNorm anywhere: the release's heads are built with use_bn=False (S2UniSeg.py:318, :327) and
+        # its ViT has none, so there is nothing to synchronise
+        out["sync_batchnorm"] = bool(out.get("sync_batchnorm") or False)
+        return out
+
+    @classmethod
+    def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:
+        """Where each value of ``effective_config(config)`` comes from (``Trainer.config_sources``).
+
+        Args:
+            config: a resolved configuration.
+        """
+        rel = "bio-mlhui/S2-UniSeg S2UniSeg.py"
+        no_cfg = "distillkit's choice: the release's configuration files are not published (only S2UniSeg.py, " \
+                 "FastUniAP.py, utils.py at 9049574)"
+        src = {
+            "out_dim": f"{no_cfg}; 512 prototypes is the paper's K",
+            "local_crops": f"{rel}:346 (local_crop_number, value in the unreleased config); paper delta = 2",
+            "student_temp": f"{rel}:355 (student_temp = 0.1)",
+            "teacher_temp": f"{rel}:352 (teacher_temp from the unreleased config); 0.07 is DINO's",
+            "warmup_teacher_temp": f"{rel}:175-179 (linear warm-up schedule; value unreleased); 0.04 is DINO's",
+            "teacher_temp_warmup": f"{no_cfg}; a fraction of the steps instead of epochs (:176)",
+            "momentum": f"{rel}:460-465 (cosine from momentum_teacher to 1; value unreleased)",
+            "nq_temp": f"{rel}:546 (softmax(cos / nq_temperature); value unreleased): 0.1 is distillkit's",
+            "pixel_weight": "distillkit's choice: 0 = off by default (the release's only loss is this one, "
+                            f"{rel}:568-572; distillkit's default recipe was measured with token_weight)",
+            "token_weight": "distillkit's choice: its per-token term, not in the release (docs/uniseg.md)",
+            "contrast_weight": "distillkit's choice: optional region-identification term, not in the release",
+            "min_coverage": "distillkit's choice: pairs whose region covers under half a student token are noise",
+            "max_regions": "distillkit's choice: bounds the per-image query count",
+            "lr": ("distillkit's choice: the value (the release publishes none) and no batch scaling (its "
+                   f"{rel}:443 scales by the per-process batch, which would tie the lr to the GPU count)"),
+            "sync_batchnorm": f"{rel}:318, :327 (heads use_bn=False; no BatchNorm to synchronise)",
+            "precision": f"{rel}:438-440 (use_fp16 option: GradScaler fp16); bf16 is distillkit's choice",
+            "vit": f"{rel}:330 (dinov1_vits8 head weights; backbone from the unreleased config)",
+            "patch": "the paper's ViT-*/8",
+            "max_steps": f"{no_cfg}; small: a few CPU minutes",
+            "batch_size": f"{no_cfg}; the release's lr rule ({rel}:443) reads the per-process batch",
+        }
+        if config["size"] == "paper":
+            src["head_hidden"] = f"{rel}:320-322 (DINOHead nlayers=3, hidden_dim=2048, bottleneck_dim=256)"
+        return src
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:

@@ -7,6 +7,11 @@
     OUT/clock_offsets.json       {uid: offset_ms} for every other recording (IMU time + offset = video time);
                                  the others are left out, so a pipeline has to estimate theirs
     OUT/labels.csv               uid,start_ms,end_ms,label: activity segments on the video clock
+    OUT/ego4d_subset_ids.txt     every recording's uid, one a line (the released subset list's format)
+    OUT/splits/{train,val,test}.txt
+                                 uid<TAB>scenario a line (the released split files' format); the scenario is the
+                                 activity covering most of the recording; about 70/10/20% of the recordings, at
+                                 least one each from 3 recordings on, drawn from ``seed`` (:func:`split_of`)
     OUT/synth_truth.json         what the generator did, for tests only: every frame's PTS, every offset,
                                  IMU gaps, frame rate kind (a pipeline must not read it)
 
@@ -89,6 +94,24 @@ SIZES: dict[str, EgoSize] = {
     # distillation is for (docs/comodo.md "The demo": with "large"'s 25 degrees the gain was not reliable).
     "demo": EgoSize(n_recordings=12, duration_ms=60_000, width=160, height=120, texture=512, mount_rad=1.2),
 }
+
+
+def split_of(n: int, seed: int) -> list[str]:
+    """The split ("train", "val", "test") of each of ``n`` recordings: ~70/10/20% as the released Ego4D split
+    files (1110/162/316 videos, Breezelled/COMODO dataset/Ego4D/*.txt), at least one val and one test recording
+    from 3 on, assigned by a permutation drawn from ``seed`` alone (the recordings' own draws stay as they were).
+
+    Args:
+        n: the number of recordings.
+        seed: the dataset's seed.
+    """
+    n_test = max(1, round(0.2 * n)) if n >= 2 else 0
+    n_val = max(1, round(0.1 * n)) if n >= 3 else 0
+    order = np.random.default_rng([seed, 1000]).permutation(n)
+    out = ["train"] * n
+    for j, i in enumerate(order[: n_test + n_val]):
+        out[int(i)] = "test" if j < n_test else "val"
+    return out
 
 
 def _uid(seed: int, i: int) -> str:
@@ -311,6 +334,8 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
     (out / "imu").mkdir(parents=True, exist_ok=True)
     texture = make_texture(sz.texture, np.random.default_rng([seed, 999]))
     offsets, labels, truth = {}, [], {}
+    splits = split_of(sz.n_recordings, seed)
+    split_lines: dict[str, list[str]] = {name: [] for name in ("train", "val", "test")}
     for i in range(sz.n_recordings):
         rng = np.random.default_rng([seed, i])
         uid = _uid(seed, i)
@@ -355,10 +380,13 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
         if i % 2 == 0:
             offsets[uid] = offset
         end_ms = float(frames_ms[-1]) + (float(frames_ms[-1] - frames_ms[-2]) if len(frames_ms) > 1 else 33.0)
+        cover: dict[str, float] = {}
         for a, b, act in segs:
             a, b = max(a, float(frames_ms[0])), min(b, end_ms)
             if b > a:
                 labels.append((uid, round(a, 3), round(b, 3), act))
+                cover[act] = cover.get(act, 0.0) + (b - a)
+        split_lines[splits[i]].append(f"{uid}\t{max(sorted(cover), key=lambda act: cover[act])}\n")
         truth[uid] = {"index": i, "kind": kind, "offset_ms": offset, "offset_given": i % 2 == 0,
                       "frame_pts_ms": frames_ms.tolist(), "imu_gap_ms": gap,
                       "imu_nan_ms": [round(float(t), 3) for t in nan_ms],
@@ -369,5 +397,9 @@ def make_ego(out: pathlib.Path, seed: int = 0, size: str = "small",
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(("uid", "start_ms", "end_ms", "label"))
         w.writerows(labels)
+    (out / "ego4d_subset_ids.txt").write_text("".join(f"{_uid(seed, i)}\n" for i in range(sz.n_recordings)))
+    (out / "splits").mkdir(exist_ok=True)
+    for name, lines in split_lines.items():
+        (out / "splits" / f"{name}.txt").write_text("".join(lines))
     (out / "synth_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     return out
