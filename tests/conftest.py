@@ -93,3 +93,12 @@ def build_serial(manifest: str, out: Path, *sets: str) -> Path:
 
     build(load_manifest(manifest, [f"output.dir={out}", "cluster.scheduler=serial", *sets]), progress=False)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's own process group: ``tcp://127.0.0.1:PORT``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

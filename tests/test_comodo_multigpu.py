@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distillkit.train.comodo import ComodoTrainer, comodo_loss
+from tests.conftest import free_port
 
 
 def _setup(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,16 +108,11 @@ def _comodo_rank(rank: int, world: int, port: int, batch: dict, raw_queue: torch
 
 
 def test_two_processes_take_the_step_of_one_process_with_the_global_batch(tmp_path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
     batch, raw_queue = _comodo_inputs()
     reference = _comodo_step(batch, raw_queue)  # one process, batch 8: the release on one GPU
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_comodo_rank, args=(2, port, batch, raw_queue, True, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_comodo_rank, args=(2, free_port(), batch, raw_queue, True, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(got["params"], reference["params"], rtol=1e-4, atol=1e-5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distillkit.train import distributed
+from tests.conftest import free_port
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -53,11 +53,6 @@ def test_torchrun_trains_slidr_on_two_processes_and_resumes(slidr_shards, tmp_pa
     assert alone.exit_code == 2 and "saved by 2 process(es); resume it with as many, not 1" in alone.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _collectives(rank: int, world: int, port: int, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -81,7 +76,7 @@ def _collectives(rank: int, world: int, port: int, result_dir: str) -> None:
 
 
 def test_gather_rows_and_the_sync_check_across_processes(tmp_path):
-    mp.spawn(_collectives, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_collectives, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["gathered"] == [[0.0] * 3, [1.0] * 3, [1.0] * 3]  # rank order, unequal row counts kept
@@ -156,7 +151,7 @@ def _uniseg_steps(rank: int, world: int, port: int, batch: dict, empty_on: list[
 def test_a_uniseg_step_without_pairs_keeps_the_ranks_in_step(tmp_path, empty_on):
     """A step where no region reaches into a crop distils nothing, but under DDP's static graph every rank
     must still use the same parameters and join the centre's all-reduce, or the next step fails."""
-    mp.spawn(_uniseg_steps, args=(2, _free_port(), _uniseg_batch(), empty_on, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_uniseg_steps, args=(2, free_port(), _uniseg_batch(), empty_on, str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     for rank in (0, 1):
         assert (got[rank]["pairs"][2] == 0) == (rank in empty_on) and got[rank]["pairs"][3] > 0

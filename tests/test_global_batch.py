@@ -28,7 +28,6 @@ per-rank queue or centre.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -41,7 +40,7 @@ from torch import nn
 
 from distillkit.train import distributed
 from distillkit.train.registry import get_trainer
-from tests.conftest import build_serial
+from tests.conftest import build_serial, free_port
 
 B = 4  # the global batch: 2 samples per rank
 
@@ -95,11 +94,6 @@ def _config(name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the two-process run
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, name: str, shards: str, config: dict, out: str) -> None:
@@ -258,7 +252,7 @@ def test_one_step_on_two_ranks_equals_the_released_two_gpu_step(name, request, t
     shards = _shards(request, name)
     config = _config(name)
     out = tmp_path / "run"
-    mp.spawn(_rank_main, args=(2, _free_port(), name, str(shards), config, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), name, str(shards), config, str(out)), nprocs=2, join=True)
     ddp = torch.load(out / "latest.pt", map_location="cpu", weights_only=False)["model"]
     torch.set_num_threads(1)
     ref, before, grads, asked = _reference(name, shards, config)
@@ -338,7 +332,7 @@ def test_global_batchnorm_is_batchnorm_over_the_global_batch(tmp_path):
     """Two gloo ranks with 3 rows each: the averaged gradients and running statistics equal one process's plain
     BatchNorm over the 6 rows with the loss averaged over the two halves (what nn.SyncBatchNorm computes on GPUs)."""
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
-    mp.spawn(_bn_ranks, args=(2, _free_port(), x, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_bn_ranks, args=(2, free_port(), x, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3), nn.Linear(4, 1))
     y = net(x)

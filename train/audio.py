@@ -431,18 +431,24 @@ class AudioTrainer(Trainer):
         Args:
             config: a resolved configuration.
         """
-        out = super().effective_config({**config, "sync_batchnorm": config.get("sync_batchnorm")})
+        out = super().effective_config(config)
         s = SIZES[out["size"]]
         fill = {"max_steps": s.max_steps, "batch_size": s.batch_size, "crop_s": s.crop_s, "ema_base": s.ema_base,
                 "lr": s.lr, "grad_clip": s.grad_clip, "precision": s.precision}
         for key, value in fill.items():
             if out.get(key) is None:
                 out[key] = value
-        if config.get("sync_batchnorm") is None:
-            # ATST's Lightning Trainer has sync_batchnorm=True (audiossl/methods/atst/train.py:22) at both sizes;
-            # small is distillkit's CPU size, where per-process BatchNorm is the plain case
-            out["sync_batchnorm"] = out["size"] != "small"
         return out
+
+    @classmethod
+    def default_sync_batchnorm(cls, config: dict[str, Any]) -> bool:
+        """ATST's Lightning Trainer has ``sync_batchnorm=True`` (audiossl/methods/atst/train.py:22) at both of its
+        sizes (paper, base); small is distillkit's CPU size, where per-process BatchNorm is the plain case.
+
+        Args:
+            config: a resolved configuration.
+        """
+        return config["size"] != "small"
 
     @classmethod
     def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:
@@ -520,7 +526,7 @@ class AudioTrainer(Trainer):
                           grad_clip=config["grad_clip"] or None, min_lr_ratio=min(1.0, size.final_lr / lr),
                           log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
                           bf16=config["precision"] == "bf16", run_config=config, global_batch=batch,
-                          sync_batchnorm=bool(self.effective_config(config)["sync_batchnorm"]))
+                          sync_batchnorm=bool(config["sync_batchnorm"]))
 
         def batches() -> Any:
             return make_loader(stream, distributed.rank_batch(batch), collate_views,

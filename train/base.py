@@ -188,16 +188,29 @@ class Trainer(ABC):
         Why a hook: ``--show-config`` must print what a run does, not ``None``; only the trainer knows its
         sizes' defaults. What it returns must be a configuration ``--config`` accepts and that trains the same
         run. Keys that stay ``None`` (a run length given the other way, an optional file) are left out of the
-        TOML with a comment. The default fills ``sync_batchnorm`` with False (a trainer whose release
-        synchronises BatchNorm overrides this).
+        TOML with a comment. The default fills ``sync_batchnorm`` (when unset) from
+        ``default_sync_batchnorm``; a trainer extends this for its own keys.
 
         Args:
             config: a resolved configuration (``resolve_config``).
         """
         out = copy.deepcopy(config)
         if out.get("sync_batchnorm") is None:
-            out["sync_batchnorm"] = False
+            out["sync_batchnorm"] = cls.default_sync_batchnorm(out)
         return out
+
+    @classmethod
+    def default_sync_batchnorm(cls, config: dict[str, Any]) -> bool:
+        """Whether BatchNorm is synchronised across processes when ``sync_batchnorm`` is unset: what the method's
+        release does at ``config``'s size.
+
+        Why a hook: the one default that differs by method and size, filled by ``effective_config`` in one place
+        so that a value the user set is never overwritten. The default is False (per-process BatchNorm).
+
+        Args:
+            config: a resolved configuration.
+        """
+        return False
 
     @classmethod
     def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:

@@ -582,7 +582,7 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
                      warmup_steps=plan["warmup"], min_lr_ratio=plan["min_lr_ratio"], schedule="linear",
                      grad_clip=None,
                      bf16=config["precision"] == "bf16", global_batch=config["batch_size"],
-                     sync_batchnorm=bool(ComodoTrainer.effective_config(config)["sync_batchnorm"]))
+                     sync_batchnorm=bool(config["sync_batchnorm"]))
     metrics = train_loop(
         method,
         lambda: make_loader(stream, distributed.rank_batch(config["batch_size"]), collate,
@@ -864,20 +864,26 @@ class ComodoTrainer(Trainer):
             raise ConfigError(where, "teacher_checkpoint", f"not a file: {config['teacher_checkpoint']}")
 
     @classmethod
-    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` with ``sync_batchnorm`` filled in: True at every size unless set.
-
-        Why True: the release trains on one GPU (comodo/train.py:136), so its student's BatchNorm
+    def default_sync_batchnorm(cls, config: dict[str, Any]) -> bool:
+        """True at every size: the release trains on one GPU (comodo/train.py:136), so its student's BatchNorm
         (utils/model_util.py:21) normalises over the whole batch; synchronising makes a global batch B on N
         processes do the same (with the gathered bank in ``Comodo.loss``, one step equals one step with batch B).
         It only acts under torchrun, and costs one all-reduce of 2 x 2048 floats per step.
 
         Args:
+            config: a resolved configuration.
+        """
+        return True
+
+    @classmethod
+    def effective_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with the size's student, batch, run length and teacher normalisation filled in (and
+        ``sync_batchnorm``, ``default_sync_batchnorm``).
+
+        Args:
             config: a resolved configuration (``resolve_config``).
         """
         out = super().effective_config(config)
-        if config.get("sync_batchnorm") is None:
-            out["sync_batchnorm"] = True
         paper = config.get("size") == "paper"
         if out.get("student") is None:
             out["student"] = "mantis" if paper else "transformer"

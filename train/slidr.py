@@ -491,7 +491,7 @@ class SlidrTrainer(Trainer):
         Args:
             config: a resolved configuration.
         """
-        out = super().effective_config({**config, "sync_batchnorm": config.get("sync_batchnorm")})
+        out = super().effective_config(config)
         s = SIZES[out["size"]]
         if out.get("max_steps") is None and out.get("epochs") is None:
             if s.epochs is not None:
@@ -501,9 +501,16 @@ class SlidrTrainer(Trainer):
         for key, value in {"batch_size": s.batch_size, "grad_clip": s.grad_clip}.items():
             if out.get(key) is None and value is not None:
                 out[key] = value
-        if config.get("sync_batchnorm") is None:  # the base class filled False: the size decides
-            out["sync_batchnorm"] = s.sync_batchnorm
         return out
+
+    @classmethod
+    def default_sync_batchnorm(cls, config: dict[str, Any]) -> bool:
+        """The size's: paper synchronises, as released (pretrain.py:37-39).
+
+        Args:
+            config: a resolved configuration.
+        """
+        return SIZES[config["size"]].sync_batchnorm
 
     @classmethod
     def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:

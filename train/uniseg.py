@@ -678,9 +678,8 @@ class UnisegTrainer(Trainer):
             out["vit"] = s.vit
         if out.get("dense_weight") is None:  # the old name: not printed unless a config still uses it
             out.pop("dense_weight", None)
-        # no BatchNorm anywhere: the release's heads are built with use_bn=False (S2UniSeg.py:318, :327) and
-        # its ViT has none, so there is nothing to synchronise
-        out["sync_batchnorm"] = bool(out.get("sync_batchnorm") or False)
+        # sync_batchnorm keeps the base default, False: there is no BatchNorm anywhere (the release's heads are
+        # built with use_bn=False, S2UniSeg.py:318, :327, and its ViT has none), so nothing to synchronise
         return out
 
     @classmethod
