@@ -29,9 +29,11 @@ def test_paper_size_is_the_released_recipe_and_small_is_unchanged():
     assert (small["student"], small["batch_size"], small["max_steps"], small["epochs"]) == ("transformer", 32, 100,
                                                                                            None)
     assert small["teacher_standardise"] is True
+    assert paper["queue_holdout"] is True and small["queue_holdout"] is False
     sources = ComodoTrainer.config_sources(ComodoTrainer.resolve_config({"size": "paper"}, check=False))
     for key, cite in (("student", "train.py:227"), ("epochs", "train.py:48"), ("batch_size", "train.py:49"),
-                      ("lr_schedule", "train.py:379"), ("teacher_standardise", "model_util.py:188")):
+                      ("lr_schedule", "train.py:379"), ("teacher_standardise", "model_util.py:188"),
+                      ("queue_holdout", "train.py:292-311")):
         assert cite in sources[key], (key, sources[key])
 
 
@@ -65,6 +67,13 @@ def test_epochs_and_the_released_schedule():
     for step in range(released["warmup"], released["steps"] + 1, 7):  # the decay is the release's straight line
         assert f(step) == pytest.approx(_released_lr(step, total, released["warmup"]))
     assert f(released["steps"]) > 0.2  # the release's lr never decays to 0 within its run
+    # the release warms up from 0 (get_linear_schedule_with_warmup: step / W); distillkit's clean schedule from 1/W
+    zero = cosine_lambda(released["steps"], released["warmup"], released["min_lr_ratio"], schedule="linear",
+                         warmup_from_zero=True)
+    assert [zero(s) for s in (0, 1, 7)] == [s / released["warmup"] for s in (0, 1, 7)] and f(0) > 0
+    # the queue held out of epoch 0 (train.py:292-311, back at epoch 1): epoch 0 has s0 batches, the others 101
+    held = tc.schedule({**config, "queue_holdout": True}, n_windows=1001, queue=100)
+    assert held["steps"] == s0 + 2 * 101
     # the paper's recipe on 100k windows (batch 128, queue 16,384, 20 epochs): the warm-up outlasts the run and the
     # lr peaks at about 0.48x (issue 21's figure)
     paper = tc.schedule({"batch_size": 128, "epochs": 20, "max_steps": None, "lr_schedule": "released"},
@@ -113,6 +122,48 @@ def test_the_train_split_is_distilled_and_without_splits_every_window(split_shar
         tc.resolve_split({"split": "train"}, without)
 
 
+def test_the_queue_is_held_out_of_epoch_zero_and_resumes_with_it(split_shards, tmp_path, monkeypatch):
+    """queue_holdout: the stream leaves the queue's windows out of epoch 0 only; the keys travel in the checkpoint,
+    so a run stopped and resumed inside epoch 0 trains on the same batches as one that was not."""
+    info = tc.shard_info(split_shards)
+    n = info["splits"]["train"]
+    keys = tc.queue_draw(split_shards, 4, 0, None, split="train", share=n / info["samples"])[0]
+    stream = tc.make_stream(split_shards, 0, False, epochs=2, shuffle=False, split="train")
+    stream.hold_out = frozenset(keys)
+    seen = [[] for _ in range(2)]
+    previous = None
+    for sample in tc.ShardStream.__iter__(stream):  # the stream's own order: epoch 0, then epoch 1
+        seen[1 if previous is not None and len(seen[0]) == n - 4 else 0].append(sample)
+        previous = sample
+    assert stream.held_out == 4 and len(seen[0]) == n - 4 and len(seen[1]) == n
+    config = ComodoTrainer.resolve_config({"max_steps": 8, "batch_size": 2, "queue_size": 4, "queue_holdout": True})
+    whole = ComodoTrainer().train(split_shards, tmp_path / "whole", config)
+    real_loader = tc.make_loader
+
+    def crashing_loader(*args, **kwargs):  # dies fetching batch 4: the last checkpoint is step 2 (of 2, 4, 6, 8)
+        for i, batch in enumerate(real_loader(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(tc, "make_loader", crashing_loader)
+    with pytest.raises(KeyboardInterrupt):
+        ComodoTrainer().train(split_shards, tmp_path / "cut", config)
+    monkeypatch.setattr(tc, "make_loader", real_loader)
+    assert torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["step"] == 2
+    assert n - 4 > 2 * 2  # step 2 is inside epoch 0, while the queue's windows are held out
+    resumed = ComodoTrainer().train(split_shards, tmp_path / "cut", config, resume=True)
+    assert whole["queue_held_out"] == resumed["queue_held_out"] == 4
+    a = torch.load(tmp_path / "whole" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "latest.pt", weights_only=True)["model"]
+    assert a["_extra_state"]["queue_keys"] == b["_extra_state"]["queue_keys"] == keys
+    for name in a:
+        if name != "_extra_state":
+            assert torch.equal(a[name], b[name]), name
+    with pytest.raises(ValueError, match="takes every window"):
+        ComodoTrainer().train(split_shards, None, {**config, "queue_size": n})
+
+
 @pytest.fixture(scope="module")
 def saved_mantis(tmp_path_factory) -> Path:
     mantis = pytest.importorskip("mantis.architecture")
@@ -132,6 +183,7 @@ def test_mantis_end_to_end_pretrained_baseline_and_svm(split_shards, saved_manti
     metrics = ComodoTrainer().train(split_shards, tmp_path / "run", config)
     info = tc.shard_info(split_shards)
     assert (metrics["split"], metrics["split_windows"], metrics["step"]) == ("train", info["splits"]["train"], 2)
+    assert metrics["queue_held_out"] == 8  # paper: the queue's windows are left out of epoch 0
     state = torch.load(tmp_path / "run" / "latest.pt", map_location="cpu", weights_only=False)["model"]
     assert torch.equal(state["mean"].reshape(-1), torch.zeros(6))  # Mantis sees the raw IMU, as released
     students, mean, std = tc.eval_students(tmp_path / "run" / "latest.pt", [split_shards], config)

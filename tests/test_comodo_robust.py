@@ -444,8 +444,8 @@ def test_the_queue_pass_holds_one_window_at_a_time(shards, monkeypatch):
     held = {"read": 0, "out": 0, "max": 0}
     raw_samples, decoded = ShardStream._raw_samples, ShardStream._decoded
 
-    def counting_raw(self, shard_list):
-        for raw in raw_samples(self, shard_list):
+    def counting_raw(self, shard_list, epoch=0):
+        for raw in raw_samples(self, shard_list, epoch):
             held["read"] += 1
             held["max"] = max(held["max"], held["read"] - held["out"])
             yield raw

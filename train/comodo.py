@@ -19,8 +19,9 @@ tau_s 0.05: the student is sharper), with ``Q = [queue; z_t of the batch]`` and 
 - **Data.** When the shards carry the released splits (``times.json`` ``split``), the run distils on ``split``
   (default ``train``); otherwise on every window, as before split files existed.
 - **Queue.** ``queue_size`` (default 16384) embeddings, first filled with the teacher embeddings of windows
-  drawn with a fixed seed from the distilled split (the released code holds them out of epoch 0; here they are
-  not held out) and clipped to the split's size when that is smaller. It is a buffer of the method, so it is
+  drawn with a fixed seed from the distilled split and clipped to the split's size when that is smaller. With
+  ``queue_holdout`` (default at paper) those windows are left out of the first epoch, as released (their keys are
+  kept in the checkpoint, so a resumed run holds out the same ones). It is a buffer of the method, so it is
   checkpointed and a resumed run continues with the same queue. The windows are chosen by key, uniformly over
   the whole dataset (keys listed from the tar headers, without reading the samples), then one pass reads only
   those: one window is held at a time, never a shuffle buffer of thousands of windows with all their JPEGs.
@@ -50,6 +51,7 @@ import math
 import random
 import re
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,9 @@ class Comodo(nn.Module):
             p.requires_grad_(False)
         self.video_teacher = teacher  # frames -> embedding when the shards hold no teacher.npy
         self.register_buffer("queue", queue.clone())
+        # The keys of the windows first drawn into the queue (``fill_queue``): the stream holds them out of epoch 0,
+        # as released. Kept in the checkpoint (extra state) so a resumed run holds out the same windows.
+        self.queue_keys: list[str] = []
         # Per-dimension statistics of raw teacher embeddings, set from the queue's initial windows.
         self.register_buffer("t_mean", torch.zeros(teacher_dim))
         self.register_buffer("t_std", torch.ones(teacher_dim))
@@ -202,12 +207,25 @@ class Comodo(nn.Module):
         """Raw (B, D) teacher embeddings -> standardised -> frozen head -> unit (B, out_dim)."""
         return F.normalize(self.teacher_head((emb.float() - self.t_mean) / self.t_std), dim=1)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"queue_keys": list(self.queue_keys)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.queue_keys = list(state.get("queue_keys", [])) if isinstance(state, dict) else []
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the queue's keys were kept: load them as holding none
+        state_dict.setdefault(prefix + "_extra_state", {"queue_keys": []})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
-    def fill_queue(self, raw: Tensor) -> None:
-        """Set the teacher statistics from ``raw`` (K, D) teacher embeddings and the queue to their projections.
+    def fill_queue(self, raw: Tensor, keys: Sequence[str] = ()) -> None:
+        """Set the teacher statistics from ``raw`` (K, D) teacher embeddings and the queue to their projections;
+        ``keys``: those windows' keys (``queue_keys``).
 
         Without ``teacher_standardise`` the statistics stay 0 / 1, so the frozen head sees the raw embeddings as
         the release feeds them (pooled features straight into its MLP, comodo/utils/model_util.py:188-196)."""
+        self.queue_keys = list(keys)
         if self.teacher_standardise:
             self.t_mean.copy_(raw.mean(0))
             self.t_std.copy_(raw.std(0, unbiased=False).clamp_min(1e-6) if len(raw) > 1
@@ -417,8 +435,15 @@ def _embed_keys(shards: Path, keys: list[str], video_teacher: nn.Module | None, 
 
 def initial_teacher_embeddings(shards: Path, size: int, seed: int, video_teacher: nn.Module | None,
                                device: str = "cpu", split: str = "all", share: float = 1.0) -> Tensor:
-    """Raw teacher embeddings (size, D) of ``size`` windows drawn uniformly with ``seed`` from the whole dataset,
-    in the drawn order.
+    """Raw teacher embeddings (size, D) of ``size`` windows drawn uniformly with ``seed`` (:func:`queue_draw`
+    without the keys)."""
+    return queue_draw(shards, size, seed, video_teacher, device, split, share)[1]
+
+
+def queue_draw(shards: Path, size: int, seed: int, video_teacher: nn.Module | None, device: str = "cpu",
+               split: str = "all", share: float = 1.0) -> tuple[list[str], Tensor]:
+    """The keys of ``size`` windows drawn uniformly with ``seed`` from the whole dataset and their raw teacher
+    embeddings (size, D), in the drawn order.
 
     The draw is over keys (:func:`shard_keys`), so memory holds keys and embeddings, not samples; windows that turn
     out unusable are replaced by the next ones of the same seeded permutation.
@@ -450,7 +475,8 @@ def initial_teacher_embeddings(shards: Path, size: int, seed: int, video_teacher
         found.update(_embed_keys(shards, wanted, video_teacher, device, split=split))
     if not found:
         raise ValueError(f"{shards}: no usable window for the queue")
-    return torch.stack([found[k] for k in order[:used] if k in found][:size])
+    keys = [k for k in order[:used] if k in found][:size]
+    return keys, torch.stack([found[k] for k in keys])
 
 
 def _teacher_for(info: dict[str, Any], config: dict[str, Any], needs_frames: bool) -> tuple[nn.Module | None, int]:
@@ -516,12 +542,11 @@ def build_method(shards: Path, config: dict[str, Any], device: str, with_queue: 
     if with_queue:
         if k < eff["queue_size"]:
             log.info("queue clipped to the split: %d windows (queue_size %d)", k, eff["queue_size"])
-        raw = initial_teacher_embeddings(shards, k, eff["seed"], teacher, split=split,
-                                         share=n_split / max(1, info["samples"]))
+        keys, raw = queue_draw(shards, k, eff["seed"], teacher, split=split, share=n_split / max(1, info["samples"]))
         if len(raw) < k:
             raise ValueError(f"{shards}: only {len(raw)} usable windows for a queue of {k} (index.json counts "
                              f"{n_split}): rebuild the shards or lower queue_size")
-        method.fill_queue(raw)
+        method.fill_queue(raw, keys)
     return method
 
 
@@ -529,13 +554,16 @@ def schedule(config: dict[str, Any], n_windows: int, queue: int) -> dict[str, An
     """Optimiser steps, warm-up steps and the lr's final ratio for ``n_windows`` windows of the distilled split.
 
     ``epochs`` E: E * ceil(n / batch) steps (the release's loader keeps the last partial batch, shuffle=True and no
-    drop_last, comodo/train.py:324-330). ``lr_schedule``: ``"clean"`` warms up over 10% of the steps run and decays
+    drop_last, comodo/train.py:324-330), or with ``queue_holdout`` ceil((n - Q) / batch) + (E - 1) * ceil(n / batch):
+    the queue's windows are held out of epoch 0 (train.py:292-311, added back at epoch 1, train.py:402-410).
+    ``lr_schedule``: ``"clean"`` warms up over 10% of the steps run and decays
     linearly to 0 at the last one; ``"released"`` reproduces what the release's scheduler does
     (comodo/train.py:379-391): its total counts the queue's *samples* as if they were batches,
     ``T = S0 + (S0 + Q) * (E - 1)`` with S0 the batches of epoch 0, warm-up ``int(0.1 T)``, and the run stops after
     far fewer steps, so the lr never decays to 0 and, once ``int(0.1 T)`` exceeds the steps run, never reaches its
-    peak. Here the same straight lines: warm-up over ``int(0.1 T)`` steps, then decay to ``(T - S) / (T - W)`` at
-    the S steps run (the release's value there).
+    peak. Here the same straight lines: warm-up from 0 over ``int(0.1 T)`` steps (``step / W``, transformers'
+    get_linear_schedule_with_warmup), then decay to ``(T - S) / (T - W)`` at the S steps run (the release's value
+    there).
 
     Args:
         config: an effective configuration (``max_steps`` or ``epochs`` set).
@@ -545,11 +573,12 @@ def schedule(config: dict[str, Any], n_windows: int, queue: int) -> dict[str, An
     batch = config["batch_size"]
     per_epoch = max(1, math.ceil(n_windows / batch))
     epochs = config.get("epochs")
-    steps = int(config["max_steps"]) if epochs is None else epochs * per_epoch
+    s0 = max(1, math.ceil(max(0, n_windows - queue) / batch))  # epoch 0 without the queue's windows
+    first = s0 if config.get("queue_holdout") else per_epoch
+    steps = int(config["max_steps"]) if epochs is None else first + (epochs - 1) * per_epoch
     if config.get("lr_schedule", "clean") == "clean":
         return {"steps": steps, "warmup": int(round(0.1 * steps)), "min_lr_ratio": 0.0, "per_epoch": per_epoch}
     e = epochs if epochs is not None else max(1, math.ceil(steps / per_epoch))
-    s0 = max(1, math.ceil(max(0, n_windows - queue) / batch))
     total = s0 + (s0 + queue) * (e - 1)
     warmup = int(0.1 * total)
     ratio = (total - steps) / (total - warmup) if total > max(warmup, steps) else 0.0
@@ -570,6 +599,13 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     resuming = distributed.from_rank0(resume and out is not None and (Path(out) / "latest.pt").is_file())
     method = build_method(Path(shards), config, device, with_queue=not resuming and ranks.main)
     split, n_split = resolve_split(config, shard_info(Path(shards)), shards)
+    if config["queue_holdout"] and len(method.queue) >= n_split:
+        raise ValueError(f"{shards}: the queue ({len(method.queue)}) takes every window of {split!r} ({n_split}), "
+                         "so holding it out of epoch 0 leaves nothing to train on: lower queue_size or set "
+                         "queue_holdout = false")
+    # The windows held out of epoch 0: rank 0 drew them (every rank must hold out the same ones); a resumed run
+    # reads them from its checkpoint (the method's extra state), restored before the loop first builds the loader.
+    method.queue_keys = distributed.from_rank0(method.queue_keys)
     stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size, split=split)
     plan = schedule(config, n_split, len(method.queue))
     steps = plan["steps"]
@@ -580,17 +616,19 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
                      log_every=config["log_every"], ckpt_every=max(1, steps // 4) if steps >= 8 else 0,
                      run_config=config, optimizer="adamw", lr=config["lr"], weight_decay=config["weight_decay"],
                      warmup_steps=plan["warmup"], min_lr_ratio=plan["min_lr_ratio"], schedule="linear",
-                     grad_clip=None,
+                     warmup_from_zero=config["lr_schedule"] == "released", grad_clip=None,
                      bf16=config["precision"] == "bf16", global_batch=config["batch_size"],
                      sync_batchnorm=bool(config["sync_batchnorm"]))
-    metrics = train_loop(
-        method,
-        lambda: make_loader(stream, distributed.rank_batch(config["batch_size"]), collate,
-                            num_workers=config["num_workers"], device=device),
-        cfg,
-        batch_size=lambda b: len(b["imu"]),
-    )
+
+    def loader() -> Any:
+        # called by the loop after it restored a checkpoint, so a resumed run holds out the queue it saved
+        stream.hold_out = frozenset(method.queue_keys if config["queue_holdout"] else ())
+        return make_loader(stream, distributed.rank_batch(config["batch_size"]), collate,
+                           num_workers=config["num_workers"], device=device)
+
+    metrics = train_loop(method, loader, cfg, batch_size=lambda b: len(b["imu"]))
     metrics.update(bad_samples=stream.bad_samples, queue=len(method.queue), split=split, split_windows=n_split,
+                   queue_held_out=len(stream.hold_out),
                    teacher="stored teacher.npy" if method.video_teacher is None else "computed from frames")
     return metrics
 
@@ -816,6 +854,8 @@ class ComodoTrainer(Trainer):
         "teacher_standardise": Key(bool, None, doc="standardise teacher embeddings per dimension before the frozen "
                                                    "head (default: small true, paper false as released)"),
         "queue_size": Key(int, 16384, doc="teacher embeddings in the FIFO queue (clipped to the dataset)"),
+        "queue_holdout": Key(bool, None, doc="leave the queue's initial windows out of the first epoch, as released "
+                                             "(default: paper true, small false)"),
         "tau_s": Key(float, 0.05, doc="student temperature"),
         "tau_t": Key(float, 0.1, doc="teacher temperature"),
         "lr": Key(float, 3e-4, doc="AdamW peak learning rate (10% linear warm-up, then linear decay)"),
@@ -893,6 +933,8 @@ class ComodoTrainer(Trainer):
             out["epochs" if paper else "max_steps"] = 20 if paper else 100
         if out.get("teacher_standardise") is None:
             out["teacher_standardise"] = not paper
+        if out.get("queue_holdout") is None:
+            out["queue_holdout"] = paper
         for key, default in (("student_checkpoint", ""), ("random_student", False), ("lr_schedule", "clean")):
             out.setdefault(key, default)  # configurations stored before these keys
         return out
@@ -937,12 +979,18 @@ class ComodoTrainer(Trainer):
                            "distillkit's choice: 32 runs on a CPU; the release uses 128 on one GPU "
                            f"({_RELEASE}train.py:49)"),
             "lr_schedule": f"distillkit's choice: clean; 'released' reproduces {_RELEASE}train.py:379-391, whose "
-                           "total counts the queue's samples as batches, so its warm-up may never end",
+                           "total counts the queue's samples as batches, so its warm-up (from lr 0 at the first "
+                           "step) may never end",
             "teacher_standardise": (f"{_RELEASE}utils/model_util.py:188-196 (pooled teacher features straight into "
                                     "the head)" if paper
                                     else "distillkit's choice: a random teacher's features all point one way; "
                                          "standardising restores their spread"),
             "queue_size": f"{_RELEASE}train.py:44 (--queue_size 16384)",
+            "queue_holdout": (f"{_RELEASE}train.py:292-311 (queue windows drawn with a fixed seed and left out of the "
+                              "first epoch) and :402-410 (added back at epoch 1); distillkit draws with its own "
+                              "seeded permutation of the keys" if paper else
+                              "distillkit's choice: small datasets clip the queue to every window, which would leave "
+                              "epoch 0 empty"),
             "tau_s": f"{_RELEASE}train.py:45 (--student_temp 0.05)",
             "tau_t": f"{_RELEASE}train.py:46 (--teacher_temp 0.1)",
             "lr": f"{_RELEASE}train.py:47 (--learning_rate 3e-4; not scaled with the batch, train.py:385; "

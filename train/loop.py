@@ -83,6 +83,9 @@ class LoopConfig:
     # "cosine" (SLidR, DINO-style methods) or "linear" decay to min_lr_ratio after the warmup (COMODO's
     # transformers.get_linear_schedule_with_warmup).
     schedule: str = "cosine"
+    # Warm-up from lr 0 at the first step (``step / warmup``, transformers' get_linear_schedule_with_warmup, which
+    # COMODO's release uses) instead of ``(step + 1) / warmup``, whose first step already trains.
+    warmup_from_zero: bool = False
     grad_clip: float | None = 10.0
     log_every: int = 10
     ckpt_every: int = 0  # 0: only at the end
@@ -128,10 +131,12 @@ def weight_decay_at(step: int, cfg: LoopConfig) -> float:
 
 
 def cosine_lambda(
-    max_steps: int, warmup: int, min_ratio: float, steps_per_epoch: int | None = None, schedule: str = "cosine"
+    max_steps: int, warmup: int, min_ratio: float, steps_per_epoch: int | None = None, schedule: str = "cosine",
+    warmup_from_zero: bool = False,
 ) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine (or, with ``schedule="linear"``, a straight line) to
-    ``min_ratio`` at ``max_steps``.
+    """LR multiplier: linear warmup to 1 (``(step + 1) / warmup``, or ``step / warmup`` from 0 with
+    ``warmup_from_zero``), then cosine (or, with ``schedule="linear"``, a straight line) to ``min_ratio`` at
+    ``max_steps``.
 
     With ``steps_per_epoch`` the cosine advances once per epoch, as ``CosineAnnealingLR(T_max=epochs)``
     stepped at each epoch's end: epoch ``e`` of ``E`` trains at ``0.5 * (1 + cos(pi * e / E))``.
@@ -139,7 +144,7 @@ def cosine_lambda(
 
     def f(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return (step + (0 if warmup_from_zero else 1)) / warmup
         if steps_per_epoch:
             epochs = max(1, math.ceil(max_steps / steps_per_epoch))
             t = min(1.0, (step // steps_per_epoch) / epochs)
@@ -184,7 +189,8 @@ def train_loop(
     forward = distributed.wrap(method, device)
     opt = make_optimizer(method.named_parameters(), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch, cfg.schedule)
+        opt, cosine_lambda(cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.steps_per_epoch, cfg.schedule,
+                           cfg.warmup_from_zero)
     )
     step = 0
     st: dict[str, Any] = {}

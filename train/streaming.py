@@ -215,7 +215,9 @@ class ShardStream(IterableDataset):
     False for a sample to skip before decoding it (see the module docstring); skipped samples are
     counted in ``skipped``. ``interleave``: shards each worker reads at once, one sample from each in turn,
     before the shuffle buffer; shards written one recording after another (COMODO's windows) then mix
-    ``interleave`` times as many recordings per batch for the same buffer memory.
+    ``interleave`` times as many recordings per batch for the same buffer memory. ``hold_out``: keys left out of
+    epoch 0 only (COMODO's initial queue windows, which the release trains on from its second epoch); they are
+    counted in ``held_out``, not in ``skipped``.
     """
 
     def __init__(
@@ -237,8 +239,11 @@ class ShardStream(IterableDataset):
         images: Literal["rgb", "raw"] = "rgb",
         select: Callable[[dict[str, Any]], bool] | None = None,
         interleave: int = 1,
+        hold_out: Iterable[str] = (),
     ):
         super().__init__()
+        self.hold_out = frozenset(hold_out)
+        self.held_out = 0
         if interleave < 1:
             raise ValueError(f"interleave must be >= 1, not {interleave}")
         self.interleave = interleave
@@ -280,8 +285,9 @@ class ShardStream(IterableDataset):
         self._bad(f"{where}: unreadable shard data: {exn.args[0] if exn.args else exn!r}", exn)
         return True
 
-    def _raw_samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of ``shards`` that have the required fields and pass ``select``."""
+    def _raw_samples(self, shards: list[str], epoch: int = 0) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of ``shards`` that have the required fields and pass ``select`` (and, in epoch 0,
+        are not held out)."""
         ds = wds.WebDataset(
             shards,
             shardshuffle=False,
@@ -298,6 +304,9 @@ class ShardStream(IterableDataset):
                         refuse_unsafe(name)
                     except UnsafeFieldError as e:
                         raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
+            if epoch == 0 and key in self.hold_out:
+                self.held_out += 1
+                continue
             missing = [f for f in self.required if f not in raw]
             if missing:
                 self._bad(f"{url}: sample {key}: missing field(s) {missing}")
@@ -336,9 +345,9 @@ class ShardStream(IterableDataset):
             if not shards:
                 return  # more workers than shards: this worker has nothing to do
             buf_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-            good, skipped_before = 0, self.skipped
-            raws = (self._raw_samples(shards) if self.interleave == 1 else
-                    _round_robin([self._raw_samples([s]) for s in shards], self.interleave))
+            good, skipped_before, held_before = 0, self.skipped, self.held_out
+            raws = (self._raw_samples(shards, epoch) if self.interleave == 1 else
+                    _round_robin([self._raw_samples([s], epoch) for s in shards], self.interleave))
             for raw in _buffer_shuffle(raws, self.shuffle_buffer, buf_rng):
                 sample = self._decoded(raw)
                 if sample is None:
@@ -359,6 +368,9 @@ class ShardStream(IterableDataset):
             if self.select is not None and epoch == 0:
                 log.info("rank %d worker %d: kept %d, skipped %d sample(s) not among the %s (%d shard(s))",
                          self.rank, worker, good, skipped, self.select, len(shards))
+            if not good and self.held_out > held_before:
+                epoch += 1  # every sample of these shards was held out of epoch 0: the next epoch has them
+                continue
             if not good:
                 # The same shards hold the same samples next epoch: stop instead of spinning.
                 if skipped and self.bad_samples == 0:
