@@ -71,11 +71,12 @@ def shard_urls(source: Source) -> list[str]:
     Raises:
         FileNotFoundError: a local shard, directory or ``index.json`` that does not exist (checked
             here so that a typo fails at once, not in a DataLoader worker).
-        ValueError: an empty source or an index that lists no shards.
+        ValueError: an empty source or an index that lists no shards; a local ``index.json`` that is
+            not JSON, not an index, or lists a shard outside its folder (``shards.BadIndex``).
     """
     from braceexpand import braceexpand
 
-    from distillkit.train.streaming import shard_files
+    from distillkit.pipelines.shards import shard_paths
 
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
@@ -90,10 +91,12 @@ def shard_urls(source: Source) -> list[str]:
                 urls.extend(braceexpand(s))
             continue
         p = Path(s)
+        # A local index is checked as every reader checks it (shards.load_index): shape, shard names inside the
+        # folder, counts and statistics against the shard records.
         if p.is_dir():
-            urls.extend(shard_files(p))
+            urls.extend(str(path) for path in shard_paths(p))
         elif p.name == "index.json":
-            urls.extend(shard_files(p.parent))  # raises FileNotFoundError when absent
+            urls.extend(str(path) for path in shard_paths(p.parent))  # raises FileNotFoundError when absent
         else:
             expanded = list(braceexpand(s))
             missing = [x for x in expanded if not Path(x).is_file()]
@@ -145,6 +148,7 @@ def open_shards(
     required: Sequence[str] = (),
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     transform: Callable[[dict[str, Any], np.random.Generator, torch.Generator], Any] | None = None,
+    on_corrupt: Literal["stop", "skip"] = "stop",
 ) -> ShardStream:
     """Decoded samples of distillkit shards, for your own training code.
 
@@ -179,6 +183,10 @@ def open_shards(
         transform: optional ``transform(sample, rng, gen)`` run in the DataLoader worker, with a
             numpy and a torch generator seeded from ``(seed, epoch, key)``: augmentations are
             reproducible whatever the worker layout.
+        on_corrupt: each local shard with a record in its folder's ``index.json`` is hashed while it is read
+            and compared with its sha256 at its end: ``"stop"`` raises ``CorruptShard``, ``"skip"`` drops the rest
+            of that shard with a counted warning (``.corrupt_shards``). Shards without a record (URLs, loose
+            ``.tar`` files) stream unchecked, with one warning.
 
     Returns:
         A ``distillkit.train.streaming.ShardStream`` (an ``IterableDataset``).
@@ -187,6 +195,8 @@ def open_shards(
         FileNotFoundError / ValueError: for a source that names no readable shard (at once).
         distillkit.pipelines.codecs.UnsafeFieldError: while iterating, for a field whose format
             could execute code (``.pth``, ``.pickle``...), always, whatever ``strict`` says.
+        distillkit.train.streaming.CorruptShard: while iterating, a shard whose bytes differ from its record
+            (with ``on_corrupt="stop"``).
     """
     from distillkit.train.streaming import ShardStream
 
@@ -207,6 +217,7 @@ def open_shards(
         transform=transform,
         strict=strict,
         images=images,
+        on_corrupt=on_corrupt,
     )
 
 

@@ -5,7 +5,9 @@ file with its label from ``labels.csv`` when listed; no file is opened.
 samples (worker): decode, mix down, resample (``sensors.audio``), cut into ``segment_s``
 segments (the last partial one zero padded, or dropped: always when under ``min_tail_s``), log-mel each
 (``preprocess.logmel``, librosa reference or the batched torch path), one sample per segment with key
-``{sanitised relative path}_{segment:04d}``.
+``{sanitised relative path}_{segment:04d}`` (a path that is not valid UTF-8: the percent-encoding of its bytes,
+``sensors.listing.shard_key``). Folders named like audio files, symlink loops and unreadable files are rejected
+while planning, with the reason (``sensors.listing``).
 Fields: ``logmel.npy`` (float16 dB), ``meta.json``, optional ``audio.flac`` (the resampled
 segment, 16-bit) and ``label.txt`` (UTF-8 class name) when the file is labelled.
 Statistics: log-mel mean/std over the frames that hold audio (not padding) go into
@@ -14,7 +16,6 @@ Statistics: log-mel mean/std over the frames that hold audio (not padding) go in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ from distillkit.sensors.audio import (
     AUDIO_EXTENSIONS,
     AudioReadError,
     flac_bytes,
-    list_audio,
     read_audio,
     read_label_rows,
 )
+from distillkit.sensors.events import EventsError, check_segment_events, clip_events, read_events
+from distillkit.sensors.listing import list_inputs, printable, shard_key
 
 SCHEMA = {
     "source": {
@@ -42,6 +44,9 @@ SCHEMA = {
                     doc='"dir": every audio file under root ("audio_dir" is accepted as the same)'),
         "root": Key("existing_path", required=True, doc="folder searched recursively for audio files"),
         "labels": Key(str, "labels.csv", doc='CSV "path,label" under the root ("" = no labels; missing = none)'),
+        "events": Key(str, "", doc='sound events: a DESED TSV (filename, onset, offset, event_label; relative '
+                                   'to root when relative) whose events go to each segment\'s events.json '
+                                   '("" = no event annotation; docs/audio.md)'),
         "extensions": Key(list, list(AUDIO_EXTENSIONS), doc="file endings read as audio (case-insensitive)"),
     },
     "stages": {
@@ -85,16 +90,6 @@ META_KEYS = ("source", "start_s", "duration_s", "sample_rate", "n_fft", "win_len
              "fmin", "fmax")
 
 
-def sanitise_key(rel: str) -> str:
-    """A dot-free, slash-free shard key prefix from a relative path: every character outside
-    ``[A-Za-z0-9_-]`` becomes ``_`` (``set1/clip_000.wav`` -> ``set1_clip_000_wav``).
-
-    Args:
-        rel: POSIX path relative to the source root.
-    """
-    return re.sub(r"[^A-Za-z0-9_-]", "_", rel)
-
-
 def logmel_config(m: Manifest) -> LogMelConfig:
     """The front-end settings of a manifest.
 
@@ -125,6 +120,8 @@ class AudioPipeline(Pipeline):
         "labelled_segments": "segments with a label.txt",
         "padded_segments": "segments shorter than the segment length (padded)",
         "over_range_segments": "segments with samples beyond [-1, 1] (kept unscaled)",
+        "event_segments": "segments with an events.json (source.events set)",
+        "events:.*": "events of this label in segments (one cut by a segment boundary counts in each)",
         "logmel_mean": "dB (log-mel, over all bins of audio)",
         "logmel_std": "dB (log-mel, over all bins of audio)",
     }
@@ -160,23 +157,48 @@ class AudioPipeline(Pipeline):
                 labels = read_label_rows(csv_path)
             except ValueError as exc:
                 raise ManifestError(m.path, "source.labels", str(exc)) from None
-        refs, rejected, seen = [], [], {}
-        for rel in list_audio(root, tuple(m.get("source.extensions"))):
-            key = sanitise_key(rel)
+        try:
+            listing = list_inputs(root, tuple(m.get("source.extensions")))
+        except OSError as exc:  # the root itself: a file, or no permission to list it
+            why = printable(f"cannot list {root}: {exc.strerror or exc}")
+            raise ManifestError(m.path, "source.root", why) from None
+        events = self._events(m, root, [f.rel for f in listing.files])
+        refs, rejected, seen = [], [u.rejection() for u in listing.unusable], {}
+        for f in listing.files:
+            key = shard_key(f.rel)  # set1/clip_000.wav -> set1_clip_000_wav (sensors.listing)
             if key in seen:  # e.g. "a b.wav" and "a_b.wav": keys must be unique
-                rejected.append({"source": rel, "stage": "plan",
-                                 "reason": f"{root / rel}: shard key {key!r} collides with {seen[key]}"})
+                rejected.append({"source": f.shown, "stage": "plan",
+                                 "reason": f"{printable(f.path)}: shard key {key!r} collides with {seen[key]}"})
                 continue
-            seen[key] = rel
-            label, group = labels.get(rel, (None, None))
-            refs.append(SampleRef(key, rel, {"files": [str(root / rel)], "label": label}
-                                  | ({"group": group} if group else {})))
+            seen[key] = f.shown
+            label, group = labels.get(f.rel, (None, None))
+            # the payload's path keeps the name's bytes (PEP 383) to open it; the source is printable (index.json)
+            # "events" only with source.events set: a plan without it (its fingerprint, its shards) is unchanged
+            refs.append(SampleRef(key, f.shown, {"files": [f.path], "label": label}
+                                  | ({"group": group} if group else {})
+                                  | ({"events": events.get(f.rel, [])} if events is not None else {})))
         if labels and refs and not any(r.payload["label"] is not None for r in refs):
             # paths relative to another folder: every file would go unlabelled, found only at evaluation
             raise ManifestError(m.path, "source.labels", f"{csv_path}: none of its {len(labels)} paths (e.g. "
                                 f"{next(iter(labels))!r}) names one of the {len(refs)} audio files under {root} "
                                 f"(e.g. {refs[0].source!r}); paths must be relative to source.root")
         return refs, rejected
+
+    @staticmethod
+    def _events(m: Manifest, root: Path, files: list[str]) -> dict[str, list[list[Any]]] | None:
+        """``rel -> [[onset, offset, label], ...]`` from ``source.events`` (lists: the payload is JSON for the
+        plan's fingerprint, so an edited TSV rebuilds the shards it changes); None when the key is unset."""
+        if not m.get("source.events"):
+            return None
+        path = root / m.get("source.events")  # an absolute path stays itself
+        if not path.is_file():
+            raise ManifestError(m.path, "source.events", f"{path}: no such file (a path relative to source.root "
+                                                         "when relative)")
+        try:
+            rows = read_events(path, known=set(files))
+        except EventsError as exc:
+            raise ManifestError(m.path, "source.events", str(exc)) from None
+        return {rel: [list(e) for e in evs] for rel, evs in rows.items()}
 
     def refs_per_shard(self, m: Manifest) -> int:
         return m.get("output.files_per_shard")
@@ -192,6 +214,7 @@ class AudioPipeline(Pipeline):
         cfg = logmel_config(m)
         rate = cfg.sample_rate
         path = ref.payload["files"][0]
+        shown = printable(path)  # for messages: index.json holds printable text (sensors.listing)
         try:
             audio = read_audio(path, rate)
         except AudioReadError as exc:
@@ -203,7 +226,7 @@ class AudioPipeline(Pipeline):
         if not bounds:
             why = (f"stages.segments.last = \"{last}\"" if last == "drop" else
                    f"less than stages.segments.min_tail_s = {min_tail_s:g} s")
-            raise Rejected("segment", f"{path}: {audio.duration_s:.3f} s is shorter than one "
+            raise Rejected("segment", f"{shown}: {audio.duration_s:.3f} s is shorter than one "
                                       f"{seg_len / rate:g} s segment ({why})")
         store = m.get("stages.audio.store_waveform")
         label = ref.payload.get("label")
@@ -221,13 +244,15 @@ class AudioPipeline(Pipeline):
                 fields["audio.flac"] = flac_bytes(wave[:n_valid], rate)
             if label is not None:
                 fields["label.txt"] = str(label).encode("utf-8")
+            if "events" in ref.payload:  # clipped to the audio the segment holds, not its padding
+                fields["events.json"] = json_bytes(clip_events(ref.payload["events"], start / rate, n_valid / rate))
             yield Segment(f"{ref.key}_{i:04d}", f"{ref.source}@{start / rate:g}s", wave, fields)
         tail_start = len(bounds) * seg_len
         if tail_start < len(audio.samples):  # a tail "pad" kept would put tail_start past the end
             why = ("stages.segments.last = \"drop\"" if last == "drop" else
                    f"shorter than stages.segments.min_tail_s = {min_tail_s:g} s")
             yield Rejection(f"{ref.source}@{tail_start / rate:g}s", "segment",
-                            f"{path}: final partial segment of {(len(audio.samples) - tail_start) / rate:.3f} s "
+                            f"{shown}: final partial segment of {(len(audio.samples) - tail_start) / rate:.3f} s "
                             f"dropped ({why})")
 
     def samples(self, ref: SampleRef, m: Manifest) -> Iterable[Built]:
@@ -283,6 +308,9 @@ class AudioPipeline(Pipeline):
                                    check=_check_meta),
             "audio.flac": FieldSpec("resampled mono segment, 16-bit FLAC", required=False, check=_check_flac),
             "label.txt": FieldSpec("class name from labels.csv (UTF-8)", required=False, check=_check_label),
+            "events.json": FieldSpec("sound events of source.events in the segment: [{onset, offset, event_label}], "
+                                     "seconds from the segment start, clipped to it, sorted (docs/audio.md)",
+                                     required=False, check=_check_events),
         }
 
     def sample_stats(self, sample: SampleView) -> dict[str, float]:
@@ -293,7 +321,8 @@ class AudioPipeline(Pipeline):
         return {"samples": 1.0, "seconds": float(meta["duration_s"]),
                 "padded": float(meta["duration_s"] < meta.get("segment_s", meta["duration_s"])),
                 "labelled": float("label.txt" in sample), "bins": float(x.size), "db_sum": float(x.sum()),
-                "db_sqsum": float((x**2).sum()), "over_range": float(meta.get("peak", 0.0) > 1.0)}
+                "db_sqsum": float((x**2).sum()), "over_range": float(meta.get("peak", 0.0) > 1.0),
+                **_event_counts(sample)}
 
     def finalize_stats(self, totals: dict[str, float]) -> dict[str, float]:
         n = totals.get("bins", 0.0)
@@ -303,7 +332,8 @@ class AudioPipeline(Pipeline):
         return {"samples": totals["samples"], "seconds": totals["seconds"], "padded_segments": totals["padded"],
                 "labelled_segments": totals["labelled"], "over_range_segments": totals.get("over_range", 0.0),
                 "logmel_mean": mean,
-                "logmel_std": float(np.sqrt(max(totals["db_sqsum"] / n - mean**2, 0.0)))}
+                "logmel_std": float(np.sqrt(max(totals["db_sqsum"] / n - mean**2, 0.0)))} | {
+                    k: v for k, v in totals.items() if k == "event_segments" or k.startswith("events:")}
 
     def render(self, sample: SampleView) -> Any:
         from distillkit.pipelines.render_audio import render_audio
@@ -356,6 +386,22 @@ def _check_logmel(spec: np.ndarray, sample: SampleView) -> None:
 def _check_flac(data: bytes, sample: SampleView) -> None:
     if not data.startswith(b"fLaC"):
         raise ValueError("not a FLAC stream")
+
+
+def _event_counts(sample: SampleView) -> dict[str, float]:
+    """``event_segments`` and ``events:<label>`` (events per label, an event cut by a segment boundary counted in
+    each segment) of a segment with ``events.json``; nothing without it, so statistics of a build without
+    ``source.events`` are unchanged."""
+    if "events.json" not in sample:
+        return {}
+    counts: dict[str, float] = {"event_segments": 1.0}
+    for e in sample["events.json"]:
+        counts[f"events:{e['event_label']}"] = counts.get(f"events:{e['event_label']}", 0.0) + 1.0
+    return counts
+
+
+def _check_events(events: Any, sample: SampleView) -> None:
+    check_segment_events(events, sample["meta.json"]["duration_s"])
 
 
 def _check_label(data: bytes, sample: SampleView) -> None:

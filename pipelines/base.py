@@ -81,7 +81,11 @@ class Rejection:
     reason: str
 
     def to_json(self) -> dict[str, str]:
-        return {"source": self.source, "stage": self.stage, "reason": self.reason}
+        # A name that is not valid UTF-8 (kept as surrogates by os.fsdecode) is written with its bytes as \xNN, so
+        # index.json stays valid UTF-8 and still shows the name (sensors.listing.printable).
+        from distillkit.sensors.listing import printable
+
+        return {"source": printable(self.source), "stage": self.stage, "reason": printable(self.reason)}
 
 
 Built = Sample | Rejection

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from distillkit.messages import one_line
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.registry import PluginError
 from distillkit.pipelines.train_cli import EvalGroup, TrainGroup
@@ -33,7 +34,23 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class DistillkitGroup(click.Group):
+    """The ``distillkit`` group: bad data that any command may meet deep inside (an ``index.json`` that cannot
+    be trusted, a shard field whose format would execute code) ends the command with one line and exit 2,
+    whichever command met it (``train``'s data loader included), instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from distillkit.pipelines.codecs import UnsafeFieldError
+        from distillkit.pipelines.shards import BadIndex
+
+        try:
+            return super().invoke(ctx)
+        except (BadIndex, UnsafeFieldError) as exc:
+            _fail(one_line(exc))
+            return None
+
+
+@click.group(cls=DistillkitGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="print the version and commit, then exit")
 def main() -> None:
@@ -167,8 +184,7 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
     except Exception as exc:  # a task failed outside any input (disk full, a bug): the build is unfinished
         if raise_errors:
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(f"build did not finish: {type(exc).__name__}{': ' + reason if reason else ''} "
+        _fail(f"build did not finish: {one_line(exc, with_type=True)} "
               "(finished shards are kept; rerun to resume, --raise-errors for the traceback)", 3)
     click.echo(
         f"{result.written} samples from {result.planned} inputs in {result.built_shards + result.reused_shards} "
@@ -183,16 +199,23 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
 @main.command()
 @click.argument("shard_dir", type=click.Path(path_type=Path))
 def verify(shard_dir: Path) -> None:
-    """Re-hash every shard and check every sample's schema."""
+    """Re-hash every shard, check every sample's schema, recompute index.json's counts and statistics from the
+    shard records, and flag files no build left there (temporary files of killed writers are faults)."""
     from distillkit.pipelines.inspect import verify as run_verify
+    from distillkit.pipelines.shards import BadIndex
 
     try:
         report = run_verify(shard_dir, progress=sys.stderr.isatty())
-    except (FileNotFoundError, KeyError, PluginError) as exc:
-        _fail(str(exc))
+    except (FileNotFoundError, KeyError, PluginError, BadIndex) as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
     for problem in report.problems:
         click.echo(f"FAULT {problem}")
-    click.echo(f"{report.shards} shards, {report.samples} samples, {len(report.problems)} faults")
+    for warning in report.warnings:
+        click.echo(f"WARNING {warning}")
+    for unchecked in report.unchecked:
+        click.echo(f"NOT CHECKED {unchecked}")
+    warned = f", {len(report.warnings)} warnings" if report.warnings else ""
+    click.echo(f"{report.shards} shards, {report.samples} samples, {len(report.problems)} faults{warned}")
     if not report.ok:
         sys.exit(1)
 
@@ -202,10 +225,11 @@ def verify(shard_dir: Path) -> None:
 def stats(shard_dir: Path) -> None:
     """Counts, sizes, rejected inputs and dataset statistics of a shard directory."""
     from distillkit.pipelines.inspect import stats_text
+    from distillkit.pipelines.shards import BadIndex
 
     try:
         click.echo(stats_text(shard_dir))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, BadIndex) as exc:
         _fail(str(exc))
 
 
@@ -216,11 +240,13 @@ def stats(shard_dir: Path) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write")
 def show(shard_dir: Path, key: str | None, out: Path) -> None:
     """Render one sample as a picture."""
+    from distillkit.pipelines.inspect import ShowError
     from distillkit.pipelines.inspect import show as run_show
+    from distillkit.pipelines.shards import BadIndex
 
     try:
         k = run_show(shard_dir, out, key)
-    except PluginError as exc:
+    except (PluginError, BadIndex, ShowError) as exc:
         _fail(str(exc))
     except (FileNotFoundError, KeyError) as exc:
         _fail(str(exc.args[0]) if exc.args else str(exc))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from distillkit.pipelines.manifest import Key, Manifest, ManifestError, check_ou
 from distillkit.pipelines.placement import DEVICES, run_stage
 from distillkit.pipelines.schema import check_jpeg, expect_array
 from distillkit.sensors.imu import CHANNELS, TIME_COLUMN, ImuRecord
+from distillkit.sensors.listing import Found, Unusable, list_inputs, printable, shard_key, sort_key
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ IMU_INTERVAL_MS = (0.1, 100.0)
 # Video files of a recording, compared case-insensitively (GoPro writes GX010001.MP4, phones .MOV).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".ts", ".mts")
 ESTIMATE_WIDTH = 96  # px: frames are decoded this wide (luma only) to measure motion energy
-
-
-def sanitise(uid: str) -> str:
-    """A recording id as a dot-free shard-key prefix (characters other than ``[A-Za-z0-9_-]`` become ``_``)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", uid)
 
 
 class ComodoPipeline(Pipeline):
@@ -168,8 +163,13 @@ class ComodoPipeline(Pipeline):
 
     def plan(self, m: Manifest) -> tuple[list[SampleRef], list[dict[str, str]]]:
         root = Path(m.get("source.root"))
-        videos = _files_by_uid(root / "full_scale", VIDEO_SUFFIXES)
-        imus = _files_by_uid(root / "imu", (".csv",))
+        # entries named like a recording's file, usable or not (a folder named x.mp4 is reported, not skipped)
+        try:
+            videos = _files_by_uid(root, "full_scale", VIDEO_SUFFIXES)
+            imus = _files_by_uid(root, "imu", (".csv",))
+        except OSError as exc:
+            raise ManifestError(m.path, "source.root", printable(f"cannot list {exc.filename}: "
+                                                                 f"{exc.strerror or exc}")) from None
         if not videos and not imus:
             raise ManifestError(m.path, "source.root", f"{root} has no full_scale/*.mp4 or imu/*.csv")
         offsets = _read_offsets(root / m.get("source.offsets"), m)
@@ -203,16 +203,30 @@ class ComodoPipeline(Pipeline):
         ckpt = m.get("stages.teacher.checkpoint") if m.get("stages.teacher.enabled") else ""
         refs, rejected = [], []
         for uid in uids:
-            problem = _pairing_problem(uid, videos.get(uid, []), imus.get(uid, []))
+            entries = {"full_scale": videos.get(uid, []), "imu": imus.get(uid, [])}
+            usable = {k: [e for e in v if isinstance(e, Found)] for k, v in entries.items()}
+            # An unusable entry (a folder named x.MP4, a loop) is rejected on its own, with its own reason; the
+            # recording is built from its usable files when they pair up (x.mp4 beside that x.MP4/ folder).
+            bad = {k: [e for e in v if isinstance(e, Unusable)] for k, v in entries.items()}
+            rejected.extend({"source": f"{k}/{printable(u.rel)}", "stage": "plan", "reason": printable(u.reason)}
+                            for k, v in bad.items() for u in v)
+            if any(bad[k] and not usable[k] for k in entries):
+                # the file missing only because its entry is unusable: that entry's rejection says why, and the
+                # recording is not counted twice nor said to have "no video" when its video is there
+                continue
+            problem = _pairing_problem(uid, usable["full_scale"], usable["imu"])
             if problem is not None:
                 rejected.append({"source": problem[0], "stage": "plan", "reason": problem[1]})
                 continue
-            video, imu = videos[uid][0], imus[uid][0]
-            files = [str(video), str(imu)] + ([str(ckpt)] if ckpt else [])
-            payload = {"uid": uid, "files": files, "offset_ms": offsets.get(uid), "labels": labels.get(uid, [])}
+            video, imu = usable["full_scale"][0], usable["imu"][0]
+            files = [video.path, imu.path] + ([str(ckpt)] if ckpt else [])
+            # Paths keep the names' bytes (PEP 383) to open them; the uid, written into times.json and messages,
+            # and the source are printable; the key is the uid's (sensors.listing.shard_key).
+            payload = {"uid": printable(uid), "files": files, "offset_ms": offsets.get(uid),
+                       "labels": labels.get(uid, [])}
             if splits is not None:  # only then: shards built without splits keep their plan (and fingerprint)
                 payload["split"], payload["scenario"] = splits[uid]
-            refs.append(SampleRef(sanitise(uid), f"full_scale/{video.name}", payload))
+            refs.append(SampleRef(shard_key(uid), f"full_scale/{video.shown}", payload))
         if not refs and not rejected:
             kept_by = " and ".join(k for k in ("source.uids_file", "source.splits_dir") if m.get(k))
             raise ManifestError(m.path, "source", f"no recording under {root} is kept by {kept_by}")
@@ -549,38 +563,46 @@ def _file_identity(path: str) -> tuple[Any, ...]:
     return path, st.st_size, st.st_mtime_ns
 
 
-def _files_by_uid(folder: Path, suffixes: tuple[str, ...]) -> dict[str, list[Path]]:
-    """Files of ``folder`` whose suffix is one of ``suffixes`` in any case (``GX010001.MP4``), by stem (the
-    recording uid), sorted.
+def _files_by_uid(root: Path, folder: str, suffixes: tuple[str, ...]) -> dict[str, list[Found | Unusable]]:
+    """Entries of ``root/folder`` whose suffix is one of ``suffixes`` in any case (``GX010001.MP4``), by stem (the
+    recording uid), sorted: readable files as ``Found``, the others (a folder named ``x.mp4``, a symlink loop, an
+    unreadable file) as ``Unusable`` with their reason (``sensors.listing``).
 
     Args:
-        folder: ``full_scale/`` or ``imu/`` of the source root.
+        root: the source root.
+        folder: ``"full_scale"`` or ``"imu"``.
         suffixes: lower-case suffixes with their dot.
+
+    Raises:
+        OSError: the folder exists but cannot be listed.
     """
-    found: dict[str, list[Path]] = {}
-    for path in sorted(folder.glob("*")):
-        if path.suffix.lower() in suffixes and path.is_file():
-            found.setdefault(path.stem, []).append(path)
+    listing = list_inputs(root / folder, suffixes, recursive=False)
+    found: dict[str, list[Found | Unusable]] = {}
+    for entry in sorted([*listing.files, *listing.unusable], key=lambda e: sort_key(e.rel)):
+        found.setdefault(Path(entry.rel).stem, []).append(entry)
     return found
 
 
-def _pairing_problem(uid: str, videos: list[Path], imus: list[Path]) -> tuple[str, str] | None:
-    """(source, reason) when recording ``uid`` has no video, no CSV, or several of either (``a.mp4`` and
-    ``a.MOV``: which one is meant?); None when it has one of each.
+def _pairing_problem(uid: str, videos: list[Found], imus: list[Found]) -> tuple[str, str] | None:
+    """(source, reason) when recording ``uid`` has no video, no CSV, or several of either (``a.mp4`` and ``a.MOV``:
+    which one is meant?); None when it has one of each. Sources and reasons are printable.
 
     Args:
         uid: the recording id (the files' stem).
-        videos: its files in ``full_scale/``.
-        imus: its files in ``imu/``.
+        videos: its readable files in ``full_scale/`` (unusable entries are rejected apart, with their reason).
+        imus: its readable files in ``imu/``.
     """
+    shown = printable(uid)
     for folder, paths in (("full_scale", videos), ("imu", imus)):
         if len(paths) > 1:
-            return f"{folder}/{paths[0].name}", (f"{uid}: several files in {folder}/ for one recording: "
-                                                 f"{', '.join(p.name for p in paths)}")
+            return f"{folder}/{printable(paths[0].rel)}", (f"{shown}: several files in {folder}/ for one recording: "
+                                                           f"{', '.join(printable(p.rel) for p in paths)}")
     if not imus:
-        return f"full_scale/{videos[0].name}", f"{uid}: no imu/{uid}.csv for full_scale/{videos[0].name}"
+        return (f"full_scale/{printable(videos[0].rel)}",
+                f"{shown}: no imu/{shown}.csv for full_scale/{printable(videos[0].rel)}")
     if not videos:
-        return f"imu/{imus[0].name}", f"{uid}: no video full_scale/{uid}.mp4 (or .mov, ...) for imu/{imus[0].name}"
+        imu = printable(imus[0].rel)
+        return f"imu/{imu}", f"{shown}: no video full_scale/{shown}.mp4 (or .mov, ...) for imu/{imu}"
     return None
 
 

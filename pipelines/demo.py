@@ -92,7 +92,7 @@ def run_demo(out: Path, steps: int | None = None, workers: int = 2, only: list[s
         entry: dict[str, Any] = {"build": result, "verify": report, "picture": picture, "train": {}}
         base_row = {"pipeline": name, "written": result.written, "rejected": len(result.rejected),
                     "build_s": round(build_s, 1), "picture": str(picture)}
-        methods = [m for m, t in trainers.items() if t.pipeline == name]
+        methods = [m for m, t in trainers.items() if t.pipeline == name and t.demo is not None]
         for method in methods:
             trainer = trainers[method]
             layers = [trainer.demo, {"seed": seed}, {"max_steps": steps} if steps else {}]

@@ -46,10 +46,19 @@ from distillkit.pipelines.manifest import Manifest, ManifestError
 from distillkit.pipelines.placement import shard_context, worker_pipeline
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
-from distillkit.pipelines.shards import ShardRecord, sha256_file, shard_filename, write_json_atomic, write_shard
+from distillkit.pipelines.shards import (
+    INDEX_FORMAT_VERSION,
+    TEMP_INFIX,
+    ShardRecord,
+    sha256_file,
+    shard_filename,
+    sum_stats,
+    temp_file_pattern,
+    write_json_atomic,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
-INDEX_FORMAT_VERSION = 1
 LOCK_FILE = ".distillkit.lock"
 
 
@@ -131,9 +140,9 @@ def inputs_stamp(paths: list[str]) -> str:
     for path in paths:
         try:
             st = os.stat(path)
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # fsencode: names not UTF-8
         except OSError:
-            h.update(f"{path}\0missing\n".encode())
+            h.update(os.fsencode(path) + b"\0missing\n")
     return h.hexdigest()
 
 
@@ -268,6 +277,7 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
         stats=stats,
         devices={stage: sorted(used) for stage, used in devices.items()},
         built_by=built_by(),
+        inputs=len(task.refs),
     )
     write_json_atomic(path.with_suffix(".json"), record.to_json())
     return task.index, record, False
@@ -480,16 +490,18 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
                 raise
             finally:
                 tracker.close()
+    # Every task has finished and the executor is closed (a LocalCluster's workers with it): any temporary file
+    # left now is a killed worker's partial shard or record, which nothing will finish or rename.
+    left = _remove_temp_files(out_dir, m.name)
+    if left:
+        log.info("%s: removed %d temporary file(s) left by killed workers", out_dir, left)
     shard_records = [records[i] for i in range(len(tasks))]
     # An input rejected while planning, or one whose rejection names the input itself (not one of its windows).
     sources = {ref.source for task in tasks for ref in task.refs}
     whole_inputs = len(rejected) + sum(r["source"] in sources for rec in shard_records for r in rec.rejected)
     for rec in shard_records:
         rejected.extend(rec.rejected)
-    totals: dict[str, float] = {}
-    for rec in shard_records:
-        for k, v in rec.stats.items():
-            totals[k] = totals.get(k, 0.0) + v
+    totals = sum_stats(rec.stats for rec in shard_records)  # verify recomputes them the same way
     written = sum(r.samples for r in shard_records)
     info = build_info()
     makers = sorted({r.built_by or "unrecorded" for r in shard_records})
@@ -510,7 +522,7 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
         "counts": {"planned": planned, "written": written, "rejected": len(rejected)},
         "shards": [
             {k: v for k, v in r.to_json().items()
-             if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp", "devices", "built_by")}
+             if k not in ("rejected", "stats", "task_fingerprint", "inputs_stamp", "devices", "built_by", "inputs")}
             for r in shard_records
         ],
         "rejected": rejected,
@@ -688,7 +700,16 @@ def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:
         if match and int(match.group(1)) >= n_tasks:
             path.unlink()
             path.with_suffix(".json").unlink(missing_ok=True)
-    temp = re.compile(rf"\.({re.escape(name)}-\d{{6}}\.(tar|json)|index\.json)\.tmp-.*")
-    for tmp in out_dir.glob(".*.tmp-*"):
+    _remove_temp_files(out_dir, name)
+
+
+def _remove_temp_files(out_dir: Path, name: str) -> int:
+    """Remove the temporary files of this dataset's writers (only while the build holds the folder's lock, when
+    no writer of it can be running); returns how many were removed."""
+    temp = temp_file_pattern(name)
+    removed = 0
+    for tmp in out_dir.glob(f".*{TEMP_INFIX}*"):
         if temp.fullmatch(tmp.name):
             tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed

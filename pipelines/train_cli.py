@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from distillkit.messages import one_line
 from distillkit.pipelines.manifest import Key, ManifestError
 
 RUN_OPTIONS = ("shards", "device", "out", "resume", "overwrite", "strict", "overrides", "config_file", "show_config")
@@ -49,10 +50,12 @@ def check_shards(trainer: Any, shard_dir: Path, where: str) -> None:
     Raises:
         Refused: naming what was found and what to do.
     """
-    from distillkit.pipelines.shards import load_index
+    from distillkit.pipelines.shards import BadIndex, load_index
 
     try:
         index = load_index(shard_dir)
+    except BadIndex as exc:  # already names the file and what is wrong
+        raise Refused(str(exc)) from None
     except FileNotFoundError:
         raise Refused(f"{shard_dir}: no index.json: not a shard folder, or its build has not finished "
                       "(distillkit build writes index.json last)") from None
@@ -64,6 +67,35 @@ def check_shards(trainer: Any, shard_dir: Path, where: str) -> None:
         hint = f" (train {' / '.join(readers)} reads these)" if readers else ""
         raise Refused(f"{shard_dir} were built by the {built} pipeline; {where} reads {trainer.pipeline} "
                       f"shards{hint}")
+
+
+def check_weight_files(config: dict[str, Any], where: str) -> None:
+    """Refuse a weights file the configuration names (``teacher_checkpoint``, ``student_checkpoint``,
+    ``init_checkpoint``: every key ending in ``checkpoint``) that is no readable torch file: empty, truncated,
+    text, a foreign zip. Only its first bytes and zip directory are read (``checkpoint_file.torch_file_format``),
+    so this costs nothing at any size; the trainer still loads and (for distillkit's own files) verifies it.
+    Checked here, before the run folder is created or cleared, so a refused command leaves the disk as it was.
+
+    A folder (a Hugging Face ``save_pretrained`` folder) and a ``.safetensors`` file are left to their loader.
+
+    Args:
+        config: the effective configuration.
+        where: the command, for the message (``train slidr``).
+
+    Raises:
+        Refused: naming the key, the file and what is wrong.
+    """
+    from distillkit.checkpoint_file import CheckpointError, torch_file_format
+
+    for key, value in config.items():
+        if not key.endswith("checkpoint") or not isinstance(value, (str, Path)) or not str(value):
+            continue
+        path = Path(value)
+        if path.is_file() and path.suffix != ".safetensors":
+            try:
+                torch_file_format(path)
+            except CheckpointError as exc:
+                raise Refused(f"{where}: {key}: {exc}") from None
 
 
 def _methods(accepts: Any) -> list[str]:
@@ -94,16 +126,18 @@ def checkpoint_of(trainer: Any, path: Path, where: str) -> dict[str, Any] | None
         The stored configuration; None for a checkpoint that holds none (it cannot be recognised).
 
     Raises:
-        Refused: an unreadable file, another method's checkpoint.
+        Refused: an unreadable, foreign or corrupted file (its digest is verified here, before anything is
+            done with it), another method's checkpoint.
     """
     from distillkit.train.base import ConfigError
-    from distillkit.train.checkpoint import checkpoint_info
+    from distillkit.train.checkpoint import CheckpointError, checkpoint_info
 
     try:
         method, config = checkpoint_info(path)
-    except Exception as exc:  # noqa: BLE001 - torch.load's errors for a non-checkpoint vary by version
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise Refused(f"{path}: not a readable checkpoint ({first})") from None
+    except CheckpointError as exc:  # already one line naming the file and what is wrong
+        raise Refused(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else torch.load may raise
+        raise Refused(f"{path}: not a readable checkpoint ({one_line(exc)})") from None
     if method is None and config is not None:
         try:
             trainer.resolve_config(config, where=where)
@@ -202,8 +236,9 @@ def make_train_command(name: str) -> click.Command:
 
     def run(**kw: Any) -> None:
         from distillkit.train import distributed
+        from distillkit.train.checkpoint import CheckpointError
         from distillkit.train.loop import format_metrics
-        from distillkit.train.streaming import BadSample, TooFewShards
+        from distillkit.train.streaming import BadSample, CorruptShard, DuplicateShards, TooFewShards
 
         if kw["show_config"]:
             show_config(trainer, kw)
@@ -237,7 +272,10 @@ def make_train_command(name: str) -> click.Command:
                 # checkpoints by that name.
                 metrics = trainer.train(kw["shards"], out, config, device=kw["device"], resume=kw["resume"],
                                         strict=kw["strict"])
-            except (distributed.ProcessCountMismatch, TooFewShards) as exc:  # raised alike on every rank
+            except (distributed.ProcessCountMismatch, TooFewShards, DuplicateShards,
+                    CheckpointError) as exc:  # alike on every rank
+                # (CheckpointError: the resumed checkpoint or a teacher/student/init weights file, which every rank
+                # reads, is corrupted or unreadable; one line naming it)
                 if ranks.main:
                     click.echo(f"error: {exc}", err=True)
                 _stop_everywhere()
@@ -246,6 +284,10 @@ def make_train_command(name: str) -> click.Command:
                 # over output.max_rejected exits 1). No barrier: torchrun stops the other ranks.
                 click.echo(f"error: --strict: {bad_sample_reason(exc)} (without --strict a bad sample is skipped, "
                            "logged and counted)", err=True)
+                sys.exit(1)
+            except CorruptShard as exc:  # found by the rank (or loader worker) that read the shard: exit 1 as above
+                click.echo(f"error: {bad_sample_reason(exc)} (--set on_corrupt_shard=skip goes on, counting it)",
+                           err=True)
                 sys.exit(1)
             distributed.leave()  # not on an exception: torchrun stops the other ranks, a barrier would wait for them
         if ranks.main:
@@ -294,17 +336,14 @@ def show_config(trainer: Any, kw: dict[str, Any]) -> None:
 
 
 def bad_sample_reason(exc: BaseException) -> str:
-    """The one line of a ``BadSample`` (shard, sample key, reason), also when a DataLoader worker raised it:
-    torch re-raises it in the main process with the worker's whole traceback as its message.
+    """The one line of a data error (``BadSample``: shard, sample key, reason; ``CorruptShard``: the shard), also
+    when a DataLoader worker raised it: torch re-raises it in the main process with the worker's whole traceback
+    as its message.
 
     Args:
-        exc: the ``BadSample`` the training loop raised.
+        exc: the error the training loop raised.
     """
-    text = str(exc).strip()
-    if "Original Traceback" not in text:
-        return text.splitlines()[0] if text else type(exc).__name__
-    last = [line for line in text.splitlines() if line.strip()][-1].strip()
-    return last.partition("BadSample: ")[2] or last
+    return one_line(exc)
 
 
 def _stop_everywhere() -> None:
@@ -383,6 +422,11 @@ def _plan_train(trainer: Any, kw: dict[str, Any], world_size: int,
         except (ConfigError, ManifestError) as exc:
             raise Refused(str(exc)) from None
         check_shards(trainer, kw["shards"], f"train {name}")
+        try:
+            trainer.check_shards(kw["shards"], config)
+        except ConfigError as exc:
+            raise Refused(str(exc)) from None
+        check_weight_files(trainer.effective_config(config), f"train {name}")
         global_batch = trainer.effective_config(config).get("batch_size")
         if isinstance(global_batch, int) and global_batch % world_size:
             raise Refused(f"train {name}: batch_size: {global_batch} is the global batch and must divide across the "
@@ -452,6 +496,8 @@ def make_eval_command(name: str) -> click.Command:
 
     def run(**kw: Any) -> None:
         from distillkit.train.base import ConfigError
+        from distillkit.train.checkpoint import CheckpointError
+        from distillkit.train.streaming import CorruptShard, DuplicateShards
 
         try:
             stored = checkpoint_of(trainer, kw["checkpoint"], f"eval {name}")
@@ -473,8 +519,10 @@ def make_eval_command(name: str) -> click.Command:
         try:
             result = trainer.evaluate(kw["checkpoint"], list(kw["shards"]), config, device=kw["device"],
                                       options=options)
-        except ConfigError as exc:  # shards the protocol cannot use (e.g. SLidR's probe without val scenes)
-            fail(str(exc))
+        except (ConfigError, CheckpointError) as exc:  # shards the protocol cannot use (e.g. SLidR's probe without
+            fail(str(exc))  # val scenes); a weights file it loads (a student, an init checkpoint) unreadable
+        except (CorruptShard, DuplicateShards) as exc:  # the data stopped it: exit 1, as train
+            fail(bad_sample_reason(exc), code=1)
         click.echo(trainer.format_eval(result))
 
     return click.Command(name, params=params, callback=run, context_settings={"show_default": True},

@@ -10,14 +10,16 @@ build (per shard, images in batches of ``stages.features.batch``): read the file
 See docs/uniseg.md for the layout, the backbones and the measured quality.
 
 Sample key: the image's path relative to the root without its extension, every character outside
-``[A-Za-z0-9_-]`` replaced by ``_`` (``a/b.c.jpg`` -> ``a_b_c``); keys that would collide get
-``_`` + the first 8 hex digits of sha1(relative path) appended.
+``[A-Za-z0-9_-]`` replaced by ``_`` (``a/b.c.jpg`` -> ``a_b_c``); a path that is not valid UTF-8 is keyed by the
+percent-encoding of its bytes instead (``caf\xe9.jpg`` -> ``caf%E9``, ``sensors.listing.shard_key``); keys that
+would collide get ``_`` + the first 8 hex digits of sha1(relative path's bytes) appended. Folders named like
+images, symlink loops and unreadable files are rejected while planning, with the reason (``sensors.listing``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from distillkit.sensors.image_files import (
     read_image_file,
 )
 from distillkit.sensors.images import decode_rgb, encode_labels_png
+from distillkit.sensors.listing import Listing, list_inputs, printable, shard_key
 
 IMAGE_FIELDS = ("image.jpg", "image.png", "image.webp", "image.bmp", "image.tif")
 GT_SUFFIXES = {"inst": ".inst.png", "sem": ".sem.png"}
@@ -93,28 +96,36 @@ SCHEMA = {
 }
 
 
-def sanitise_key(rel: str) -> str:
-    """Dot-free key of a relative path without its extension (module docstring).
+def image_key(rel: str) -> str:
+    """The plan's key of an image (module docstring): the path without its extension (the whole path for a name
+    such as ``.jpg``) as ``sensors.listing.shard_key`` keys it: ``a/b.c.jpg`` -> ``a_b_c``, or the
+    percent-encoded bytes where that gives no valid key.
 
     Args:
-        rel: POSIX path relative to the source root.
+        rel: path relative to the source root, as listed (PEP 383 ``str``).
     """
-    stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    return shard_key(stem or rel)
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive), sorted by relative POSIX path; label images excluded.
+def list_images(root: Path) -> Listing:
+    """Image files under ``root`` (recursive; label images excluded) and the entries named like images that
+    cannot be read, sorted by relative path (``sensors.listing.list_inputs``).
 
     Args:
         root: the source folder.
     """
-    found = []
-    for p in root.rglob("*"):
-        name = p.name.lower()
-        if p.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(LABEL_IMAGE_SUFFIXES):
-            found.append(p)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return list_inputs(root, IMAGE_SUFFIXES + UNSUPPORTED_IMAGE_SUFFIXES, exclude=LABEL_IMAGE_SUFFIXES)
+
+
+def find_images(root: Path) -> list[Path]:
+    """The readable image files of :func:`list_images` that the pipeline can decode, as paths (for the benchmarks
+    in ``bench/``; the plan uses :func:`list_images`, whose other entries it rejects with their reason).
+
+    Args:
+        root: the source folder.
+    """
+    return [Path(f.path) for f in list_images(root).files if not f.rel.lower().endswith(UNSUPPORTED_IMAGE_SUFFIXES)]
 
 
 def ground_truth_of(image: Path) -> dict[str, str | None]:
@@ -153,16 +164,17 @@ def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, note
     """
     from PIL import Image
 
+    shown = printable(path)  # the name as index.json may hold it (sensors.listing)
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
-                raise Rejected("ground_truth", f"{path}: mode {im.mode} is not a label image (ids, one channel)")
+                raise Rejected("ground_truth", f"{shown}: mode {im.mode} is not a label image (ids, one channel)")
             arr = np.asarray(im)
     except Rejected:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
-        raise Rejected("ground_truth", f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise Rejected("ground_truth", f"{shown}: unreadable ({type(exc).__name__}: {exc})") from None
     if drawn_on not in ("displayed", "stored"):
         raise ValueError(f"drawn_on must be 'displayed' or 'stored', got {drawn_on!r}")
     stored_size = tuple(shape)[::-1] if orientation in (5, 6, 7, 8) else tuple(shape)
@@ -170,11 +182,12 @@ def read_label_png(path: str, shape: tuple[int, int], orientation: int = 1, note
     if orientation > 1 and (sideways or (drawn_on == "stored" and arr.shape == stored_size)):
         arr = apply_orientation(arr, orientation)
         if notes is not None:
-            notes.append(f"{Path(path).name}: turned by EXIF orientation {orientation} (drawn on the stored pixels)")
+            notes.append(f"{printable(Path(path).name)}: turned by EXIF orientation {orientation} (drawn on the "
+                         "stored pixels)")
     if arr.shape != tuple(shape):
-        raise Rejected("ground_truth", f"{path}: {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
+        raise Rejected("ground_truth", f"{shown}: {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
     if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
-        raise Rejected("ground_truth", f"{path}: ids outside 0..65535")
+        raise Rejected("ground_truth", f"{shown}: ids outside 0..65535")
     return encode_labels_png(arr.astype(np.int64))
 
 
@@ -223,24 +236,37 @@ class UnisegPipeline(Pipeline):
         root = Path(m.data["source"]["root"])
         if not root.is_dir():
             raise ManifestError(m.path, "source.root", f"not a folder: {root}")
-        images = find_images(root)
-        rejected = [{"source": p.relative_to(root).as_posix(), "stage": "plan",
-                     "reason": f"{p}: {p.suffix} images are not supported; convert them to JPEG or PNG"}
-                    for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in UNSUPPORTED_IMAGE_SUFFIXES]
-        rels = [p.relative_to(root).as_posix() for p in images]
-        keys = [sanitise_key(r) for r in rels]
+        try:
+            listing = list_images(root)
+        except OSError as exc:  # the root itself cannot be listed (no permission)
+            why = printable(f"cannot list {root}: {exc.strerror or exc}")
+            raise ManifestError(m.path, "source.root", why) from None
+        rejected = [u.rejection() for u in listing.unusable]
+        images = []
+        for f in listing.files:
+            if f.rel.lower().endswith(UNSUPPORTED_IMAGE_SUFFIXES):  # not read, but not skipped in silence
+                suffix = "." + f.rel.rsplit(".", 1)[-1]
+                rejected.append({"source": f.shown, "stage": "plan", "reason": f"{printable(f.path)}: {suffix} images "
+                                 "are not supported; convert them to JPEG or PNG"})
+            else:
+                images.append(f)
+        rejected.sort(key=lambda r: r["source"])
+        rels = [f.rel for f in images]
+        keys = [image_key(r) for r in rels]
         counts: dict[str, int] = {}
         for k in keys:
             counts[k] = counts.get(k, 0) + 1
-        keys = [k if counts[k] == 1 else f"{k}_{hashlib.sha1(r.encode()).hexdigest()[:8]}"
+        # os.fsencode: the path's bytes (its UTF-8 for a valid name, so keys of such names are as they were)
+        keys = [k if counts[k] == 1 else f"{k}_{hashlib.sha1(os.fsencode(r)).hexdigest()[:8]}"
                 for k, r in zip(keys, rels, strict=True)]
         use_gt = m.data["source"]["ground_truth"]
         ckpt = m.data["stages"]["features"]["checkpoint"]
         refs = []
-        for p, rel, key in zip(images, rels, keys, strict=True):
-            gt = ground_truth_of(p) if use_gt else {"inst": None, "sem": None}
-            files = [str(p), *(g for g in gt.values() if g)] + ([str(ckpt)] if ckpt else [])
-            refs.append(SampleRef(key, rel, {"image": str(p), "rel": rel, "gt": gt, "files": files}))
+        for f, key in zip(images, keys, strict=True):
+            gt = ground_truth_of(Path(f.path)) if use_gt else {"inst": None, "sem": None}
+            files = [f.path, *(g for g in gt.values() if g)] + ([str(ckpt)] if ckpt else [])
+            # payload paths keep the name's bytes (PEP 383) to open it; source and rel are printable (index.json)
+            refs.append(SampleRef(key, f.shown, {"image": f.path, "rel": f.shown, "gt": gt, "files": files}))
         return refs, rejected
 
     # ---- build (worker) ----------------------------------------------------------------
@@ -280,11 +306,12 @@ class UnisegPipeline(Pipeline):
         try:
             img = read_image_file(ref.payload["image"], m.data["stages"]["image"]["max_pixels"])
         except ImageFileError as exc:
-            raise Rejected("image", str(exc)) from None
+            raise Rejected("image", printable(str(exc))) from None  # the name as it prints
         patch = self._backbone.patch
         H, W = img.rgb.shape[:2]
         if H < patch or W < patch:
-            raise Rejected("image", f"{ref.payload['image']}: {W}x{H} is smaller than one {patch}x{patch} patch")
+            raise Rejected("image", f"{printable(ref.payload['image'])}: {W}x{H} is smaller than one {patch}x{patch} "
+                                    "patch")
         grid = grid_for(H, W, patch, m.data["stages"]["features"]["max_side"])
         on = m.data["source"]["ground_truth_on"]
         gt = {k: read_label_png(p, (H, W), img.orientation, img.notes, on) for k, p in ref.payload["gt"].items() if p}
@@ -309,7 +336,8 @@ class UnisegPipeline(Pipeline):
                 except Exception as exc:
                     if raise_errors:
                         raise
-                    loaded.append(Rejection(ref.source, "image", f"{ref.payload['image']}: {describe_exception(exc)}"))
+                    reason = printable(f"{ref.payload['image']}: {describe_exception(exc)}")
+                    loaded.append(Rejection(ref.source, "image", reason))
             good = [x for x in loaded if not isinstance(x, Rejection)]
             inputs = [x["input"] for x in good]
             if not good:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillkit.checkpoint_file import CheckpointError, load_weights
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("conv3d", "timesformer")
@@ -178,11 +180,13 @@ def from_hf_timesformer(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], di
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
+    """The state dict of a ``.safetensors`` or torch file (``weights_only``; a file distillkit wrote is verified
+    against its digest, ``checkpoint_file.load_weights``), unwrapped from ``{"model": ...}``."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path, map_location="cpu")
     return state.get("model", state) if isinstance(state, dict) else state
 
 
@@ -231,6 +235,8 @@ def load_video_teacher(arch: str, checkpoint: str | Path = "", seed: int = 0) ->
             raise ValueError(f"video teacher checkpoint {path} does not exist")
         try:
             state = _read_state(path)
+        except CheckpointError:  # one line naming the file already (unreadable, or corrupted)
+            raise
         except Exception as exc:
             raise ValueError(f"{path}: cannot load video teacher checkpoint ({exc})") from exc
         if arch == "timesformer" and isinstance(state, dict) and is_hf_timesformer(state):

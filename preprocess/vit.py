@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distillkit.checkpoint_file import load_weights
+
 # name -> (embed_dim, depth, num_heads, mlp_ratio). "small"/"base" are DINO's ViT-S and ViT-B;
 # "tiny" is a CPU-sized network for tests and the demo (not DeiT-Ti, which is 192 x 12).
 SIZES: dict[str, tuple[int, int, int, float]] = {
@@ -203,7 +205,7 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an input of height x width pixels.
@@ -282,7 +284,13 @@ class ViT(nn.Module):
         return out.patches, out.cls
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_vit_weights(m: nn.Module) -> None:
+    """DINO's (and ATST's) ViT initialisation of one module, for ``module.apply``: truncated-normal (std 0.02)
+    Linear weights, zero biases, unit LayerNorm weights and zero LayerNorm biases.
+
+    Args:
+        m: a module of the network.
+    """
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -395,17 +403,16 @@ def read_vit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a readable torch checkpoint, or no ViT backbone in it.
+        CheckpointError: (a ValueError) not a readable torch checkpoint (empty, truncated, text, a foreign zip),
+            or distillkit's own (a uniseg checkpoint) with contents that differ from its digest
+            (``checkpoint_file.load_weights``; DINO's files carry no digest and load as they are).
+        ValueError: no ViT backbone in it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        # DINO's training checkpoints also hold its argparse Namespace ("args"): allow that one class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    # DINO's training checkpoints also hold its argparse Namespace ("args"): allow that one class
+    obj = load_weights(path, map_location="cpu", mmap=True, safe_globals=[argparse.Namespace])
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: checkpoint is a {type(obj).__name__}, expected a state dict")
     sd = clean_state_dict(obj)

@@ -18,10 +18,13 @@ Decisions (docs/audio.md):
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from distillkit.sensors.listing import list_inputs, printable
 
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
 RESAMPLE_QUALITY = "HQ"  # soxr quality of librosa's default res_type "soxr_hq"
@@ -29,6 +32,10 @@ RESAMPLE_QUALITY = "HQ"  # soxr quality of librosa's default res_type "soxr_hq"
 
 class AudioReadError(ValueError):
     """A file that cannot be used as audio; the message names the file and the reason."""
+
+    def __init__(self, message: str) -> None:
+        # a name that is not valid UTF-8 is shown with \xNN escapes: the reason is written to index.json
+        super().__init__(printable(message))
 
 
 @dataclass(frozen=True)
@@ -55,16 +62,15 @@ class Audio:
 
 
 def list_audio(root: Path | str, extensions: tuple[str, ...] | list[str] = AUDIO_EXTENSIONS) -> list[str]:
-    """Every audio file under ``root`` (recursively), as POSIX paths relative to it, sorted.
+    """Every readable audio file under ``root`` (recursively), as POSIX paths relative to it, sorted: the files of
+    ``sensors.listing.list_inputs`` (for the benchmarks in ``bench/``; the audio pipeline's plan calls
+    ``list_inputs`` itself and lists its ``unusable`` entries as rejected).
 
     Args:
         root: the source folder.
         extensions: file name endings that count as audio (case-insensitive, with the dot).
     """
-    root = Path(root)
-    exts = tuple(e.lower() for e in extensions)
-    found = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts]
-    return sorted(found)
+    return [f.rel for f in list_inputs(root, extensions).files]
 
 
 def read_labels(path: Path | str) -> dict[str, str]:
@@ -132,7 +138,8 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int, int, int]:
     decoded (channels x frames) array, 2 GB for an hour of 48 kHz stereo."""
     import soundfile as sf
 
-    with sf.SoundFile(str(path)) as f:
+    # bytes: soundfile encodes a str path as strict UTF-8, which fails for a name that is not (sensors.listing)
+    with sf.SoundFile(os.fsencode(path)) as f:
         rate, channels, frames = int(f.samplerate), int(f.channels), max(int(f.frames), 0)
         out = np.empty(frames, np.float32)  # a corrupt header's billions of frames fail here: MemoryError
         pos, bad, extra = 0, 0, []
@@ -164,6 +171,8 @@ def _read_librosa(path: Path, first_reason: str) -> tuple[np.ndarray, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # librosa warns about the fallback itself; the reason is ours
+            # a str path: librosa tries audioread only for str and Path (a name that is not valid UTF-8 gets no
+            # further than soundfile here: such a file must be one libsndfile reads)
             data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else ""

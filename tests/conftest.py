@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -93,6 +94,15 @@ def build_serial(manifest: str, out: Path, *sets: str) -> Path:
 
     build(load_manifest(manifest, [f"output.dir={out}", "cluster.scheduler=serial", *sets]), progress=False)
     return out
+
+
+def scheduler_address(sched_file: Path) -> str | None:
+    """The address in a ``dask scheduler --scheduler-file``, or None while it is not (wholly) written: the file
+    exists before its JSON is complete, so a test waits until it parses."""
+    try:
+        return json.loads(Path(sched_file).read_text())["address"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def free_port() -> int:

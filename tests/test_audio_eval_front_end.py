@@ -37,6 +37,10 @@ def _copy(shards, dst, edit):
     index = json.loads((dst / "index.json").read_text())
     edit(index)
     (dst / "index.json").write_text(json.dumps(index))
+    if "stats" in index:  # the edited statistics must not be refused against the copied shard records
+        for record in dst.glob("*.json"):
+            if record.name != "index.json":
+                record.unlink()
     return dst
 
 

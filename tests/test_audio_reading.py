@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from distillkit.sensors.audio import AudioReadError, list_audio, read_audio, read_labels, resample
+from distillkit.sensors.audio import AUDIO_EXTENSIONS, AudioReadError, read_audio, read_labels, resample
+from distillkit.sensors.listing import list_inputs
 from distillkit.sensors.synth.audio import BAD_INPUTS, CLASSES, make_audio, render_clip, write_bad_audio
 
 
@@ -110,7 +111,7 @@ def test_bad_inputs_are_rejected_naming_the_file_or_handled(tmp_path):
 
 def test_synth_tree_and_labels(tmp_path):
     root = make_audio(tmp_path / "a", seed=1, size="small")
-    files = list_audio(root)
+    files = [f.rel for f in list_inputs(root, AUDIO_EXTENSIONS).files]  # as the audio pipeline's plan lists them
     labels = read_labels(root / "labels.csv")
     assert files == sorted(labels) and len(files) == 20
     rates, chans = set(), set()
@@ -138,7 +139,7 @@ def test_lossy_formats_decode(tmp_path, ext, fmt, subtype):
     y = (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     path = tmp_path / f"tone{ext}"
     sf.write(str(path), y, 44100, format=fmt, subtype=subtype)
-    assert list_audio(tmp_path) == [f"tone{ext}"]
+    assert [f.rel for f in list_inputs(tmp_path, AUDIO_EXTENSIONS).files] == [f"tone{ext}"]
     a = read_audio(path, 16000)
     assert a.source_rate == 44100 and abs(a.duration_s - 1.0) < 0.1  # MP3 adds encoder padding
     spectrum = np.abs(np.fft.rfft(a.samples[:16000]))

@@ -42,6 +42,8 @@ def test_torchrun_trains_slidr_on_two_processes_and_resumes(slidr_shards, tmp_pa
     assert len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 2
     # the two ranks drew different random streams (seed + rank)
     assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    # and each rank's data stream position (the resume below continues each rank's stream from its own)
+    assert [s["rank"] for s in ckpt["stream_ranks"]] == [0, 1] and "stream" not in ckpt
     resumed = torchrun(*base, "--max-steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(out / "latest.pt", weights_only=False)["step"] == 3

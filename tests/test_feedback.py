@@ -29,6 +29,7 @@ from distillkit.pipelines.catalog import load_manifest, packaged_manifests
 from distillkit.pipelines.cli import main
 from distillkit.pipelines.registry import PIPELINES, SYNTH
 from distillkit.train import progress as progress_mod
+from tests.index_helpers import rewrite_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -347,7 +348,9 @@ def test_a_shown_bar_sends_log_records_above_itself(monkeypatch):
 def test_shard_sample_count_reads_the_index(tmp_path):
     for name, n in (("a", 4), ("b", 5)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "index.json").write_text(json.dumps({"counts": {"written": n}}))
+        (tmp_path / name / "index.json").write_text(json.dumps({
+            "pipeline": "audio", "shards": [{"file": f"{name}.tar", "samples": n, "bytes": 0, "sha256": "0" * 64}],
+            "counts": {"planned": n, "written": n, "rejected": 0}, "stats": {}}))
     assert progress_mod.shard_sample_count(tmp_path / "a") == 4
     assert progress_mod.shard_sample_count([tmp_path / "a", tmp_path / "b"]) == 9
     assert progress_mod.shard_sample_count([tmp_path / "a", tmp_path / "missing"]) is None
@@ -359,7 +362,7 @@ def test_the_slidr_eval_reading_bar_reaches_its_total_with_unlabelled_samples(sl
 
     from tqdm import tqdm
 
-    from distillkit.pipelines.shards import iter_samples, load_index, write_shard
+    from distillkit.pipelines.shards import iter_samples, load_index
     from distillkit.train import slidr_eval
 
     d = tmp_path / "some-unlabelled"
@@ -370,7 +373,7 @@ def test_the_slidr_eval_reading_bar_reaches_its_total_with_unlabelled_samples(sl
         for i, (_, fields) in enumerate(samples):
             if i % 2 or i == len(samples) - 1:
                 fields.pop("lidarseg.npy", None)
-        write_shard(d / entry["file"], samples)
+        rewrite_shard(d, entry["file"], samples)
     bars: list[tqdm] = []
 
     def recorded(iterable=None, desc="", total=None, unit="it", **kw):
@@ -442,7 +445,8 @@ def test_stats_names_units(tmp_path):
     from distillkit.pipelines.inspect import stat_unit, stats_text
 
     index = {"name": "a", "pipeline": "audio", "counts": {"written": 2, "planned": 2, "rejected": 0},
-             "shards": [{"bytes": 10}], "rejected": [], "stats": {"seconds": 12.5, "made_up": 1.0}}
+             "shards": [{"file": "a-000000.tar", "samples": 2, "bytes": 10, "sha256": "0" * 64}], "rejected": [],
+             "stats": {"seconds": 12.5, "made_up": 1.0}}
     (tmp_path / "index.json").write_text(json.dumps(index))
     text = stats_text(tmp_path)
     assert "  seconds: 12.5 seconds of audio" in text.splitlines()

@@ -18,6 +18,7 @@ from torch import nn
 
 from distillkit.pipelines.codecs import SampleView, json_bytes, npy_bytes
 from distillkit.pipelines.shards import write_shard
+from tests.index_helpers import write_index
 
 
 def _jpeg(h: int, w: int, seed: int = 0) -> bytes:
@@ -219,7 +220,7 @@ def _shard_dir(tmp_path, samples):
     d = tmp_path / "audio"
     d.mkdir()
     write_shard(d / "a-000000.tar", samples)
-    (d / "index.json").write_text(json.dumps({"pipeline": "audio", "shards": [{"file": "a-000000.tar"}]}))
+    write_index(d, "audio")
     return d
 
 

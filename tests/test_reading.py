@@ -7,7 +7,6 @@ labels (ids above 255), so both bit depths are checked.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -24,6 +23,7 @@ import distillkit
 from distillkit.pipelines.codecs import UnsafeFieldError
 from distillkit.pipelines.shards import shard_filename, write_shard
 from distillkit.sensors.images import encode_labels_png
+from tests.index_helpers import write_index
 from tests.test_train_streaming import fake_slidr_sample, write_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def build_shards(out: Path) -> tuple[Path, dict[str, list[np.ndarray]]]:
         name = shard_filename("demo-slidr", s)
         size, sha, n = write_shard(out / name, samples)
         records.append({"file": name, "samples": n, "bytes": size, "sha256": sha})
-    (out / "index.json").write_text(json.dumps({"format_version": 1, "pipeline": "slidr", "shards": records}))
+    write_index(out, "slidr", [r["file"] for r in records])
     return out, expected
 
 

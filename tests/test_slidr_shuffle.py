@@ -19,6 +19,7 @@ from distillkit.pipelines.base import SampleRef
 from distillkit.pipelines.slidr import SlidrPipeline, shuffle_refs
 from distillkit.train.slidr import make_stream
 from distillkit.train.streaming import make_loader
+from tests.index_helpers import write_index
 
 from .conftest import slidr_manifest
 
@@ -69,7 +70,7 @@ def _dataset(out: Path, sizes: list[int], shuffle: bool, per_shard: int = 128) -
             for r in refs[first:first + per_shard]:
                 tw.write({"__key__": r.key, "meta.json": json.dumps({"scene": r.payload["scene"]}).encode()})
         shards.append({"file": name, "samples": len(refs[first:first + per_shard])})
-    (out / "index.json").write_text(json.dumps({"format_version": 1, "pipeline": "slidr", "shards": shards}))
+    write_index(out, "slidr")
     return out
 
 

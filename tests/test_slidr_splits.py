@@ -17,7 +17,7 @@ from nuscenes.utils.splits import create_splits_scenes
 
 from distillkit.pipelines.cli import main
 from distillkit.pipelines.manifest import ManifestError
-from distillkit.pipelines.shards import iter_samples, load_index, write_shard
+from distillkit.pipelines.shards import iter_samples, load_index
 from distillkit.pipelines.slidr import SlidrPipeline
 from distillkit.sensors.nuscenes_splits import (
     DEVKIT_SPLITS,
@@ -27,6 +27,7 @@ from distillkit.sensors.nuscenes_splits import (
     split_scenes,
 )
 from distillkit.sensors.synth.nuscenes import SCENE_NAMES, SIZES
+from tests.index_helpers import rewrite_shard
 
 from .conftest import DEMO_MANIFEST, ROOT, slidr_manifest
 
@@ -180,7 +181,7 @@ def test_samples_without_meta_json_are_kept_with_one_warning(slidr_shards, tmp_p
     samples = list(iter_samples(first))
     for _, fields in samples:
         del fields["meta.json"]  # as written before the field existed
-    write_shard(first, samples)
+    rewrite_shard(out, first.name, samples)
     scene = _scene_of(slidr_shards)
     old_keys = {k for k, _ in samples}
     stream = make_stream(out, "small", seed=0, strict=True, epochs=1, split="pretrain")

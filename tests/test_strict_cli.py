@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from distillkit.pipelines.codecs import npy_bytes
-from distillkit.pipelines.shards import iter_samples, load_index, write_shard
+from distillkit.pipelines.shards import iter_samples, load_index
+from tests.index_helpers import rewrite_shard
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # in the training process, and in a DataLoader worker
@@ -22,7 +23,7 @@ def test_strict_stops_on_a_bad_sample_in_one_line(slidr_shards, tmp_path, worker
     samples = list(iter_samples(bad / first))
     samples[0][1]["pairs.npy"] = npy_bytes(np.zeros((0, 4), np.int32))  # no point-pixel pairs: unusable
     samples[0][1]["pairs_uvd.npy"] = npy_bytes(np.zeros((0, 3), np.float32))
-    write_shard(bad / first, samples)
+    rewrite_shard(bad, first, samples)
     # A real process: CliRunner would catch the exception that a user would see as a traceback.
     r = subprocess.run([sys.executable, "-m", "distillkit", "train", "slidr", "--shards", str(bad), "--strict",
                         "--max-steps", "50", "--num-workers", str(workers), "--out", str(tmp_path / "run")],

@@ -90,7 +90,8 @@ def test_checkpoint_is_weights_only(tmp_path):
     shards = write_shards(tmp_path / "shards", [6])
     _, m = _run(shards, tmp_path / "c", 3)
     st = torch.load(m["checkpoint"], weights_only=True)
-    assert set(st) == {"model", "optimizer", "scheduler", "step", "rng", "config"} and st["step"] == 3
+    assert set(st) == {"model", "optimizer", "scheduler", "step", "rng", "config", "distillkit_digest"}
+    assert st["step"] == 3
     assert 0 <= m["data_wait_fraction"] <= 1 and m["samples_per_s"] > 0
 
 

@@ -15,7 +15,7 @@ from distillkit.pipelines.catalog import load_manifest
 from distillkit.pipelines.inspect import verify
 from distillkit.pipelines.runner import build
 from distillkit.pipelines.shards import load_index
-from distillkit.pipelines.uniseg import find_images, sanitise_key
+from distillkit.pipelines.uniseg import image_key, list_images
 from distillkit.preprocess.patch_features import ViTBackbone, grid_for
 from distillkit.preprocess.vit import vit
 from distillkit.sensors.image_files import read_image_file
@@ -38,7 +38,7 @@ def synth(tmp_path_factory) -> Path:
 
 
 def test_keys_and_source_layout(tmp_path):
-    assert sanitise_key("a/b.c.jpg") == "a_b_c" and sanitise_key("x y/z.PNG") == "x_y_z"
+    assert image_key("a/b.c.jpg") == "a_b_c" and image_key("x y/z.PNG") == "x_y_z" and image_key("noext") == "noext"
     root = tmp_path / "src"
     (root / "sub").mkdir(parents=True)
     rgb = np.full((24, 32, 3), 100, np.uint8)
@@ -50,7 +50,8 @@ def test_keys_and_source_layout(tmp_path):
             cv2.imwrite(str(p), np.zeros((24, 32), np.uint8))
         else:
             Image.fromarray(rgb).save(p)
-    assert [p.relative_to(root).as_posix() for p in find_images(root)] == ["a.jpg", "a.png", "c.tiff", "sub/b.webp"]
+    # what the plan lists: label images left out, unsupported formats listed (and rejected below), paths as keyed
+    assert [f.rel for f in list_images(root).files] == ["a.jpg", "a.png", "c.tiff", "sub/b.webp", "sub/phone.HEIC"]
     m = manifest(root, tmp_path / "out")
     refs, rejected = manifest_plan(m)
     # not read, but not skipped in silence either

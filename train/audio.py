@@ -26,7 +26,9 @@ standardised with the dataset's mean/std instead of ATST's fixed min/max scaling
 Evaluation (``distillkit eval audio``): clip embeddings (CLS and mean patch token, concatenated, of
 the teacher encoder by default, averaged over ``crop_s`` windows of the segment's audio) of every
 labelled segment; a linear probe (``train.clip_probe``) on a split by source file, for the distilled
-encoder and the same encoder at random init.
+encoder and the same encoder at random init. ``--protocol verification`` (``train.audio_verification``) scores
+speaker-verification trials instead: one embedding per file, cosine scoring, EER and minDCF, distilled against
+random init on the same trials.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillkit.messages import one_line
 from distillkit.pipelines.manifest import Key
 from distillkit.preprocess.vit import ViT
 from distillkit.train import distributed
@@ -415,6 +419,17 @@ class AudioTrainer(Trainer):
         "lr": Key(float, 0.01, doc="AdamW lr of the linear probe"),
         "splits": Key(int, 1, doc="random train/test file splits (seeds seed..seed+splits-1); the gains are their "
                                   "mean, the table shows the first"),
+        "protocol": Key(str, "linear", choices=("linear", "verification", "events"),
+                        doc="linear = probe on the labels; verification = speaker verification trials, cosine "
+                            "scoring, EER and minDCF (docs/audio.md \"Speaker verification\"); events = frame-wise "
+                            "probe of patch tokens on events.json, sed_eval F1 (docs/audio.md \"Frame-level "
+                            "evaluation\")"),
+        "trials": Key("existing_path", None, doc="verification: a trials file, 'label enrol test' per line (1/0, "
+                                                 "paths relative to source.root); default: drawn from the labels"),
+        "n_trials": Key(int, 2000, doc="verification: trials drawn from the labels, half same-speaker"),
+        "p_target": Key(float, 0.05, doc="verification: minDCF's target prior, C_miss = C_fa = 1 (VoxSRC's)"),
+        "trials_seed": Key(int, 0, doc="verification: seeds the trials drawn from the labels (not the training seed, "
+                                       "so checkpoints of different seeds meet the same trials)"),
     }
 
     # `distillkit demo` (docs/audio.md "The demo"): DEMO_STEPS steps of the small size on the synth size "demo"
@@ -517,7 +532,8 @@ class AudioTrainer(Trainer):
         stream = ShardStream(shards, seed=config["seed"], shuffle_buffer=config["shuffle_buffer"],
                              rank=ranks.rank, world_size=ranks.world_size,
                              required=["logmel.npy", "meta.json"], check=check_sample,
-                             transform=CropTransform(method.student.encoder.base_grid[1] * 4), strict=strict)
+                             transform=CropTransform(method.student.encoder.base_grid[1] * 4), strict=strict,
+                             on_corrupt=config.get("on_corrupt_shard", "stop"))
         lr = (config["lr"] or size.lr) * batch / 256
         loop = LoopConfig(max_steps=steps, device=device, out=Path(out) if out is not None else None, resume=resume,
                           optimizer="adamw", lr=lr, weight_decay=config["weight_decay"],
@@ -562,25 +578,23 @@ class AudioTrainer(Trainer):
 
 # --------------------------------------------------------------------------- evaluation
 def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
-    """Audio frames, labels, source files and keys of every labelled segment, in index order.
+    """Audio frames (float32), labels, source files and keys of every labelled segment, in index order; unlabelled
+    segments are skipped undecoded (``train.audio_segments``, the reader ``eval audio --protocol verification``
+    shares).
 
     Args:
         shards: audio shard directories.
     """
-    from distillkit.train.progress import progress, shard_sample_count
+    from distillkit.train.audio_segments import has_label, read_segments
 
     specs, labels, groups, keys = [], [], [], []
     for d in shards:
-        for s in progress(ShardStream(d, epochs=1, shuffle_shards=False, required=["logmel.npy", "meta.json"]),
-                          desc=f"audio eval: reading {Path(d).name}", total=shard_sample_count(d), unit="segment"):
-            if "label.txt" not in s:
-                continue
-            specs.append(audio_frames(s["logmel.npy"], s["meta.json"]))
-            label = s["label.txt"]
-            labels.append(label.decode("utf-8").strip() if isinstance(label, bytes) else str(label).strip())
+        for seg in read_segments(Path(d), f"audio eval: reading {Path(d).name}", select=has_label):
+            specs.append(seg.frames.astype(np.float32))
+            labels.append(seg.label)
             # files cut from one recording share a group (labels.csv's group column): never split them
-            groups.append(f"{d}:{s['meta.json'].get('group') or s['meta.json']['source']}")
-            keys.append(s["__key__"])
+            groups.append(f"{d}:{seg.meta.get('group') or seg.meta['source']}")
+            keys.append(seg.key)
     if not specs:
         raise ValueError(f"{', '.join(map(str, shards))}: no segment has label.txt; cannot evaluate "
                          "(put a labels.csv with path,label under the source root and rebuild)")
@@ -615,10 +629,44 @@ def clip_embeddings(method: AudioTeacherStudent, specs: list[np.ndarray], crop: 
     return np.stack(out)
 
 
+def eval_method(config: dict[str, Any], shards: list[Path], state: dict[str, Any] | None,
+                weights: dict[str, Any] | None, checkpoint: Path | None,
+                build: Callable[[dict[str, Any], Path, int], nn.Module] = build_method) -> Any:
+    """The network an evaluation embeds with: the checkpoint's ``weights`` (distilled), or the seeded random init
+    (``weights`` None) read with the checkpoint's normalisation when there is one (``state``).
+
+    Args:
+        config: the training configuration.
+        shards: the evaluated shard directories (normalisation when there is no checkpoint).
+        state: the checkpoint's model state dict, or None.
+        weights: the state dict to load (``state`` for the distilled run), or None for random init.
+        checkpoint: the checkpoint's path (for messages).
+        build: ``build_method`` of the trainer (config, shards, total steps): this module's, or another audio
+            method's with ``mean``/``std`` buffers (``train.atst_frame``).
+    """
+    method = build(config, Path(shards[0]), max(1, config["max_steps"] or 1))
+    if weights is not None:
+        try:
+            method.load_state_dict(weights)
+        except RuntimeError as exc:  # e.g. a paper/base checkpoint of the recipe before issue 20 (qkv bias)
+            raise ConfigError(checkpoint, "size", f"the checkpoint's weights do not fit the {config['size']!r} "
+                              f"network of this version ({one_line(exc)}); it was written by another recipe: "
+                              "docs/audio.md \"Released vs distillkit\"") from None
+    elif state is not None:
+        # the random-init baseline reads its input exactly as the distilled encoder does: with the training
+        # shards' mean/std from the checkpoint, not the evaluated shards' own (a gain must come from the
+        # weights, not from a different normalisation)
+        method.mean.copy_(state["mean"])
+        method.std.copy_(state["std"])
+    return method
+
+
 def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any], device: str = "cpu",
              encoder: str = "teacher", test_fraction: float = 0.3, epochs: int = 300, lr: float = 0.01,
-             splits: int = 1) -> dict[str, Any]:
-    """Linear probe of clip embeddings: the distilled encoder against the same encoder at random init.
+             splits: int = 1, protocol: str = "linear", trials: str | None = None, n_trials: int = 2000,
+             p_target: float = 0.05, trials_seed: int = 0) -> dict[str, Any]:
+    """Linear probe of clip embeddings (or, with ``protocol = "verification"``, speaker verification:
+    ``train.audio_verification``): the distilled encoder against the same encoder at random init.
 
     Args:
         checkpoint: a checkpoint of ``AudioTrainer.train`` (None: random init only).
@@ -631,9 +679,18 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
         lr: learning rate of the probe.
         splits: random splits by file; with more than one, ``gain_*`` are the means over them (a test side of a
             few dozen segments moves by 1/n per segment) and ``splits`` lists each split's accuracies.
+        protocol: ``"linear"`` (the probe), ``"verification"`` or ``"events"`` (``train.frame_eval``).
+        trials: verification: a trials file (None: trials drawn from the labels).
+        n_trials: verification: trials drawn from the labels.
+        p_target: verification: minDCF's target prior.
+        trials_seed: verification: seeds the trials drawn from the labels.
     """
     if splits < 1:
         raise ValueError("splits must be >= 1")
+    if protocol not in ("linear", "verification", "events"):
+        raise ConfigError("eval audio", "protocol", f"unknown protocol {protocol!r} (linear | verification | events)")
+    if trials is not None and protocol != "verification":
+        raise ConfigError("eval audio", "trials", "a trials file is read by --protocol verification only")
     state = None
     if checkpoint is not None:
         state = load_checkpoint(Path(checkpoint), map_location="cpu")["model"]
@@ -642,6 +699,17 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
             log.warning("%s: no recorded front end; not checking the shards against it", checkpoint)
         for d in shards:
             check_front_end(trained, Path(d))
+    if protocol == "verification":
+        from distillkit.train.audio_verification import evaluate_verification
+
+        return evaluate_verification(checkpoint, state, shards, config, device, encoder=encoder, trials=trials,
+                                     n_trials=n_trials, p_target=p_target, trials_seed=trials_seed)
+    if protocol == "events":
+        from distillkit.train.frame_eval import clip_patch_features, evaluate_events
+
+        return evaluate_events(checkpoint, state, [Path(s) for s in shards], config, device, build_method,
+                               clip_patch_features, encoder=encoder, test_fraction=test_fraction, epochs=epochs,
+                               lr=lr, what="patch tokens (mean over frequency)")
     specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
@@ -659,21 +727,7 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     if state is not None:
         runs.append(("distilled", state))
     for name, weights in runs:
-        method = build_method(config, Path(shards[0]), max(1, config["max_steps"] or 1))
-        if weights is not None:
-            try:
-                method.load_state_dict(weights)
-            except RuntimeError as exc:  # e.g. a paper/base checkpoint of the recipe before issue 20 (qkv bias)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(checkpoint, "size", f"the checkpoint's weights do not fit the {config['size']!r} "
-                                  f"network of this version ({first}); it was written by another recipe: "
-                                  "docs/audio.md \"Released vs distillkit\"") from None
-        elif state is not None:
-            # the random-init baseline reads its input exactly as the distilled encoder does: with the training
-            # shards' mean/std from the checkpoint, not the evaluated shards' own (a gain must come from the
-            # weights, not from a different normalisation)
-            method.mean.copy_(state["mean"])
-            method.std.copy_(state["std"])
+        method = eval_method(config, shards, state, weights, checkpoint)
         crop = method.student.encoder.base_grid[1] * 4
         emb = clip_embeddings(method, specs, crop, device, encoder)
         probes = [linear_probe(emb[tr], y[tr], emb[te], y[te], names, epochs=epochs, lr=lr, seed=config["seed"])
@@ -697,6 +751,15 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     Args:
         result: ``evaluate``'s result.
     """
+    if result.get("eval_protocol") == "verification":
+        from distillkit.train.audio_verification import verification_headline
+
+        return verification_headline(result)
+    if result.get("eval_protocol") == "events":
+        from distillkit.train.frame_eval import events_headline
+
+        return events_headline(result)
+
     def mean_balanced(name: str) -> float | None:
         if name not in result:
             return None
@@ -714,6 +777,14 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
 def format_eval(result: dict[str, Any]) -> str:
     """The protocol line and the per-class table (random init only when no checkpoint was given)."""
+    if result.get("eval_protocol") == "verification":
+        from distillkit.train.audio_verification import format_verification
+
+        return format_verification(result)
+    if result.get("eval_protocol") == "events":
+        from distillkit.train.frame_eval import format_events
+
+        return format_events(result)
     lines = [result["protocol"]]
     if "distilled" in result:
         lines.append(format_probe_comparison(result["distilled"], result["random_init"]))

@@ -33,6 +33,10 @@ COMMON_SCHEMA: Section = {
     "log_every": Key(int, 10, doc="steps per logged window (log.jsonl, console)"),
     "sync_batchnorm": Key(bool, None, doc="under torchrun, BatchNorm statistics over the global batch instead of each "
                                           "process's share (default: as the method's release, see --show-config)"),
+    "on_corrupt_shard": Key(str, "stop", choices=("stop", "skip"),
+                            doc="a shard whose sha256 differs from its record in index.json (known at its end): "
+                                "stop training in one line, or go on with a counted warning (corrupt_shards), "
+                                "dropping only its samples still in the shuffle buffer"),
 }
 
 
@@ -58,10 +62,11 @@ class Trainer(ABC):
     """Options of the method's evaluation (``distillkit eval METHOD --help``), apart from the
     training configuration, which ``eval`` reads from the checkpoint."""
     summary: ClassVar[str] = ""
-    demo: ClassVar[dict[str, Any]] = {}
+    demo: ClassVar[dict[str, Any] | None] = {}
     """Configuration keys ``distillkit demo`` trains with (over the defaults): the steps, size and batch
     with which the method shows a gain over random init on its pipeline's demo data within the demo's
-    time budget (figures over three seeds: ``bench/demo_seeds.py``, docs/training.md "The demo")."""
+    time budget (figures over three seeds: ``bench/demo_seeds.py``, docs/training.md "The demo").
+    None: the method is left out of the demo (its docs say why)."""
     demo_eval: ClassVar[dict[str, Any]] = {}
     """Evaluation options ``distillkit demo`` evaluates with (``eval_schema`` keys)."""
 
@@ -211,6 +216,20 @@ class Trainer(ABC):
             config: a resolved configuration.
         """
         return False
+
+    @classmethod
+    def check_shards(cls, shards: Path, config: dict[str, Any]) -> None:
+        """Refuse (``ConfigError``, one line) shards this configuration cannot train on, beyond the pipeline that
+        built them (which the CLI checks for every trainer): for example a front end the model was not made for.
+
+        Why a hook: the CLI calls it before the run folder is made or cleared, so a refused run leaves the disk as it
+        was; ``train`` should call it too, for library use. The default accepts any shards of the right pipeline.
+
+        Args:
+            shards: the shard directory.
+            config: a resolved configuration.
+        """
+        return None
 
     @classmethod
     def config_sources(cls, config: dict[str, Any]) -> dict[str, str]:

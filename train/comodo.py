@@ -294,7 +294,7 @@ INTERLEAVE = 64
 
 def make_stream(shards: Path, seed: int, strict: bool, epochs: int | None = None, shuffle: bool = True,
                 shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world_size: int = 1, split: str = "all",
-                interleave: int = INTERLEAVE) -> ShardStream:
+                interleave: int = INTERLEAVE, on_corrupt: str = "stop") -> ShardStream:
     """The training stream: imu.npy + teacher.npy (or the frames when the shards hold no teacher.npy);
     ``rank`` of ``world_size`` reads its share of the shards, ``interleave`` of them at once, through a
     ``shuffle_buffer``; ``split`` keeps the windows of that split (``times.json`` ``split``, written by a build
@@ -302,7 +302,7 @@ def make_stream(shards: Path, seed: int, strict: bool, epochs: int | None = None
     return ShardStream(shards, seed=seed, epochs=epochs, shuffle_shards=shuffle, rank=rank, world_size=world_size,
                        shuffle_buffer=shuffle_buffer if shuffle else 0, required=("imu.npy", "times.json"),
                        check=_check, transform=_sample, strict=strict, images="raw", select=split_select(split),
-                       interleave=interleave if shuffle else 1)
+                       interleave=interleave if shuffle else 1, on_corrupt=on_corrupt)
 
 
 def shard_info(shards: Path) -> dict[str, Any]:
@@ -606,7 +606,8 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     # The windows held out of epoch 0: rank 0 drew them (every rank must hold out the same ones); a resumed run
     # reads them from its checkpoint (the method's extra state), restored before the loop first builds the loader.
     method.queue_keys = distributed.from_rank0(method.queue_keys)
-    stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size, split=split)
+    stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size, split=split,
+                         on_corrupt=config.get("on_corrupt_shard", "stop"))
     plan = schedule(config, n_split, len(method.queue))
     steps = plan["steps"]
     log.info("%d steps (%s), warm-up %d, lr schedule %s", steps,
@@ -1004,6 +1005,8 @@ class ComodoTrainer(Trainer):
             "teacher_arch": f"distillkit's choice: '' uses the build's teacher (the release's --video_ckpt, {_RELEASE}"
                             "train.py:40, TimeSformer or VideoMAE, train.py:124-127)",
             "teacher_checkpoint": "distillkit's choice: '' uses the build's setting",
+            "on_corrupt_shard": "distillkit's choice: a shard that differs from its record stops the run (the release "
+                                "reads its data unchecked)",
             "sync_batchnorm": f"distillkit's choice: the release is single-GPU ({_RELEASE}train.py:136, no DDP), its "
                               "student's BatchNorm (utils/model_util.py:21) sees the whole batch; synchronised "
                               "BatchNorm makes a global batch on N processes do the same",

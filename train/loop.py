@@ -14,14 +14,21 @@ fraction of step time spent waiting for data, also kept in ``OUT/log.jsonl`` and
 ``OUT/curves.png``, see ``train.run_log``) and checkpoints.
 
 Resume semantics (exact on CPU): checkpoints hold the method/optimizer/scheduler state dicts,
-the step and the torch/numpy/python RNG states. The data stream is a pure function of its seed
-(see ``train.streaming``), so on resume the loop rebuilds the loader from scratch and *skips the
-``step`` batches already consumed* (they are read and collated but not trained on). Skipping costs
-data-loading time proportional to the step, which is acceptable for the dataset sizes here; it is
-correct for any number of loader workers as long as it is the same as in the interrupted run.
-The RNG states are restored *after* the fast-forward, because in-process loading (num_workers=0)
-draws from the global RNGs (webdataset does) and those draws are already in the saved state;
-the DataLoader gets a private generator so creating its iterator draws nothing global.
+the step, the torch/numpy/python RNG states and, when ``make_batches()`` returns a loader that knows its
+position (``train.streaming.StreamLoader``, what ``make_loader`` gives for a ``ShardStream``), the stream
+position: per rank (``stream``, or ``stream_ranks`` under several processes) and per loader worker, the epoch
+and the samples consumed in it. On resume the loop rebuilds the loader and hands it that position, so the
+stream skips whole epochs and replays only the raw reads of the open one, decoding nothing already consumed:
+resume time does not grow with the step (``bench/suite/resume.py``). A checkpoint without a position
+(written before positions existed, or by a ``make_batches`` that is not such a loader) resumes the old way,
+with a log line saying so: the loader is rebuilt and the ``step`` batches already consumed are *read,
+decoded and collated again* but not trained on. Either way the batch sequence is the uninterrupted run's, for
+any number of loader workers as long as it is the same as in the interrupted run. A position saved under another
+layout (another ``num_workers``, as given: 0 and 1 differ; another seed or shard count) cannot be used: the loop
+warns that the batch sequence will differ from an uninterrupted run's and fast-forwards instead (the checkpoint
+cannot be edited to drop the position, its digest forbids it). The RNG states are restored after any fast-forward,
+so that draws made while loading in-process are those of the saved state; the DataLoader gets a private generator
+so creating its iterator draws nothing global.
 
 Several processes (``torchrun``, ``train.distributed``): the method runs under
 ``DistributedDataParallel``; each rank reads its own shards and its own RNG stream (the seed plus the
@@ -194,6 +201,7 @@ def train_loop(
     )
     step = 0
     st: dict[str, Any] = {}
+    position: dict[str, Any] | None = None
     ckpt_path = Path(cfg.out) / "latest.pt" if cfg.out else None
     # Rank 0's view decides for every rank: ranks that disagreed on resuming would run different step counts.
     found = distributed.from_rank0(latest_checkpoint(cfg.out) if cfg.resume and cfg.out else None)
@@ -208,6 +216,8 @@ def train_loop(
             raise distributed.ProcessCountMismatch(
                 f"{found}: saved by {saved_by} process(es); resume it with as many, not {ranks.world_size} (each "
                 "rank's data and random stream depend on it)")
+        position = (st.get("stream_ranks") or [None] * ranks.world_size)[ranks.rank] if ranks.world_size > 1 \
+            else st.get("stream")
         log.info("resumed from %s at step %d", found, step)
     writes = cfg.out is not None and ranks.main
     if writes:  # a fresh run starts a fresh log (even its step-0 line); a resumed one drops what it will train again
@@ -218,6 +228,8 @@ def train_loop(
     def save() -> None:
         distributed.check_in_sync(method)
         rngs = _gather_rng_states() if ranks.world_size > 1 else None
+        state = stream_state(source)
+        streams = _gather_objects(state) if ranks.world_size > 1 else None
         if ckpt_path is not None and ranks.main:
             save_checkpoint(
                 ckpt_path,
@@ -228,20 +240,25 @@ def train_loop(
                     "step": step,
                     "rng": rng_state(),
                     "config": cfg.run_config,
-                } | ({"rng_ranks": rngs} if rngs is not None else {}),
+                } | ({"rng_ranks": rngs} if rngs is not None else {})
+                | ({"stream_ranks": streams} if streams is not None and None not in streams else {})
+                | ({"stream": state} if state is not None and ranks.world_size == 1 else {}),
             )
 
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
     )
-    it = iter(make_batches())
+    source = make_batches()
+    fast_forward = step if step and not _resume_stream(source, position, found, step) else 0
+    it = iter(source)
 
     def next_batch() -> Any:
-        nonlocal it
+        nonlocal it, source
         try:
             return next(it)
         except StopIteration:
-            it = iter(make_batches())
+            source = make_batches()
+            it = iter(source)
         try:
             return next(it)
         except StopIteration:
@@ -250,7 +267,7 @@ def train_loop(
                 "(fewer shards than ranks)"
             ) from None
 
-    for _ in range(step):  # fast-forward the deterministic stream past consumed batches
+    for _ in range(fast_forward):  # a checkpoint without a position: fast-forward past consumed batches
         next_batch()
     if step:
         # After the fast-forward: in-process data loading (num_workers=0) may draw from the global
@@ -360,11 +377,60 @@ def run_scale(global_batch: int | None, world_size: int) -> dict[str, int]:
 
 def _gather_rng_states() -> list[Any]:
     """Every rank's RNG states, in rank order (a collective: every rank calls it)."""
+    return _gather_objects(rng_state())
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective: every rank calls it)."""
     import torch.distributed as dist
 
     out: list[Any] = [None] * distributed.ranks().world_size
-    dist.all_gather_object(out, rng_state())
+    dist.all_gather_object(out, obj)
     return out
+
+
+def _resume_stream(source: Any, position: dict[str, Any] | None, found: Path, step: int) -> bool:
+    """Hand ``source`` (a fresh ``make_batches()``) the stream position saved in checkpoint ``found``; whether it
+    took it. When it did not, the caller fast-forwards past the ``step`` batches consumed (read, decoded and
+    collated again); the log says which of the three reasons applies.
+
+    Args:
+        source: the rebuilt loader.
+        position: this rank's saved position, or None when the checkpoint holds none.
+        found: the checkpoint (for the log).
+        step: the batches consumed before it was saved.
+    """
+    cost = f"fast-forwarding the stream past the {step} batches consumed, which reads and decodes them again"
+    if position is None:
+        log.info("%s holds no data stream position (written before positions existed, or by a loader without "
+                 "one): %s", found, cost)
+        return False
+    load = getattr(source, "load_stream_state", None)
+    if not callable(load):
+        log.info("%s holds a data stream position, but this loader (%s) cannot resume from one: %s", found,
+                 type(source).__name__, cost)
+        return False
+    try:
+        load(position)
+    except ValueError as exc:  # another --num-workers, seed or shard folder: the position means another stream
+        log.warning("%s: its data stream position does not fit this loader (%s): %s; the batch sequence will differ "
+                    "from an uninterrupted run's (resume with the same --num-workers, seed and shards to continue "
+                    "it exactly)", found, exc, cost)
+        return False
+    log.info("data stream resumed at its saved position (nothing consumed is read again but the open epoch's raw tar "
+             "bytes)")
+    return True
+
+
+def stream_state(source: Any) -> dict[str, Any] | None:
+    """The position of the batches consumed from ``source`` (``make_batches()``'s result) for the checkpoint, or
+    None when it keeps none (a plain iterable: such a checkpoint resumes by fast-forwarding).
+
+    Args:
+        source: the iterable the loop is drawing batches from.
+    """
+    get = getattr(source, "stream_state", None)
+    return get() if callable(get) else None
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

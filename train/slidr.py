@@ -168,6 +168,7 @@ def make_stream(
     shuffle_buffer: int = 256,
     decode_on_device: bool = False,
     split: str = ALL,
+    on_corrupt: str = "stop",
 ) -> ShardStream:
     """The training stream.
 
@@ -206,6 +207,7 @@ def make_stream(
         strict=strict,
         keep_raw=(".jpg",) if decode_on_device else (),
         select=split_filter(split),
+        on_corrupt=on_corrupt,
     )
 
 
@@ -328,6 +330,7 @@ def train_main(
     random_teacher: bool = False,
     sync_batchnorm: bool | None = None,
     teacher: str = "moco_v2_resnet50",
+    on_corrupt_shard: str = "stop",
 ) -> dict:
     """Train SLidR on ``shards``; checkpoints go to ``out/latest.pt``. Returns the final metrics.
 
@@ -356,6 +359,7 @@ def train_main(
             MoCo v2; a random one is a different experiment, so it has to be asked for).
         teacher: the image teacher (``TEACHERS``): "moco_v2_resnet50" or a DINO ViT /8 ("dino_vits8",
             "dino_vitb8"), whose weights ``teacher_checkpoint`` holds.
+        on_corrupt_shard: a shard whose sha256 differs from its record: ``"stop"`` or ``"skip"`` (``ShardStream``).
 
     Raises:
         ValueError: unknown size, paper without a teacher (and not ``random_teacher``), a bad schedule.
@@ -369,7 +373,8 @@ def train_main(
     run_config = {"max_steps": max_steps, "epochs": epochs, "batch_size": batch_size, "num_workers": num_workers,
                   "seed": seed, "log_every": log_every, "size": size, "split": split, "precision": precision,
                   "grad_clip": grad_clip, "random_teacher": random_teacher, "sync_batchnorm": sync_batchnorm,
-                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None, "teacher": teacher}
+                  "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None, "teacher": teacher,
+                  "on_corrupt_shard": on_corrupt_shard}
     steps, per_epoch, batch_size = resolve_schedule(size, max_steps, epochs, batch_size, Path(shards), split)
     if decode_on_device is None:
         decode_on_device = str(device).startswith("cuda") and nvjpeg_available()
@@ -379,7 +384,7 @@ def train_main(
     method = build_method(size, seed, teacher_checkpoint, teacher)
     ranks = distributed.ranks()  # under torchrun each rank reads its own shards
     stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split,
-                         rank=ranks.rank, world_size=ranks.world_size)
+                         rank=ranks.rank, world_size=ranks.world_size, on_corrupt=on_corrupt_shard)
 
     def batches() -> Any:
         return make_loader(stream, distributed.rank_batch(batch_size), slidr_collate, num_workers=num_workers,
@@ -568,6 +573,7 @@ class SlidrTrainer(Trainer):
             teacher_checkpoint=Path(teacher) if teacher else None, split=config["split"],
             precision=config["precision"], grad_clip=config["grad_clip"], random_teacher=config["random_teacher"],
             sync_batchnorm=config.get("sync_batchnorm"), teacher=config["teacher"],
+            on_corrupt_shard=config.get("on_corrupt_shard", "stop"),
         )
 
     def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],

@@ -6,16 +6,71 @@ The stream runs epoch after epoch (``epochs=None`` means forever). In epoch ``e`
 from ``index.json`` is shuffled with ``Random((seed, e))``, then split by rank
 (``shards[rank::world_size]``) and by DataLoader worker (``[worker::num_workers]``). So, within
 an epoch, every shard is read by exactly one (rank, worker) and every sample appears exactly
-once. A worker that gets no shard simply stops (``empty_check=False``: no hang, no error); the
-DataLoader carries on with the others. The sample shuffle buffer is seeded from
-``(seed, epoch, rank, worker)``, and a per-sample transform gets numpy/torch generators seeded from
-``(seed, epoch, crc32(key))``, so augmentations do not depend on worker layout or on where a run
-was resumed. With a fixed ``num_workers`` and ``world_size`` the batch sequence is a pure function
-of the seed: the training loop resumes by skipping the batches already consumed.
+once. A worker that gets no shard simply stops (no hang, no error); the DataLoader carries on with the others.
+The sample shuffle buffer is seeded from ``(seed, epoch, rank, worker)``, and a per-sample transform gets
+numpy/torch generators seeded from ``(seed, epoch, crc32(key))``, so augmentations do not depend on worker layout
+or on where a run was resumed. With a fixed ``num_workers`` and ``world_size`` the batch sequence is a pure
+function of the seed, and nothing in the stream draws from the global random generators.
 
 The shuffle buffer holds samples as read from the tar (bytes), and decoding happens as they leave
 it: a decoded SLidR sample at nuScenes resolution (six RGB images and six label maps) is ~10x its
 stored size, so buffering bytes is what makes a buffer of hundreds of samples affordable.
+
+Resuming from a stream position
+-------------------------------
+``make_loader`` returns a ``StreamLoader``: each batch a loader worker collates carries that worker's
+*position* (epoch, samples that left its shuffle buffer in that epoch, and its counters), which the loader strips
+in the main process, keeping the last position of every worker and which worker's batch comes next
+(``stream_state()``; the training loop saves it in the checkpoint, one per rank). A resumed run
+(``load_stream_state``) skips whole epochs without opening a shard, and inside the open epoch replays only what
+decides the order: the raw tar reads (hashed, as always) and the seeded shuffle buffer, discarding the first
+``emitted`` samples as they leave the buffer, before any decoding, check, transform or collate. Resume time then
+depends on the position inside the epoch, never on the step. What the replayed reads meet (bad samples, a corrupt
+shard under ``on_corrupt="skip"``) the interrupted run already reported, and the position restores its counts, so
+the replay reports none of it again.
+
+DataLoader workers hand batches over in turn, starting at worker 0 on a fresh iterator. The resumed run must
+start with the worker after the one whose batch was consumed last, so worker ids are *logical*: with the saved
+``next_worker = k``, physical worker ``i`` plays logical worker ``(i + k) % num_workers`` (its shards, its buffer
+seed, its position), and the first batch again comes from logical worker ``k``. Nothing else in a worker depends on
+its physical id (augmentation generators are per sample, collates draw nothing).
+
+What we took from others: MosaicML Streaming's ``StreamingDataset.state_dict`` keeps ``epoch`` and
+``sample_in_epoch`` and, on ``load_state_dict``, regenerates the epoch's deterministic sample order and starts after
+the consumed samples instead of iterating them; it can index a sample directly, a tar stream cannot, so we replay
+the reads but not the decoding. LitData's ``StreamingDataLoader`` keeps, for a plain ``StreamingDataset``, one
+total per loader (``_num_samples_yielded_streaming``, ``batch_size`` added per batch as it arrives), the
+``current_epoch`` and the ``latest_worker_idx``; on restore it derives each worker's share of that total by
+arithmetic (whole batches dealt to the workers in turn, ``_replay_sampling``) and makes the DataLoader dispatch
+first to the next worker (by overriding the private ``_try_put_index``). Only its Combined/Parallel datasets let
+the samples carry per-worker counts (``_get_sample`` returns them under ``__NUM_SAMPLES_YIELDED_KEY__``, the
+collate wrapper ``StreamingDataLoaderCollateFn`` keeps the batch's last, and the loader strips them per worker):
+the design we use for every stream, because a worker's position is not a function of batch counts once samples
+are skipped or bad. We rotate logical worker ids instead of patching DataLoader internals. A checkpoint without a
+usable position (written before positions existed, by a loader that is not a ``StreamLoader``, or under another
+loader layout) still resumes by fast-forwarding (``train.loop``).
+
+Integrity
+---------
+Every shard is read through a hashing reader (``_HashingReader``: webdataset's own ``gopen``, tar expander and key
+grouping, with the file object wrapped), and at the shard's end its sha256 is compared with its ``index.json``
+record. The record is looked up in the ``index.json`` beside the shard, or given (``sha256=``, any case). A shard
+folder's own ``index.json`` must record every shard's sha256 (``load_index`` refuses one without), so only shards
+given one by one (``shards=``: loose tars with no sha256 recorded in an ``index.json`` beside them, URLs without a
+``sha256=`` digest) can stream unchecked, with one warning per stream. A mismatch is a
+``CorruptShard`` naming the shard, which stops the stream (``on_corrupt="stop"``, the default), or, with
+``on_corrupt="skip"``, a counted warning (``corrupt_shards``) after which the shard's samples still in the shuffle
+buffer are dropped and counted in ``bad_samples``. A shard listed twice, or two shards recorded with the same sha256
+(one file copied over another, records included), is refused when the stream is made: each epoch would read those
+samples twice.
+
+A mismatch is known only at the shard's end, when samples of the shard may already have left the buffer. Holding
+a shard's samples until it is verified would cost a whole shard per worker (x ``interleave``) in memory (hundreds
+of MB for SLidR shards at nuScenes resolution) and would delay every batch by a shard, so the stream does not:
+with ``"stop"`` at most one shard per worker was trained on before the run stops (rebuild the shard, then resume
+from a checkpoint written before it was read); ``"skip"`` cannot take back samples already yielded (they may have
+been trained on), only those still buffered, and reads the shard again (and warns again) in later epochs, so
+that a resumed run meets the same sequence.
 
 Selection
 ---------
@@ -35,28 +90,45 @@ undecodable bytes, truncated tar) is logged with its shard (``__url__``) and key
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import os
 import random
+import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from distillkit.pipelines.codecs import UnsafeFieldError, decode_field, refuse_unsafe
 
 log = logging.getLogger(__name__)
-__all__ = ["BadSample", "JsonFieldFilter", "ShardStream", "TooFewShards", "UnsafeFieldError", "check_shard_count",
-           "decode_field", "make_loader", "shard_files", "to_device"]
+__all__ = ["BadSample", "CorruptShard", "DuplicateShards", "JsonFieldFilter", "ShardStream", "StreamLoader",
+           "TooFewShards", "UnsafeFieldError", "check_shard_count", "decode_field", "make_loader", "shard_files",
+           "shard_records", "to_device"]
+
+OnCorrupt = Literal["stop", "skip"]
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message names shard and key."""
+
+
+class CorruptShard(ValueError):
+    """A shard whose bytes differ from its ``index.json`` record (sha256 or size); the message names the shard."""
+
+
+class DuplicateShards(ValueError):
+    """The same shard data listed twice (one path twice, or two records with one sha256)."""
 
 
 class TooFewShards(ValueError):
@@ -111,16 +183,113 @@ def check_shard_count(shard_dir: Path | str, world_size: int, num_workers: int) 
 
 
 def shard_files(shard_dir: Path | str) -> list[str]:
-    """Absolute paths of the shards listed in ``shard_dir/index.json`` (in index order)."""
-    shard_dir = Path(shard_dir)
-    index_path = shard_dir / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: no index.json (not a distillkit shard directory)")
-    index = json.loads(index_path.read_text())
-    files = [str(shard_dir / s["file"]) for s in index.get("shards", [])]
-    if not files:
-        raise ValueError(f"{index_path}: lists no shards")
-    return files
+    """Paths of the shards listed in ``shard_dir/index.json`` (in index order), after ``load_index``'s checks: a
+    shard entry outside the folder, an index that is not one, or one whose statistics its shard records do not
+    give is refused (``BadIndex``, one line), for library callers as for the CLI."""
+    from distillkit.pipelines.shards import shard_paths
+
+    return [str(p) for p in shard_paths(Path(shard_dir))]
+
+
+def shard_records(shards: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``index.json`` record of each local shard in ``shards`` that has a sha256 recorded.
+
+    A shard's record is its entry in the ``index.json`` of its own folder (the ``file`` entry that resolves to the
+    same path). URLs (``https://``, ``pipe:``...) have none here: the caller passes their digests to
+    ``ShardStream(sha256=...)``.
+
+    Args:
+        shards: shard paths or URLs, as ``ShardStream`` reads them.
+
+    Returns:
+        ``{shard: record}`` for the shards with a record (``sha256``, and ``bytes``/``samples`` when recorded).
+    """
+    from distillkit.reading import _is_url  # one definition of what a URL is (reading.py imports nothing heavy)
+
+    folders: dict[str, dict[str, dict[str, Any]]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        if _is_url(shard):
+            continue
+        path = os.path.normpath(os.path.abspath(shard))
+        folder = os.path.dirname(path)
+        if folder not in folders:
+            folders[folder] = _folder_records(folder)
+        record = folders[folder].get(path)
+        if record is not None:
+            out[shard] = record
+    return out
+
+
+def _folder_records(folder: str) -> dict[str, dict[str, Any]]:
+    """``{absolute shard path: record}`` of ``folder/index.json``'s entries with a sha256 ({} without an index).
+
+    An index that cannot be read gives no record (its shards then stream unchecked, with the stream's warning):
+    the readers that need the index refuse it in one line themselves (``shard_files``), and a stream given shard
+    paths must not fail on an index it does not need.
+    """
+    try:
+        index = json.loads(Path(folder, "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = index.get("shards") if isinstance(index, dict) else None
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str):
+            out[os.path.normpath(os.path.join(folder, entry["file"]))] = entry
+    return out
+
+
+class _HashingReader(io.RawIOBase):
+    """A shard's file object, hashed as it is read (tarfile's stream mode, ``r|*``, reads a shard front to back, so
+    the shard is hashed in the one pass that reads it, never read twice).
+
+    It reads the file in ``CHUNK`` pieces under an ``io.BufferedReader`` (``open``), so that tarfile's 10 KiB reads
+    cost no hashing call each: the hashing is one ``sha256.update`` per MiB, which is all it adds (about 2 GB/s of
+    one core; ``bench/suite/integrity.py``). It hashes in the reading thread: a helper thread would overlap the
+    hashing with the decoding on a spare core, but a loader's forked workers and threads alive at the fork do not
+    mix (a test run saw DataLoader workers that no longer exited), and a loader rarely has a core to spare.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    @classmethod
+    def open(cls, raw: Any) -> tuple[io.BufferedReader, _HashingReader]:
+        """``(buffered file for the tar reader, the hashing reader under it)`` over the opened ``raw``."""
+        hashing = cls(raw)
+        return io.BufferedReader(hashing, buffer_size=cls.CHUNK), hashing
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        if n:
+            b[:n] = data
+            self.digest.update(data)
+            self.size += n
+        return n
+
+    def finish(self) -> str:
+        """Read what the tar reader left unread (the end-of-archive padding) and return the shard's hex digest.
+        Bytes the buffered reader above holds were hashed when read from the file: none is counted twice."""
+        spare = bytearray(self.CHUNK)
+        while self.readinto(spare):
+            pass
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+    def __repr__(self) -> str:  # webdataset appends the stream to error messages
+        return f"<sha256 reader of {getattr(self.raw, 'name', self.raw)!r}>"
 
 
 def decode_sample(
@@ -148,10 +317,6 @@ def decode_sample(
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad sample
             raise BadSample(f"{url}: sample {key}: field {name!r}: {e}") from e
     return out
-
-
-def _identity(x: Any) -> Any:
-    return x
 
 
 class JsonFieldFilter:
@@ -217,7 +382,17 @@ class ShardStream(IterableDataset):
     before the shuffle buffer; shards written one recording after another (COMODO's windows) then mix
     ``interleave`` times as many recordings per batch for the same buffer memory. ``hold_out``: keys left out of
     epoch 0 only (COMODO's initial queue windows, which the release trains on from its second epoch); they are
-    counted in ``held_out``, not in ``skipped``.
+    counted in ``held_out``, not in ``skipped``. ``sha256``: ``{shard: hex digest}`` for shards whose record is not
+    in an ``index.json`` beside them (URLs); ``on_corrupt``: ``"stop"`` (raise ``CorruptShard``) or ``"skip"``
+    (count it in ``corrupt_shards``, drop its samples still buffered) for a shard whose bytes differ from their
+    record (module docstring, "Integrity"). What ``"skip"`` cannot undo: a mismatch is known only at the shard's
+    end, so its samples that already left the shuffle buffer were yielded (and trained on); only those still
+    buffered are dropped (with no shuffle buffer, none is). Nor does it remove the shard: every later epoch reads it
+    again, yields (and trains on) most of it again, and warns again.
+
+    Raises:
+        DuplicateShards: a shard listed twice, or two shards recorded with the same sha256.
+        ValueError: a bad ``interleave``, ``images``, ``on_corrupt`` or ``sha256`` digest.
     """
 
     def __init__(
@@ -240,6 +415,8 @@ class ShardStream(IterableDataset):
         select: Callable[[dict[str, Any]], bool] | None = None,
         interleave: int = 1,
         hold_out: Iterable[str] = (),
+        sha256: Mapping[str, str] | None = None,
+        on_corrupt: OnCorrupt = "stop",
     ):
         super().__init__()
         self.hold_out = frozenset(hold_out)
@@ -263,8 +440,55 @@ class ShardStream(IterableDataset):
             raise ValueError(f"images must be 'rgb' or 'raw', not {images!r}")
         self.images = images
         self.select = select
+        if on_corrupt not in ("stop", "skip"):
+            raise ValueError(f"on_corrupt must be 'stop' or 'skip', not {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        given = {}
+        for shard, digest in (sha256 or {}).items():
+            if not isinstance(digest, str) or not _HEX64.fullmatch(digest.lower()):
+                raise ValueError(f"{shard}: sha256= {str(digest)[:80]!r} is not a sha256 (64 hex digits)")
+            given[shard] = {"sha256": digest}
+        # Hex digests in any case (sha256sum prints lower case, some tools upper): compared lower-cased.
+        self.records = {shard: {**record, "sha256": record["sha256"].lower()}
+                        for shard, record in (shard_records(self.shards) | given).items()}
+        self._refuse_duplicates()
+        unchecked = [s for s in self.shards if s not in self.records]
+        if unchecked:
+            log.warning("%s%s: no sha256 recorded (no index.json beside it, or a build that predates the records): "
+                        "%d of %d shard(s) stream unchecked", unchecked[0],
+                        f" and {len(unchecked) - 1} more" if len(unchecked) > 1 else "", len(unchecked),
+                        len(self.shards))
         self.bad_samples = 0  # counted in the process that iterates (per worker with workers > 0)
         self.skipped = 0  # samples ``select`` left out, counted the same way
+        self.corrupt_shards = 0  # shards skipped with on_corrupt="skip", counted the same way
+        self._dropping: set[str] = set()  # corrupt shards whose buffered samples are dropped (this epoch)
+        # Set by ``StreamLoader.__iter__`` for the next ``iter()`` only: where each logical worker resumes.
+        self._resume: dict[str, Any] | None = None
+        self._position: tuple[int, dict[str, int]] | None = None  # (logical worker, position) at the last yield
+        # True while a resumed stream replays the reads of samples the interrupted run consumed: their warnings
+        # (bad samples, corrupt shards) were logged by that run, with the counts the saved position restores.
+        self._replaying = False
+
+    def _refuse_duplicates(self) -> None:
+        """Refuse a shard listed twice, or two records with one sha256 (a shard overwritten by a copy of another):
+        each epoch would read the same samples twice, and every per-shard check would pass."""
+        from distillkit.reading import _is_url
+
+        seen: dict[str, str] = {}
+        for shard in self.shards:
+            where = shard if _is_url(shard) else os.path.normpath(os.path.abspath(shard))
+            if where in seen:
+                raise DuplicateShards(f"{shard}: listed twice: each epoch would read its samples twice")
+            seen[where] = shard
+        by_digest: dict[str, str] = {}
+        for shard in self.shards:
+            record = self.records.get(shard)
+            if record is None or record.get("samples") == 0:  # two empty tars are byte-identical, and harmless
+                continue
+            other = by_digest.setdefault(record["sha256"], shard)
+            if other != shard:
+                raise DuplicateShards(f"{shard}: index.json records the same sha256 as {other} "
+                                      f"({record['sha256'][:16]}...): the same data listed twice")
 
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         """This rank's and worker's shards in ``epoch`` (possibly empty)."""
@@ -277,7 +501,8 @@ class ShardStream(IterableDataset):
         self.bad_samples += 1
         if self.strict:
             raise BadSample(msg) from exc
-        log.warning("skipping bad sample (%d so far): %s", self.bad_samples, msg)
+        if not self._replaying:
+            log.warning("skipping bad sample (%d so far): %s", self.bad_samples, msg)
 
     def _tar_error(self, exn: BaseException) -> bool:
         """WebDataset handler: a truncated/corrupt tar names its shard; skip it (or raise if strict)."""
@@ -285,42 +510,75 @@ class ShardStream(IterableDataset):
         self._bad(f"{where}: unreadable shard data: {exn.args[0] if exn.args else exn!r}", exn)
         return True
 
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard, read with webdataset's opener, tar expander and key grouping, through a
+        hashing reader when the shard has a record; checked against it at the shard's end."""
+        record = self.records.get(url)
+        try:
+            stream = gopen(url, "rb")
+        except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
+            exn.args = (*exn.args, url)
+            self._tar_error(exn)
+            return
+        reader, hashing = _HashingReader.open(stream) if record is not None else (stream, None)
+        try:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": reader}], handler=self._tar_error),
+                                     handler=self._tar_error)
+            if hashing is not None:
+                self._verify(url, hashing, record)
+        finally:
+            reader.close()
+
+    def _verify(self, url: str, reader: _HashingReader, record: dict[str, Any]) -> None:
+        """Compare a shard read to its end with its record: stop, or count and drop the rest of it."""
+        digest = reader.finish()
+        if digest == record["sha256"]:
+            return
+        size = record.get("bytes")
+        msg = (f"{url}: corrupt shard: sha256 {digest[:16]}... of its {reader.size} bytes, index.json records "
+               f"{record['sha256'][:16]}...{f' of {size} bytes' if isinstance(size, int) else ''} (changed since it "
+               "was built; `distillkit verify` checks every shard)")
+        if self.on_corrupt == "stop":
+            raise CorruptShard(msg)
+        self.corrupt_shards += 1
+        self._dropping.add(url)
+        if self._replaying:
+            return
+        log.warning("%s: dropping its samples still in the shuffle buffer (those already yielded were used); %d "
+                    "corrupt shard(s) so far", msg, self.corrupt_shards)
+
     def _raw_samples(self, shards: list[str], epoch: int = 0) -> Iterator[dict[str, Any]]:
         """Undecoded samples of ``shards`` that have the required fields and pass ``select`` (and, in epoch 0,
         are not held out)."""
-        ds = wds.WebDataset(
-            shards,
-            shardshuffle=False,
-            nodesplitter=_identity,
-            workersplitter=_identity,
-            empty_check=False,
-            handler=self._tar_error,
-        )
-        for raw in ds:
-            url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
-            for name in raw:  # refuse code-executing formats before anything is buffered
-                if not name.startswith("__"):
+        for shard in shards:
+            for raw in self._shard_samples(shard):
+                url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
+                for name in raw:  # refuse code-executing formats before anything is buffered
+                    if not name.startswith("__"):
+                        try:
+                            refuse_unsafe(name)
+                        except UnsafeFieldError as e:
+                            raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
+                if epoch == 0 and key in self.hold_out:
+                    self.held_out += 1
+                    continue
+                if key.startswith("/") or ".." in key.split("/"):  # a hostile member name; distillkit writes none
+                    self._bad(f"{url}: sample {key!r}: its member path is absolute or climbs out with '..'")
+                    continue
+                missing = [f for f in self.required if f not in raw]
+                if missing:
+                    self._bad(f"{url}: sample {key}: missing field(s) {missing}")
+                    continue
+                if self.select is not None:
                     try:
-                        refuse_unsafe(name)
-                    except UnsafeFieldError as e:
-                        raise UnsafeFieldError(f"{url}: sample {key}: {e}") from None
-            if epoch == 0 and key in self.hold_out:
-                self.held_out += 1
-                continue
-            missing = [f for f in self.required if f not in raw]
-            if missing:
-                self._bad(f"{url}: sample {key}: missing field(s) {missing}")
-                continue
-            if self.select is not None:
-                try:
-                    keep = self.select(raw)
-                except (ValueError, KeyError, TypeError) as e:
-                    self._bad(f"{url}: sample {key}: {self.select!r}: {e}", e)
-                    continue
-                if not keep:
-                    self.skipped += 1
-                    continue
-            yield raw
+                        keep = self.select(raw)
+                    except (ValueError, KeyError, TypeError) as e:
+                        self._bad(f"{url}: sample {key}: {self.select!r}: {e}", e)
+                        continue
+                    if not keep:
+                        self.skipped += 1
+                        continue
+                yield raw
 
     def _decoded(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """``raw`` decoded and checked, or None (reported) for a bad sample."""
@@ -337,33 +595,71 @@ class ShardStream(IterableDataset):
             return None
         return sample
 
+    _COUNTERS = ("bad_samples", "skipped", "held_out", "corrupt_shards")
+
+    def position(self) -> tuple[int, dict[str, int]] | None:
+        """``(logical worker, position)`` of the last sample this process's iterator yielded, or None.
+
+        The position holds ``epoch``; ``emitted``, the samples that left the shuffle buffer in that epoch (bad ones
+        included: a resumed stream discards that many, undecoded); ``good``, those of them yielded; and the counters
+        (``bad_samples``, ``skipped``, ``held_out``, ``corrupt_shards``) at that moment, which a resumed stream
+        continues from."""
+        return self._position
+
     def __iter__(self) -> Iterator[Any]:
         worker, num_workers = worker_split()
-        epoch = 0
+        resume, self._resume = self._resume, None  # for this iterator only: a later pass starts afresh
+        if resume is None:
+            return self._iterate(worker, num_workers, None)
+        logical = (worker + resume["next_worker"]) % num_workers  # see "Resuming from a stream position"
+        return self._iterate(logical, num_workers, resume["workers"][logical])
+
+    def _iterate(self, worker: int, num_workers: int, start: dict[str, int] | None) -> Iterator[Any]:
+        """The stream of logical worker ``worker``, from its position ``start`` (None: the beginning)."""
+        epoch = start["epoch"] if start else 0
+        replay = start["emitted"] if start else 0  # buffer outputs of ``epoch`` already consumed: not decoded
         while self.epochs is None or epoch < self.epochs:
             shards = self.shards_for(epoch, worker, num_workers)
             if not shards:
                 return  # more workers than shards: this worker has nothing to do
             buf_rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
-            good, skipped_before, held_before = 0, self.skipped, self.held_out
+            good, emitted, skipped_before, held_before = 0, 0, self.skipped, self.held_out
+            self._dropping = set()
+            self._replaying = replay > 0  # reads up to the replay's last sample were logged by the interrupted run
             raws = (self._raw_samples(shards, epoch) if self.interleave == 1 else
                     _round_robin([self._raw_samples([s], epoch) for s in shards], self.interleave))
             for raw in _buffer_shuffle(raws, self.shuffle_buffer, buf_rng):
+                emitted += 1
+                if emitted <= replay:
+                    if emitted == replay and start is not None:
+                        # The reads and the buffer are where they were at the saved position: so are the counters
+                        # (decode-time bad samples among the replayed ones were never re-checked), and what is read
+                        # from here on was not read by the interrupted run before it saved: reported again.
+                        self._replaying = False
+                        good = start["good"]
+                        for name in self._COUNTERS:
+                            setattr(self, name, start[name])
+                    continue
+                if raw.get("__url__") in self._dropping:  # a corrupt shard's sample still buffered (on_corrupt=skip)
+                    self.bad_samples += 1
+                    continue
                 sample = self._decoded(raw)
                 if sample is None:
                     continue
                 if self.transform is None:
-                    good += 1
-                    yield sample
-                    continue
-                rng, gen = sample_rngs(self.seed, epoch, sample["__key__"])
-                try:
-                    out = self.transform(sample, rng, gen)
-                except (BadSample, ValueError) as e:
-                    self._bad(f"{sample['__url__']}: sample {sample['__key__']}: {e}", e)
-                    continue
+                    out: Any = sample
+                else:
+                    rng, gen = sample_rngs(self.seed, epoch, sample["__key__"])
+                    try:
+                        out = self.transform(sample, rng, gen)
+                    except (BadSample, ValueError) as e:
+                        self._bad(f"{sample['__url__']}: sample {sample['__key__']}: {e}", e)
+                        continue
                 good += 1
+                self._position = (worker, {"epoch": epoch, "emitted": emitted, "good": good,
+                                           **{name: getattr(self, name) for name in self._COUNTERS}})
                 yield out
+            replay, self._replaying = 0, False  # (an epoch shorter than the replay: the data changed since)
             skipped = self.skipped - skipped_before
             if self.select is not None and epoch == 0:
                 log.info("rank %d worker %d: kept %d, skipped %d sample(s) not among the %s (%d shard(s))",
@@ -421,6 +717,108 @@ def _buffer_shuffle(it: Iterable[Any], size: int, rng: random.Random) -> Iterato
     yield from buf
 
 
+class _Positioned:
+    """A collated batch with the position of the loader worker that made it (stripped by ``StreamLoader``)."""
+
+    __slots__ = ("batch", "worker", "position")
+
+    def __init__(self, batch: Any, worker: int, position: dict[str, int]) -> None:
+        self.batch, self.worker, self.position = batch, worker, position
+
+    def pin_memory(self) -> _Positioned:
+        """Pin the batch, as the DataLoader's pin-memory thread would without the wrapper."""
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return _Positioned(pin_memory(self.batch), self.worker, self.position)
+
+
+class _PositionedCollate:
+    """``collate`` run in the process that iterates the stream, attaching that stream's position to the batch:
+    the fetcher has just drawn the batch's last sample from it, so its position is the batch's end."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any], stream: ShardStream) -> None:
+        self.collate, self.stream = collate, stream
+
+    def __call__(self, items: list[Any]) -> Any:
+        info = get_worker_info()
+        stream = info.dataset if info is not None else self.stream  # the worker's own copy of the stream
+        batch = self.collate(items)
+        where = stream.position() if isinstance(stream, ShardStream) else None
+        return batch if where is None else _Positioned(batch, *where)
+
+
+class StreamLoader(DataLoader):
+    """A ``DataLoader`` over a ``ShardStream`` that knows where the stream is, for a resume without re-reading.
+
+    Batches come out as the collate made them; the positions they carried are kept here (module docstring,
+    "Resuming from a stream position"). ``stream_state()`` is a small dict of ints (it goes into a ``weights_only``
+    checkpoint); ``load_stream_state(state)`` before ``iter()`` makes that iterator continue from it.
+    """
+
+    def __init__(self, dataset: ShardStream, *, collate_fn: Callable[[list[Any]], Any], **kw: Any) -> None:
+        super().__init__(dataset, collate_fn=_PositionedCollate(collate_fn, dataset), **kw)
+        self._workers = max(1, self.num_workers)  # logical workers: loading in-process (0) is one
+        self._positions: list[dict[str, int] | None] = [None] * self._workers
+        self._next_worker = 0
+        self._loaded = False
+
+    def stream_state(self) -> dict[str, Any]:
+        """Where the batches consumed so far leave the stream: per logical worker its position (None: none of its
+        batches consumed yet), the worker whose batch comes next, and what the positions are only valid for."""
+        stream = self.dataset
+        # ``num_workers`` as given: 0 (loading in the training process, where a transform's draws from the global
+        # generators are part of the checkpointed RNG state) and 1 (a worker process) are different layouts.
+        return {"format": 1, "num_workers": self.num_workers, "next_worker": self._next_worker,
+                "workers": [dict(p) if p else None for p in self._positions], "seed": stream.seed,
+                "shards": len(stream.shards), "rank": stream.rank, "world_size": stream.world_size}
+
+    def load_stream_state(self, state: dict[str, Any]) -> None:
+        """Make the next ``iter()`` continue from ``state`` (``stream_state()`` of the interrupted run).
+
+        Args:
+            state: the saved position, as ``stream_state()`` returned it (from the checkpoint).
+
+        Raises:
+            ValueError: a state of another format, or saved under another layout (``num_workers`` as given, seed,
+                shard count, rank or process count), in one line naming what differs: the positions would point
+                elsewhere in this stream. Nothing is changed then: the loader starts afresh.
+        """
+        stream = self.dataset
+        if not isinstance(state, dict) or state.get("format") != 1:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"unknown stream position format {found!r}")
+        mine = {"num_workers": self.num_workers, "seed": stream.seed, "shards": len(stream.shards),
+                "rank": stream.rank, "world_size": stream.world_size}
+        differ = [f"{k} {state.get(k)!r} (now {v!r})" for k, v in mine.items() if state.get(k) != v]
+        if differ:
+            raise ValueError("saved with " + ", ".join(differ))
+        self._positions = [dict(p) if p else None for p in state["workers"]]
+        self._next_worker = int(state["next_worker"])
+        self._loaded = True
+
+    def __iter__(self) -> Iterator[Any]:
+        stream = self.dataset
+        if self._loaded:
+            stream._resume = {"next_worker": self._next_worker, "workers": list(self._positions)}
+            self._loaded = False
+        else:
+            self._positions, self._next_worker = [None] * self._workers, 0
+        try:
+            it = super().__iter__()  # workers start (and copy the stream, with _resume) here; in-process reads it
+        finally:
+            stream._resume = None
+        return self._strip(it)
+
+    def _strip(self, it: Iterator[Any]) -> Iterator[Any]:
+        for item in it:
+            if isinstance(item, _Positioned):
+                self._positions[item.worker] = item.position
+                self._next_worker = (item.worker + 1) % self._workers
+                yield item.batch
+            else:
+                yield item
+
+
 def make_loader(
     dataset: IterableDataset,
     batch_size: int,
@@ -431,7 +829,8 @@ def make_loader(
     prefetch_factor: int = 2,
     drop_last: bool = True,
 ) -> DataLoader:
-    """DataLoader for a ShardStream: pinned memory on CUDA, persistent workers when there are any.
+    """DataLoader for a ShardStream: pinned memory on CUDA, persistent workers when there are any; over a
+    ``ShardStream`` a ``StreamLoader``, whose position a checkpoint keeps (module docstring).
 
     Raises:
         TooFewShards: a ``ShardStream`` of several ranks with fewer shards than ranks x loader workers
@@ -445,6 +844,10 @@ def make_loader(
         kw.update(persistent_workers=True, prefetch_factor=prefetch_factor, timeout=timeout)
     # A private generator: creating the loader's iterator must not draw from the global torch RNG,
     # otherwise a resumed run (which creates it after restoring RNG state) would diverge.
+    if isinstance(dataset, ShardStream):
+        return StreamLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                            pin_memory=str(device).startswith("cuda") and torch.cuda.is_available(),
+                            drop_last=drop_last, generator=torch.Generator().manual_seed(0), **kw)
     return DataLoader(
         dataset,
         batch_size=batch_size,

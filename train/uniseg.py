@@ -534,7 +534,8 @@ def make_stream(shards: Path, config: dict[str, Any], strict: bool = False, rank
     """
     return ShardStream(shards, seed=config["seed"], shuffle_buffer=64, rank=rank, world_size=world_size,
                        required=["uniap.npy"], check=_check,
-                       transform=functools.partial(_transform, cfg=view_config(config)), strict=strict)
+                       transform=functools.partial(_transform, cfg=view_config(config)), strict=strict,
+                       on_corrupt=config.get("on_corrupt_shard", "stop"))
 
 
 def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu", resume: bool = False,

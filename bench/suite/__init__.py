@@ -19,6 +19,8 @@ ENTRIES: dict[str, str] = {
     "superpixels": "bench.suite.superpixels",
     "build": "bench.suite.build",
     "streaming": "bench.suite.streaming",
+    "integrity": "bench.suite.integrity",
+    "resume": "bench.suite.resume",
     "trainer": "bench.suite.trainer",
     "comodo": "bench.suite.comodo",
     "logmel": "bench.suite.logmel",

@@ -104,3 +104,52 @@ def medium_nuscenes(ctx: Context) -> Path:
 
         make_nuscenes(path, seed=0, size="medium")
     return path
+
+
+def recorded_shards(out: Path, shards: int, per_shard: int, make: Callable[[int], dict[str, bytes]]) -> Path:
+    """A shard folder written like a build's, from synthetic samples: ``shards`` tars of ``per_shard`` samples
+    (``make(n)`` gives sample ``n``'s fields, written by ``shards.write_shard``) and the ``index.json`` that
+    ``shards.index_for_tars`` makes of them (each shard's sha256 and bytes, as the trainers' stream checks them).
+
+    Written afresh on every call (seconds; the entries' figures do not include it): a folder left by an earlier run
+    may hold other samples, other tars or an index that no longer passes ``load_index``, and a benchmark must not
+    measure those.
+
+    Args:
+        out: the folder (its ``synth-*.tar`` and ``index.json`` are replaced).
+        shards: how many tars.
+        per_shard: samples per tar.
+        make: fields (name -> bytes) of sample ``n``.
+    """
+    from distillkit.pipelines.shards import index_for_tars, write_json_atomic, write_shard
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("synth-*.tar"), out / "index.json"]:
+        old.unlink(missing_ok=True)
+    names = [f"synth-{s:06d}.tar" for s in range(shards)]
+    for s, name in enumerate(names):
+        write_shard(out / name, ((f"s{n:07d}", make(n)) for n in range(s * per_shard, (s + 1) * per_shard)))
+    write_json_atomic(out / "index.json", index_for_tars(out, "synthetic", names))
+    return out
+
+
+def synthetic_jpeg(height: int, width: int, seed: int) -> bytes:
+    """A JPEG of a smooth picture with texture (quality 90), about 0.2 bytes per pixel (290 KB at 1600 x 900, within
+    the 200-400 KB of a camera frame of that size at that quality), so that reading, hashing and decoding cost
+    what real frames cost.
+
+    Args:
+        height: rows.
+        width: columns.
+        seed: the texture's seed.
+    """
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 200, y / height * 200, (x + y) / (width + height) * 255], axis=-1)
+    noisy = np.clip(base + rng.normal(0, 6, size=base.shape), 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()

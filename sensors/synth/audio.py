@@ -25,6 +25,14 @@ under an audio extension, silence, NaN samples, 1-channel 8 kHz, 6-channel 96 kH
 from ``seed``; the same seed gives byte-identical files. "small" (20 files, about 2.5 min of audio) takes
 a second or two; "medium" (80 files) a few seconds; "demo" (150 files of exactly 10 s, 25 min of audio,
 ``distillkit demo``'s data) about ten.
+
+Size "events" writes recordings with annotated sound events instead (:func:`make_event_audio`)::
+
+    OUT/set{1,2}/rec_NNN.wav               16 kHz mono, events of EVENT_CLASSES over faint noise
+    OUT/events.tsv                         filename, onset, offset, event_label (DESED; sensors/events.py)
+
+Six recordings of 5 s (30 s in all), onsets and offsets on the 10 ms grid of a 160-sample hop at 16 kHz,
+events of one or several classes, some overlapping; the last recording has no event (no row in the TSV).
 """
 
 from __future__ import annotations
@@ -44,7 +52,12 @@ SIZES: dict[str, tuple[int, float, float]] = {  # files per class, shortest and 
     # training crop and a whole probe example), and every segment is its own file, so the probe's split by
     # file puts independent segments on the test side (75 with the demo probe's half of the files).
     "demo": (30, 10.0, 10.0),
+    # make_event_audio's: (recordings, shortest, longest); every recording holds events of several classes
+    "events": (6, 5.0, 5.0),
 }
+EVENT_CLASSES: tuple[str, ...] = ("tone_low", "tone_high", "noise_burst", "chirp_up")
+EVENT_RATE = 16000
+EVENT_GRID_S = 0.01  # a 160-sample log-mel hop at 16 kHz: the frame-level evaluation's grid
 
 
 def _envelope(n: int, rate: int, rng: np.random.Generator, attack_s: float = 0.01) -> np.ndarray:
@@ -170,14 +183,16 @@ def make_audio(out: Path, seed: int = 0, size: str = "small") -> Path:
     Args:
         out: output folder (created).
         seed: every random choice derives from it.
-        size: ``"small"`` (4 files per class), ``"medium"`` (16 per class) or ``"demo"`` (30 per class, each
-            exactly 10 s long).
+        size: ``"small"`` (4 files per class), ``"medium"`` (16 per class), ``"demo"`` (30 per class, each
+            exactly 10 s long) or ``"events"`` (:func:`make_event_audio`).
 
     Raises:
         ValueError: unknown ``size``.
     """
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} ({' | '.join(SIZES)})")
+    if size == "events":
+        return make_event_audio(out, seed)
     per_class, shortest, longest = SIZES[size]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +214,94 @@ def make_audio(out: Path, seed: int = 0, size: str = "small") -> Path:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "label"])
         w.writerows(sorted(rows))
+    return out
+
+
+def event_signal(label: str, n: int, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """One event of class ``label`` (a name of ``EVENT_CLASSES``), ``n`` samples, peak ~0.5, with 5 ms ramps so
+    that its energy starts and ends at the annotated times (no click spreading over the neighbouring frames).
+
+    The classes are told apart by their spectra, each in its own band of a 64-band log-mel: a steady tone low
+    (300-500 Hz) or high (2-3 kHz), a noise burst, and an up-sweep spanning 600 Hz-5 kHz over the event.
+
+    Args:
+        label: the class.
+        n: length in samples.
+        rate: sample rate in Hz.
+        rng: the generator of the event's parameters.
+    """
+    t = np.arange(n) / rate
+    if label == "tone_low":
+        y = np.sin(2 * np.pi * rng.uniform(300, 500) * t)
+    elif label == "tone_high":
+        y = np.sin(2 * np.pi * rng.uniform(2000, 3000) * t)
+    elif label == "noise_burst":
+        y = rng.normal(size=n)
+        y /= np.abs(y).max() + 1e-9
+    elif label == "chirp_up":
+        f = 600 * (5000 / 600) ** (t / max(t[-1], 1e-9))
+        y = np.sin(2 * np.pi * np.cumsum(f) / rate)
+    else:
+        raise ValueError(f"unknown event class {label!r} ({' | '.join(EVENT_CLASSES)})")
+    ramp = min(int(0.005 * rate), n // 2)
+    env = np.ones(n)
+    if ramp:
+        env[:ramp] = np.linspace(0, 1, ramp)
+        env[n - ramp:] = np.linspace(1, 0, ramp)
+    return 0.5 * y * env
+
+
+def make_event_audio(out: Path, seed: int = 0) -> Path:
+    """Write the recordings with known events and their ``events.tsv`` (the module docstring); returns ``out``.
+
+    Each recording but the last draws 2-5 events of random classes (every class in at least two recordings),
+    each 0.2-1.5 s long at a random onset, never overlapping one of its own class; onsets and offsets are
+    multiples of ``EVENT_GRID_S``, so a frame-level evaluation on that hop has exact references. Events of
+    different classes may overlap (DESED is polyphonic). The background is white noise 40 dB under an event,
+    so silence is never digital zero.
+
+    Args:
+        out: output folder (created).
+        seed: every random choice derives from it; the same seed gives byte-identical files.
+    """
+    import soundfile as sf
+
+    n_rec, seconds, _ = SIZES["events"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rate, grid = EVENT_RATE, int(round(EVENT_GRID_S * EVENT_RATE))
+    n = int(round(seconds * rate))
+    rows: list[tuple[str, float, float, str]] = []
+    for i in range(n_rec):
+        rel = f"{'set1' if i % 2 == 0 else 'set2'}/rec_{i:03d}.wav"
+        y = rng.normal(0, 0.005, n)
+        if i < n_rec - 1:  # the last recording: no event, no row in the TSV
+            # classes cycle over recordings so each occurs in several; the rest are drawn
+            labels = [EVENT_CLASSES[i % len(EVENT_CLASSES)], EVENT_CLASSES[(i + 1) % len(EVENT_CLASSES)]]
+            labels += list(rng.choice(EVENT_CLASSES, size=int(rng.integers(0, 4))))
+            placed: list[tuple[int, int, str]] = []
+            for label in map(str, labels):
+                for _ in range(20):  # a few draws for a place; a class that finds none is left out
+                    length = int(rng.integers(20, 151)) * grid  # 0.2-1.5 s
+                    onset = int(rng.integers(0, (n - length) // grid + 1)) * grid
+                    # one class never overlaps itself, nor follows itself within 0.1 s: DESED annotates such
+                    # events as one, and an event-based metric could not tell which reference an output matches
+                    if all(c != label or onset >= b + 10 * grid or onset + length + 10 * grid <= a
+                           for a, b, c in placed):
+                        break
+                else:
+                    continue
+                placed.append((onset, onset + length, label))
+                y[onset:onset + length] += event_signal(label, length, rate, rng)
+                rows.append((rel, onset / rate, (onset + length) / rate, label))
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(path), np.clip(y, -1, 1).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    with (out / "events.tsv").open("w", newline="") as f:
+        f.write("filename\tonset\toffset\tevent_label\n")
+        for rel, onset, offset, label in sorted(rows):
+            f.write(f"{rel}\t{onset:.2f}\t{offset:.2f}\t{label}\n")
     return out
 
 

@@ -45,6 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillkit.checkpoint_file import CheckpointError, load_weights
+from distillkit.messages import one_line
+
 MANTIS_LENGTH = 512  # model_util.py:30 (size=512); Mantis8M's seq_len default, version1.py:308
 CHANNELS = 6  # model_util.py:321 (hidden_dim * 6): the released head is sized for the six IMU channels
 HEAD_HIDDEN = 2048  # train.py:59 --mlp_hidden_dim
@@ -79,17 +82,30 @@ def released_head(in_dim: int, hidden: int = HEAD_HIDDEN, out_dim: int = OUT_DIM
 
 
 def _read_state(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The state dict in a ``.safetensors`` or torch weights file (``weights_only``; verified against its digest
+    when distillkit wrote it, ``checkpoint_file.load_weights``).
 
-        return load_file(str(path), device="cpu")
+    Raises:
+        CheckpointError: one line naming the file: unreadable, corrupted, or no state dict of tensors.
+    """
+    def refused(reason: str, corrupted: bool = False) -> CheckpointError:
+        return CheckpointError(path, reason, corrupted, message=f"Mantis checkpoint {path}: {reason}")
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file gets the same one-line answer
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"Mantis checkpoint {path}: not a safetensors or torch state dict ({reason})") from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = load_weights(path, map_location="cpu")
+    except CheckpointError as err:
+        if err.corrupted:  # it is a torch file, only not the one that was saved
+            raise refused(err.reason, corrupted=True) from None
+        raise refused(f"not a safetensors or torch state dict ({err.reason})") from None
+    except Exception as err:  # noqa: BLE001 - safetensors' errors for a truncated or foreign file: one line too
+        raise refused(f"not a safetensors or torch state dict ({one_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"Mantis checkpoint {path}: not a state dict of tensors")
+        raise refused("not a state dict of tensors")
     return state
 
 

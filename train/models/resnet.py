@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distillkit.checkpoint_file import CheckpointError, load_weights
+
 log = logging.getLogger(__name__)
 
 
@@ -107,16 +109,24 @@ def load_moco_v2(model: ResNet, path: Path | str | None) -> bool:
 
     Returns True when weights were loaded. ``path=None`` keeps the random initialisation and
     says so in a warning; a path that is not a file raises, so a typo never silently trains
-    against a random teacher. Always ``torch.load(weights_only=True)``: a checkpoint never
-    executes code.
+    against a random teacher. Always ``weights_only=True``: a checkpoint never executes code; a file
+    that is no readable torch file, or distillkit's own with contents that differ from its digest, is
+    refused in one line (``checkpoint_file.load_weights``; MoCo's file carries no digest and loads as is).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: unreadable, corrupted, or not a state dict.
+        ValueError: its keys do not fit ResNet-50.
     """
     if path is None:
         log.warning("no teacher checkpoint: using a RANDOMLY INITIALISED image teacher")
         return False
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: teacher checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights(path, map_location="cpu")
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(sd, dict):
+        raise CheckpointError(path, f"not a ResNet state dict (it holds a {type(sd).__name__})")
     pref = "module.encoder_q."
     clean = {k[len(pref) :]: v for k, v in sd.items() if k.startswith(pref) and not k.startswith(pref + "fc")}
     if not clean:  # a plain torchvision-style state dict

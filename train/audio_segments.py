@@ -1,0 +1,71 @@
+"""The one reader of audio shards' segments for the evaluations (``eval audio``'s linear probe and speaker
+verification, ``eval atst-frame``): every segment's ``meta.json`` and ``label.txt``, and its log-mel only when
+asked for, so a protocol that needs a few files of a large shard set (verification trials) decodes and keeps
+only theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One stored segment: its key, ``meta.json``, label (None without ``label.txt``) and, when decoded, the
+    frames that hold audio in the stored dtype (float16 for the audio pipeline's shards)."""
+
+    key: str
+    meta: dict[str, Any]
+    label: str | None
+    frames: np.ndarray | None
+
+
+def decode_label(value: Any) -> str:
+    """``label.txt`` as text, stripped (the decoder may hand bytes or str)."""
+    return value.decode("utf-8").strip() if isinstance(value, bytes) else str(value).strip()
+
+
+def read_segments(shards: Path, desc: str, frames: bool = True,
+                  select: Callable[[dict[str, Any]], bool] | None = None) -> Iterator[Segment]:
+    """Every segment of one shard directory, in index order (one pass, no shuffling).
+
+    Args:
+        shards: an audio shard directory.
+        desc: the progress bar's text.
+        frames: decode ``logmel.npy`` (False: ``Segment.frames`` is None and the array stays undecoded bytes
+            that are dropped at once).
+        select: ``ShardStream``'s ``select``: sees the raw sample and returns False to skip it undecoded
+            (``has_label``; ``train.streaming.JsonFieldFilter`` on ``meta.json`` ``source`` for some files).
+    """
+    from distillkit.train.audio_aug import audio_frames
+    from distillkit.train.progress import progress, shard_sample_count
+    from distillkit.train.streaming import ShardStream
+
+    stream = ShardStream(shards, epochs=1, shuffle_shards=False, required=["logmel.npy", "meta.json"],
+                         keep_raw=() if frames else (".npy",), select=select)
+    for s in progress(stream, desc=desc, total=shard_sample_count(shards), unit="segment"):
+        spec = None
+        if frames:
+            stored = s["logmel.npy"]
+            # audio_frames returns float32; going back to the stored dtype is exact and halves what a caller keeps
+            spec = audio_frames(stored, s["meta.json"]).astype(stored.dtype, copy=False)
+        label = decode_label(s["label.txt"]) if "label.txt" in s else None
+        yield Segment(s["__key__"], s["meta.json"], label, spec)
+
+
+class HasLabel:
+    """A ``read_segments`` ``select``: keep labelled segments only (the others are not decoded)."""
+
+    def __call__(self, raw: dict[str, Any]) -> bool:
+        return "label.txt" in raw
+
+    def __repr__(self) -> str:  # ShardStream's log lines name the filter
+        return "labelled segments"
+
+
+has_label = HasLabel()
