@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -59,7 +60,9 @@ def run(device: str, only: list[str], quick: bool, scratch: Path | None = None,
                                     "notes": [f"did not run: {type(exc).__name__}: {exc}"]}
         else:
             ctx.results[name] = result
-            out["entries"][name] = {**result.to_json(), "seconds": time.perf_counter() - t}
+            # when and under what load this entry ran: a partial run (--only) keeps older entries beside it
+            out["entries"][name] = {**result.to_json(), "seconds": time.perf_counter() - t, "measured": out["date"],
+                                    "load_avg_1m": os.getloadavg()[0]}
             for f in result.figures:
                 print(f"   {f.name}: {f.value:.4g} {f.unit} | {f.reference}: {f.reference_value:.4g} | "
                       f"ratio {f.ratio:.3g}", flush=True)
@@ -75,9 +78,12 @@ def render(results: list[dict]) -> str:
         m = res["machine"]
         where = f"{m.get('cpus')} CPUs" + (f", {m['gpu']}" if "gpu" in m else ", no GPU")
         lines += [f"### `--device {res['device']}`{' (quick)' if res.get('quick') else ''}: {res['date']}, {where}, "
-                  f"load average {m.get('load_avg_1m', float('nan')):.1f}", ""]
+                  f"load average {m.get('load_avg_1m', float('nan')):.1f} (an entry measured later names its date)",
+                  ""]
         for name, e in res["entries"].items():
-            lines += [f"**{e['title']}** (`--only {name}`, {e['seconds']:.0f} s)", "",
+            when = (f", measured {e['measured']}, load average {e['load_avg_1m']:.1f}" if "measured" in e
+                    and e["measured"] != res["date"] else "")
+            lines += [f"**{e['title']}** (`--only {name}`, {e['seconds']:.0f} s{when})", "",
                       "| figure | ours | reference | ratio (x better) |", "|---|---|---|---|"]
             for f in e["figures"]:
                 note = f" ({f['note']})" if f.get("note") else ""
@@ -121,8 +127,10 @@ def main() -> None:
     def save(results: dict) -> None:
         if old and old.get("device") == args.device and old.get("quick") == args.quick:
             # a partial run updates its entries in the existing file, keeps the others
+            # the heading's date and machine stay those of the run that made the other entries; each entry of
+            # this run names its own date and load ("measured")
             entries = {**old["entries"], **results["entries"]}
-            results = {**results, "entries": {k: entries[k] for k in ENTRIES if k in entries},
+            results = {**old, "entries": {k: entries[k] for k in ENTRIES if k in entries},
                        "runs": old.get("runs", [old["date"]]) + [results["date"]]}
         out.write_text(json.dumps(results, indent=1))
 

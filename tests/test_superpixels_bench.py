@@ -43,3 +43,13 @@ def test_render_replaces_only_the_marked_section(tmp_path):
     write_doc(render([results]), doc)
     second = doc.read_text()
     assert second.count(START) == 1 and "kept below" in second and "| 5 |" in second
+
+
+def test_an_entry_measured_after_the_others_names_its_date_and_load():
+    res = Result("Thing", [Figure("fast path", 2.0, "ms", "slow path", 8.0)])
+    later = {**res.to_json(), "seconds": 3.0, "measured": "2026-12-04 16:50 UTC", "load_avg_1m": 0.4}
+    results = {"device": "cpu", "date": "2026-11-26 22:14 UTC", "machine": {"cpus": 2, "load_avg_1m": 1.5},
+               "entries": {"old": {**res.to_json(), "seconds": 3.0}, "new": later}}
+    text = render([results])
+    assert "(`--only new`, 3 s, measured 2026-12-04 16:50 UTC, load average 0.4)" in text
+    assert "(`--only old`, 3 s)" in text  # the heading's run: its date is the heading's
