@@ -39,7 +39,13 @@ _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 
-def _is_url(s: str) -> bool:
+def is_url(s: str) -> bool:
+    """Whether ``s`` names a URL (``https://``, ``s3://``, ``file://``, webdataset's ``pipe:``), which webdataset's
+    gopen opens, rather than a local path.
+
+    Args:
+        s: a shard source as given.
+    """
     return bool(_URL.match(s))
 
 
@@ -84,7 +90,7 @@ def shard_urls(source: Source) -> list[str]:
     urls: list[str] = []
     for item in items:
         s = os.fspath(item)
-        if _is_url(s):
+        if is_url(s):
             if s.endswith("/index.json") and "{" not in s:
                 urls.extend(_index_urls(s))
             else:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.checkpoint_file import CheckpointError, load_weights
+from distillkit.messages import one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,7 +246,7 @@ def load_video_teacher(arch: str, checkpoint: str | Path = "", seed: int = 0) ->
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"{path}: not a {arch} teacher state dict ({str(exc).splitlines()[0]})") from exc
+            raise ValueError(f"{path}: not a {arch} teacher state dict ({one_line(exc)})") from exc
     else:
         msg = (f"video teacher {arch!r} has NO checkpoint: using a RANDOMLY INITIALISED teacher (seed {seed}); "
                "pass a checkpoint for real distillation")

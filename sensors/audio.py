@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distillkit.messages import one_line
 from distillkit.sensors.listing import list_inputs, printable
 
 AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
@@ -234,7 +235,7 @@ def read_audio(path: Path | str, target_rate: int = 16000) -> Audio:
     except MemoryError:  # a corrupt header claiming billions of frames
         raise AudioReadError(f"{path}: header claims more audio than memory holds (corrupt?)") from None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as first:
-        reason = str(first).splitlines()[0] if str(first) else type(first).__name__
+        reason = one_line(first)
         data, rate = _read_librosa(path, reason.split("': ", 1)[-1])  # libsndfile repeats the path
         channels, decoder = int(data.shape[0]), "librosa"
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))

@@ -253,9 +253,17 @@ def test_few_cpu_steps_lower_the_loss_and_the_checkpoint_loads(shards, tmp_path)
     method.load_state_dict(state["model"])  # strict: every parameter and buffer of the method
     assert decode_front_end(method.front_end) == read_norm(shards["plain"])[2]
     assert int(method.ema_step) == 30 and metrics["step"] == 30
-    result = AtstFrameTrainer().evaluate(out / CHECKPOINT_NAME, [shards["plain"]], config, options={"epochs": 5})
+    result = AtstFrameTrainer().evaluate(out / CHECKPOINT_NAME, [shards["plain"]], config,
+                                         options={"epochs": 5, "splits": 2})
     head = AtstFrameTrainer().headline(result)
     assert head["distilled"] is not None and head["random"] is not None
+    # eval audio's protocol: several splits by file, the gain their mean
+    assert [len(result["splits"][k]) for k in ("random_init", "distilled")] == [2, 2]
+    gains = [d["balanced_accuracy"] - r["balanced_accuracy"]
+             for d, r in zip(result["splits"]["distilled"], result["splits"]["random_init"], strict=True)]
+    assert result["gain_balanced_accuracy"] == pytest.approx(np.mean(gains)) == pytest.approx(head["gain"])
+    assert "teacher mean-pooled frame representations" in result["protocol"]
+    assert "mean over 2 splits" in AtstFrameTrainer().format_eval(result)
 
 
 def test_show_config_lists_every_key_with_its_source(registered):

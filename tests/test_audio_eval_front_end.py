@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from distillkit.pipelines.catalog import load_manifest
@@ -98,3 +99,30 @@ def test_a_checkpoint_from_before_the_front_end_was_recorded_still_loads(trained
     method = audio.build_method(config, shards, 1)
     method.load_state_dict(state)  # strict
     assert audio.decode_front_end(method.front_end) == {}
+
+
+def test_eval_runs_and_gains_shared_by_the_audio_protocols():
+    assert audio.eval_runs(None) == [("random_init", None)]
+    state = {"w": 1}
+    assert audio.eval_runs(state) == [("random_init", None), ("distilled", state)]
+    result = {"random_init": {"eer": 0.4, "acc": 0.5}, "distilled": {"eer": 0.1, "acc": 0.75}}
+    audio.add_gains(result, ("eer",), higher_is_better=False)  # lower is better: random minus distilled
+    audio.add_gains(result, ("acc",))
+    assert result["gain_eer"] == pytest.approx(0.3) and result["gain_acc"] == pytest.approx(0.25)
+    splits = {"random_init": [{"acc": 0.5}, {"acc": 0.25}], "distilled": [{"acc": 0.75}, {"acc": 0.75}]}
+    audio.add_gains(result, ("acc",), per_split=splits)  # the mean of the per-split gains
+    assert result["gain_acc"] == pytest.approx(0.375)
+    alone = {"random_init": {"acc": 0.5}}
+    audio.add_gains(alone, ("acc",))
+    assert alone == {"random_init": {"acc": 0.5}}
+
+
+def test_labelled_segments_stay_float16_in_memory(trained):
+    """``eval audio`` keeps the stored float16 (half the memory); ``clip_embeddings`` converts one at a time."""
+    shards, _, config = trained
+    specs = audio.load_labelled([shards])[0]
+    assert {s.dtype for s in specs} == {np.dtype(np.float16)}
+    method = audio.build_method(config, shards, 1)
+    crop = method.student.encoder.base_grid[1] * 4
+    half = audio.clip_embeddings(method, specs[:2], crop, "cpu")
+    assert np.allclose(half, audio.clip_embeddings(method, [s.astype(np.float32) for s in specs[:2]], crop, "cpu"))

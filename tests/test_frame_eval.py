@@ -112,12 +112,16 @@ def test_nothing_detected_scores_zero_not_nan():
 
 
 def test_malformed_events_are_one_line_errors():
-    assert check_events(b'[{"onset": 0, "offset": 1.5, "event_label": "a"}]', "s/k") == [
+    assert check_events(b'[{"onset": 0, "offset": 1.5, "event_label": "a"}]', 2.0, "s/k") == [
         {"onset": 0.0, "offset": 1.5, "event_label": "a"}]
+    # the same checks as the build's (sensors.events.check_segment_events): an event past the segment's end, an
+    # extra key and an unsorted list are refused too, not only malformed items
     for bad in (b"{", b'{"onset": 0}', b'[{"onset": 2, "offset": 1, "event_label": "a"}]',
-                b'[{"onset": 0, "offset": 1}]'):
+                b'[{"onset": 0, "offset": 1}]', b'[{"onset": 5, "offset": 50, "event_label": "a", "x": 1}]',
+                b'[{"onset": 5, "offset": 50, "event_label": "a"}]',
+                b'[{"onset": 1, "offset": 2, "event_label": "a"}, {"onset": 0, "offset": 1, "event_label": "a"}]'):
         with pytest.raises(ConfigError) as exc:
-            check_events(bad, "shards/seg_001")
+            check_events(bad, 10.0, "shards/seg_001")
         assert "\n" not in str(exc.value) and "shards/seg_001" in str(exc.value) and "events.json" in str(exc.value)
 
 
@@ -127,7 +131,8 @@ def synthetic_events(key: str, label: str) -> list[dict]:
     events = [{"onset": 0.2, "offset": 0.9, "event_label": label}]
     if sum(map(ord, key)) % 2:
         events.append({"onset": 0.1, "offset": 0.5, "event_label": "beep"})
-    return events
+    # sorted by onset as the build writes them (check_segment_events refuses another order)
+    return sorted(events, key=lambda e: (e["onset"], e["event_label"], e["offset"]))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,6 @@ per-worker memory bank; a clip shorter than the crop is tiled cyclically instead
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,26 +50,20 @@ from distillkit.pipelines.manifest import Key
 from distillkit.train import distributed
 from distillkit.train.audio import (
     byol_loss,
-    check_front_end,
     check_sample,
-    decode_front_end,
     encode_front_end,
-    eval_method,
-    load_labelled,
     mlp,
     read_norm,
 )
 from distillkit.train.audio_aug import audio_frames, crop_frames, log_mixup_exp, window
 from distillkit.train.base import ConfigError, Trainer
-from distillkit.train.checkpoint import load_checkpoint
-from distillkit.train.clip_probe import format_probe_comparison, group_split, linear_probe
 from distillkit.train.ema import cosine_momentum, ema_update
+from distillkit.train.frame_eval import TOKEN_FRAMES  # frames per token: train_small.sh:24 (patch_w=4)
 from distillkit.train.loop import LoopConfig, train_loop
 from distillkit.train.models.frame_transformer import FrameTransformer
 from distillkit.train.streaming import ShardStream, make_loader
 
 REL = "Audio-WestlakeU/audiossl audiossl/methods/atstframe/"
-PATCH_W = 4  # frames per token: train_small.sh:24 (patch_w=4), 40 ms at the 10 ms hop
 
 
 @dataclass(frozen=True)
@@ -184,6 +177,13 @@ class FrameBranch(nn.Module):
         self.encoder, self.projector = encoder, projector
 
     def forward(self, x: Tensor, keep: Tensor, mask_input: bool) -> Tensor:
+        """The projected frame tokens at the masked positions: (number of True in ``keep``, projector out).
+
+        Args:
+            x: (B, 1, F, T) normalised dB frames.
+            keep: (B, T // TOKEN_FRAMES) bool, the masked tokens (the ones the loss compares).
+            mask_input: replace those tokens by the mask embedding at the input (the student) or not (teacher).
+        """
         frames = self.encoder(x, keep if mask_input else None)
         # the release keeps only the masked tokens (frame_repr[mask_index], audio_transformer.py:207): the
         # projector's BatchNorm normalises over them, not over every token
@@ -214,7 +214,7 @@ class FrameTeacherStudent(nn.Module):
         self.total_steps, self.mixup_alpha, self.freq_warp = total_steps, mixup_alpha, freq_warp
         self.ema_base = cfg.ema_base if ema_base is None else ema_base
         self.crop = crop
-        encoder = FrameTransformer(n_mels, crop // PATCH_W, cfg.embed_dim, cfg.depth, cfg.num_heads, PATCH_W,
+        encoder = FrameTransformer(n_mels, crop // TOKEN_FRAMES, cfg.embed_dim, cfg.depth, cfg.num_heads, TOKEN_FRAMES,
                                    drop_path_rate=cfg.drop_path)
         # byol.py:106, :114: build_mlp(2, D, 4096, 256, last_bn=False), bias-free Linear layers
         self.student = FrameBranch(encoder, mlp(cfg.embed_dim, cfg.proj_hidden, cfg.proj_out, bias=False))
@@ -228,7 +228,11 @@ class FrameTeacherStudent(nn.Module):
         self.register_buffer("front_end", encode_front_end(front_end))
 
     def normalise(self, db: Tensor) -> Tensor:
-        """(dB - dataset mean) / dataset std."""
+        """(dB - dataset mean) / dataset std.
+
+        Args:
+            db: log-mel frames in dB, any shape.
+        """
         return (db - self.mean) / self.std
 
     def views(self, crop: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,12 +251,23 @@ class FrameTeacherStudent(nn.Module):
 
     def after_step(self, step: int, max_steps: int) -> None:
         """After each optimiser step: teacher encoder and projector follow the student (parameters only, as
-        ``update_teacher``, model.py:78-83)."""
+        ``update_teacher``, model.py:78-83).
+
+        Args:
+            step: the optimiser steps done (1 after the first).
+            max_steps: the run's steps (the loop's interface; the momentum schedule uses ``total_steps``, given
+                at build).
+        """
         ema_update(self.teacher, self.student, cosine_momentum(step - 1, self.total_steps, self.ema_base, 1.0),
                    buffers="keep")
         self.ema_step.fill_(step)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The symmetric BYOL loss of the student's masked frame tokens against the teacher's, both views.
+
+        Args:
+            batch: ``collate_frames``' batch: ``crop`` (B, F, T) dB crops, ``mask`` (B, T // TOKEN_FRAMES) tokens.
+        """
         v1, v2 = self.views(batch["crop"])
         mask = batch["mask"].bool()
         both, keep = torch.cat([v1, v2]), torch.cat([mask, mask])  # one forward of both views (byol.py:118-138)
@@ -274,11 +289,11 @@ class FrameTeacherStudent(nn.Module):
         """
         enc = (self.teacher if which == "teacher" else self.student).encoder
         t = spec.shape[-1]
-        if t < PATCH_W:
+        if t < TOKEN_FRAMES:
             # a segment shorter than one token is tiled cyclically to one token, as clip_embeddings tiles its
             # last window (train.audio_aug.window): one representation, not an empty list to concatenate
-            spec = spec[..., torch.arange(PATCH_W, device=spec.device) % t]
-        n = spec.shape[-1] // PATCH_W * PATCH_W
+            spec = spec[..., torch.arange(TOKEN_FRAMES, device=spec.device) % t]
+        n = spec.shape[-1] // TOKEN_FRAMES * TOKEN_FRAMES
         return torch.cat([enc(spec[..., s: min(s + self.crop, n)])[0] for s in range(0, n, self.crop)])
 
 
@@ -293,7 +308,7 @@ class FrameCropTransform:
         n = frames.shape[1]
         start = int(rng.integers(0, (n - self.crop if n >= self.crop else n - 1) + 1))
         return {"crop": np.ascontiguousarray(window(frames, start, self.crop), dtype=np.float32),
-                "mask": block_mask(self.crop // PATCH_W, self.mask_ratio, self.mask_len, rng)}
+                "mask": block_mask(self.crop // TOKEN_FRAMES, self.mask_ratio, self.mask_len, rng)}
 
 
 def collate_frames(items: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -341,6 +356,23 @@ def build_method(config: dict[str, Any], shards: Path, total_steps: int) -> Fram
 
 
 # --------------------------------------------------------------------------- trainer
+@torch.no_grad()
+def scene_embeddings(method: FrameTeacherStudent, specs: list[np.ndarray], device: str, which: str) -> np.ndarray:
+    """(N, D) clip features: each segment's frame representations, mean-pooled (the release's scene embedding).
+
+    Args:
+        method: the teacher-student.
+        specs: per segment, (n_mels, n) dB frames (any float dtype: each goes to float32 on its own, so the list
+            keeps the stored float16).
+        device: torch device.
+        which: ``"teacher"`` or ``"student"``.
+    """
+    method.eval().to(device)
+    return np.stack([method.frame_embeddings(
+        method.normalise(torch.from_numpy(np.asarray(s, dtype=np.float32)).to(device))[None, None],
+        which).mean(0).float().cpu().numpy() for s in specs])
+
+
 class AtstFrameTrainer(Trainer):
     name = "atst-frame"
     pipeline = "audio"
@@ -381,6 +413,7 @@ class AtstFrameTrainer(Trainer):
         "test_fraction": Key(float, 0.3, doc="fraction of source files (per class) on the test side"),
         "epochs": Key(int, 300, doc="full-batch steps of the linear probe"),
         "lr": Key(float, 0.01, doc="AdamW lr of the linear probe"),
+        "splits": Key(int, 1, doc="random splits by file; gains are the mean over them (as eval audio)"),
         "protocol": Key(str, "linear", choices=("linear", "events"),
                         doc="linear = clip probe of mean-pooled frames on the labels; events = frame-wise probe on "
                             "events.json, sed_eval event- and segment-based F1 (docs/audio.md \"Frame-level "
@@ -494,8 +527,8 @@ class AtstFrameTrainer(Trainer):
         self.check_shards(Path(shards), config)
         batch, steps = config["batch_size"], config["max_steps"]
         method = build_method(config, Path(shards), steps)
-        if method.crop // PATCH_W < config["mask_len"] + 1:
-            raise ConfigError(f"train {self.name}", "crop_s", f"{method.crop // PATCH_W} tokens per crop: too few "
+        if method.crop // TOKEN_FRAMES < config["mask_len"] + 1:
+            raise ConfigError(f"train {self.name}", "crop_s", f"{method.crop // TOKEN_FRAMES} tokens per crop: too few "
                               f"for masked spans of {config['mask_len']}")
         np.random.seed(config["seed"])
         ranks = distributed.ranks()
@@ -529,60 +562,24 @@ class AtstFrameTrainer(Trainer):
         random init; split by source file as ``eval audio``. ``protocol = "events"``: sound event detection with a
         frame-wise probe of the 40 ms frame tokens (``train.frame_eval``).
         """
-        opts = self.resolve_eval_options(options or {})
-        config = self.effective_config(config)
-        state = None
-        if checkpoint is not None:
-            state = load_checkpoint(Path(checkpoint), map_location="cpu")["model"]
-            trained = decode_front_end(state["front_end"])
-            for d in shards:
-                check_front_end(trained, Path(d))
-        if opts["protocol"] == "events":
-            from distillkit.train.frame_eval import atst_frame_features, evaluate_events
+        from distillkit.train import audio
+        from distillkit.train.frame_eval import atst_frame_features
 
-            return evaluate_events(checkpoint, state, [Path(s) for s in shards], config, device, build_method,
-                                   atst_frame_features, encoder=opts["encoder"], test_fraction=opts["test_fraction"],
-                                   epochs=opts["epochs"], lr=opts["lr"], what="frame tokens")
-        specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
-        names = sorted(set(labels))
-        y = np.array([names.index(label) for label in labels])
-        tr, te = group_split(groups, opts["test_fraction"], seed=config["seed"], labels=labels)
-        if len(tr) == 0 or len(te) == 0:
-            raise ValueError(f"{len(set(groups))} labelled source file(s): too few for a train/test split by file")
-        result: dict[str, Any] = {"protocol": (
-            f"linear probe of mean-pooled {opts['encoder']} frame representations; {len(set(groups))} source "
-            f"files, {len(labels)} segments, split by file ({len(tr)} train / {len(te)} test)")}
-        for name, weights in [("random_init", None)] + ([("distilled", state)] if state is not None else []):
-            # the clip trainer's rule: the random-init baseline reads its input with the checkpoint's statistics
-            method = eval_method(config, shards, state, weights, checkpoint, build=build_method)
-            method.eval().to(device)
-            emb = np.stack([method.frame_embeddings(method.normalise(torch.from_numpy(s).to(device))[None, None],
-                                                    opts["encoder"]).mean(0).float().cpu().numpy() for s in specs])
-            result[name] = linear_probe(emb[tr], y[tr], emb[te], y[te], names, epochs=opts["epochs"],
-                                        lr=opts["lr"], seed=config["seed"])
-        if "distilled" in result:
-            result["gain_balanced_accuracy"] = (result["distilled"]["balanced_accuracy"]
-                                                - result["random_init"]["balanced_accuracy"])
-        return result
+        opts = self.resolve_eval_options(options or {})
+        # eval audio's protocol (checkpoint and front-end checks, split by file, random init against distilled,
+        # ``splits``) with this method's network and features
+        return audio.evaluate(checkpoint, shards, self.effective_config(config), device, encoder=opts["encoder"],
+                              test_fraction=opts["test_fraction"], epochs=opts["epochs"], lr=opts["lr"],
+                              splits=opts["splits"], protocol=opts["protocol"], build=build_method,
+                              embed=scene_embeddings, features=atst_frame_features,
+                              what="mean-pooled frame representations")
 
     def format_eval(self, result: dict[str, Any]) -> str:
-        if result.get("eval_protocol") == "events":
-            from distillkit.train.frame_eval import format_events
+        from distillkit.train import audio
 
-            return format_events(result)
-        lines = [result["protocol"]]
-        if "distilled" in result:
-            lines.append(format_probe_comparison(result["distilled"], result["random_init"]))
-        else:
-            lines.append(json.dumps({k: result["random_init"][k] for k in ("accuracy", "balanced_accuracy")}))
-        return "\n".join(lines)
+        return audio.format_eval(result)  # the same result layout as eval audio's (``evaluate``)
 
     def headline(self, result: dict[str, Any]) -> dict[str, Any]:
-        if result.get("eval_protocol") == "events":
-            from distillkit.train.frame_eval import events_headline
+        from distillkit.train import audio
 
-            return events_headline(result)
-        rnd = float(result["random_init"]["balanced_accuracy"])
-        dist = float(result["distilled"]["balanced_accuracy"]) if "distilled" in result else None
-        return {"metric": "balanced accuracy (clip probe of frame features)", "distilled": dist, "random": rnd,
-                "gain": None if dist is None else dist - rnd}
+        return audio.headline(result)  # mean balanced accuracy over the splits, or the events headline

@@ -34,7 +34,6 @@ random init on the same trials.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,9 +282,11 @@ def read_norm(shards: Path) -> tuple[float, float, dict[str, Any]]:
     Args:
         shards: an audio shard directory.
     """
+    from distillkit.pipelines.shards import load_index
     from distillkit.preprocess.logmel import LogMelConfig
 
-    index = json.loads((Path(shards) / "index.json").read_text())
+    # the checked index: a library caller gets the same refusal of a malformed or edited index as the trainers
+    index = load_index(Path(shards))
     stats = index.get("stats", {})
     if "logmel_mean" not in stats or "logmel_std" not in stats:
         raise ValueError(f"{shards}/index.json: no logmel_mean/logmel_std statistics (not audio shards?)")
@@ -578,9 +579,9 @@ class AudioTrainer(Trainer):
 
 # --------------------------------------------------------------------------- evaluation
 def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list[str], list[str]]:
-    """Audio frames (float32), labels, source files and keys of every labelled segment, in index order; unlabelled
-    segments are skipped undecoded (``train.audio_segments``, the reader ``eval audio --protocol verification``
-    shares).
+    """Audio frames (stored dtype: float16 for the pipeline's shards), labels, source files and keys of every
+    labelled segment, in index order; unlabelled segments are skipped undecoded (``train.audio_segments``, the
+    reader ``eval audio --protocol verification`` shares).
 
     Args:
         shards: audio shard directories.
@@ -590,7 +591,7 @@ def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list
     specs, labels, groups, keys = [], [], [], []
     for d in shards:
         for seg in read_segments(Path(d), f"audio eval: reading {Path(d).name}", select=has_label):
-            specs.append(seg.frames.astype(np.float32))
+            specs.append(seg.frames)  # the stored dtype (float16): the embeddings convert one segment at a time
             labels.append(seg.label)
             # files cut from one recording share a group (labels.csv's group column): never split them
             groups.append(f"{d}:{seg.meta.get('group') or seg.meta['source']}")
@@ -609,7 +610,7 @@ def clip_embeddings(method: AudioTeacherStudent, specs: list[np.ndarray], crop: 
 
     Args:
         method: the teacher-student (eval mode is set here).
-        specs: per segment, (n_mels, n) dB frames that hold audio.
+        specs: per segment, (n_mels, n) dB frames that hold audio (any float dtype; float32 here).
         crop: window length in frames (the training crop).
         device: torch device.
         which: ``"teacher"`` or ``"student"`` encoder.
@@ -619,6 +620,9 @@ def clip_embeddings(method: AudioTeacherStudent, specs: list[np.ndarray], crop: 
     method.eval().to(device)
     out = []
     for spec in progress(specs, desc=f"audio eval: {which} embeddings", unit="segment"):
+        # one segment at a time to float32 (the network normalises in float32): the list keeps the stored
+        # float16, half the memory of converting every segment first
+        spec = np.asarray(spec, dtype=np.float32)
         n = spec.shape[1]
         starts = list(range(0, max(n - crop, 0) + 1, crop))
         if starts[-1] + crop < n:
@@ -661,10 +665,46 @@ def eval_method(config: dict[str, Any], shards: list[Path], state: dict[str, Any
     return method
 
 
+def eval_runs(state: dict[str, Any] | None) -> list[tuple[str, dict[str, Any] | None]]:
+    """The networks every audio protocol compares, in order: ``("random_init", None)``, then
+    ``("distilled", state)`` when there is a checkpoint (``eval_method``'s ``weights``).
+
+    Args:
+        state: the checkpoint's model state dict, or None (random init only).
+    """
+    return [("random_init", None)] + ([("distilled", state)] if state is not None else [])
+
+
+def add_gains(result: dict[str, Any], metrics: tuple[str, ...], higher_is_better: bool = True,
+              per_split: dict[str, list[dict[str, float]]] | None = None) -> None:
+    """Set ``result["gain_<metric>"]`` for each metric when ``result`` has a distilled row: distilled minus random
+    init, or random minus distilled for a lower-is-better metric (EER), so a positive gain always means that
+    distillation helps.
+
+    Args:
+        result: the protocol's result, with ``random_init`` and (with a checkpoint) ``distilled`` rows.
+        metrics: the metrics of those rows to compare.
+        higher_is_better: the metrics' direction.
+        per_split: per network, the rows of several splits: the gain is the mean of the per-split gains (None: the
+            result's own rows).
+    """
+    if "distilled" not in result:
+        return
+    rows = per_split or {name: [result[name]] for name in ("random_init", "distilled")}
+    sign = 1.0 if higher_is_better else -1.0
+    for metric in metrics:
+        pairs = zip(rows["distilled"], rows["random_init"], strict=True)
+        result[f"gain_{metric}"] = float(np.mean([sign * (d[metric] - r[metric]) for d, r in pairs]))
+
+
 def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any], device: str = "cpu",
              encoder: str = "teacher", test_fraction: float = 0.3, epochs: int = 300, lr: float = 0.01,
              splits: int = 1, protocol: str = "linear", trials: str | None = None, n_trials: int = 2000,
-             p_target: float = 0.05, trials_seed: int = 0) -> dict[str, Any]:
+             p_target: float = 0.05, trials_seed: int = 0,
+             build: Callable[[dict[str, Any], Path, int], nn.Module] = build_method,
+             embed: Callable[[Any, list[np.ndarray], str, str], np.ndarray] | None = None,
+             features: Callable[[Any, np.ndarray, str, str], np.ndarray] | None = None,
+             what: str = "clip embeddings") -> dict[str, Any]:
     """Linear probe of clip embeddings (or, with ``protocol = "verification"``, speaker verification:
     ``train.audio_verification``): the distilled encoder against the same encoder at random init.
 
@@ -684,6 +724,12 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
         n_trials: verification: trials drawn from the labels.
         p_target: verification: minDCF's target prior.
         trials_seed: verification: seeds the trials drawn from the labels.
+        build: the trainer's ``build_method`` (``eval_method``): this module's, or another audio method's
+            (``train.atst_frame``).
+        embed: linear: (method, specs, device, encoder) -> (N, D) clip features (None: ``clip_embeddings`` with
+            the training crop).
+        features: events: ``train.frame_eval``'s frame features (None: ``clip_patch_features``).
+        what: linear: the features, in words, for the protocol line.
     """
     if splits < 1:
         raise ValueError("splits must be >= 1")
@@ -707,9 +753,10 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     if protocol == "events":
         from distillkit.train.frame_eval import clip_patch_features, evaluate_events
 
-        return evaluate_events(checkpoint, state, [Path(s) for s in shards], config, device, build_method,
-                               clip_patch_features, encoder=encoder, test_fraction=test_fraction, epochs=epochs,
-                               lr=lr, what="patch tokens (mean over frequency)")
+        return evaluate_events(checkpoint, state, [Path(s) for s in shards], config, device, build,
+                               features or clip_patch_features, encoder=encoder, test_fraction=test_fraction,
+                               epochs=epochs, lr=lr,
+                               what="frame tokens" if features else "patch tokens (mean over frequency)")
     specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
@@ -718,27 +765,23 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise ValueError(f"{len(set(groups))} labelled source file(s): too few for a train/test split by file")
     result: dict[str, Any] = {
-        "protocol": (f"linear probe of {encoder} clip embeddings; {len(set(groups))} source files, "
+        "protocol": (f"linear probe of {encoder} {what}; {len(set(groups))} source files, "
                      f"{len(labels)} segments, split by file ({len(train_idx)} train / {len(test_idx)} test "
                      f"segments), {len(names)} classes, {epochs} full-batch AdamW steps"),
     }
     per_split: dict[str, list[dict[str, float]]] = {}
-    runs: list[tuple[str, dict[str, Any] | None]] = [("random_init", None)]
-    if state is not None:
-        runs.append(("distilled", state))
-    for name, weights in runs:
-        method = eval_method(config, shards, state, weights, checkpoint)
-        crop = method.student.encoder.base_grid[1] * 4
-        emb = clip_embeddings(method, specs, crop, device, encoder)
+    for name, weights in eval_runs(state):
+        method = eval_method(config, shards, state, weights, checkpoint, build=build)
+        if embed is None:
+            emb = clip_embeddings(method, specs, method.student.encoder.base_grid[1] * 4, device, encoder)
+        else:
+            emb = embed(method, specs, device, encoder)
         probes = [linear_probe(emb[tr], y[tr], emb[te], y[te], names, epochs=epochs, lr=lr, seed=config["seed"])
                   for tr, te in cuts]
         result[name] = probes[0]
         per_split[name] = [{k: p[k] for k in ("accuracy", "balanced_accuracy")} for p in probes]
         log.info("linear probe %s: accuracy %.3f", name, result[name]["accuracy"])
-    if "distilled" in result:
-        for metric in ("accuracy", "balanced_accuracy"):
-            pairs = zip(per_split["distilled"], per_split["random_init"], strict=True)
-            result[f"gain_{metric}"] = float(np.mean([d[metric] - r[metric] for d, r in pairs]))
+    add_gains(result, ("accuracy", "balanced_accuracy"), per_split=per_split)
     if splits > 1:
         result["splits"] = per_split
         result["protocol"] += f"; gains are the mean over {splits} splits (table: the first)"

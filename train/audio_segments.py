@@ -16,17 +16,23 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Segment:
-    """One stored segment: its key, ``meta.json``, label (None without ``label.txt``) and, when decoded, the
-    frames that hold audio in the stored dtype (float16 for the audio pipeline's shards)."""
+    """One stored segment: its key, ``meta.json``, label (None without ``label.txt``), ``events.json`` as decoded
+    (None without it; ``train.frame_eval.check_events`` checks it) and, when decoded, the frames that hold audio in
+    the stored dtype (float16 for the audio pipeline's shards)."""
 
     key: str
     meta: dict[str, Any]
     label: str | None
     frames: np.ndarray | None
+    events: Any = None
 
 
-def decode_label(value: Any) -> str:
-    """``label.txt`` as text, stripped (the decoder may hand bytes or str)."""
+def decode_label(value: bytes | str) -> str:
+    """``label.txt`` as text, stripped.
+
+    Args:
+        value: the field as the decoder hands it (bytes or str).
+    """
     return value.decode("utf-8").strip() if isinstance(value, bytes) else str(value).strip()
 
 
@@ -40,7 +46,8 @@ def read_segments(shards: Path, desc: str, frames: bool = True,
         frames: decode ``logmel.npy`` (False: ``Segment.frames`` is None and the array stays undecoded bytes
             that are dropped at once).
         select: ``ShardStream``'s ``select``: sees the raw sample and returns False to skip it undecoded
-            (``has_label``; ``train.streaming.JsonFieldFilter`` on ``meta.json`` ``source`` for some files).
+            (``has_label``, ``has_events``; ``train.streaming.JsonFieldFilter`` on ``meta.json`` ``source`` for
+            some files).
     """
     from distillkit.train.audio_aug import audio_frames
     from distillkit.train.progress import progress, shard_sample_count
@@ -55,17 +62,27 @@ def read_segments(shards: Path, desc: str, frames: bool = True,
             # audio_frames returns float32; going back to the stored dtype is exact and halves what a caller keeps
             spec = audio_frames(stored, s["meta.json"]).astype(stored.dtype, copy=False)
         label = decode_label(s["label.txt"]) if "label.txt" in s else None
-        yield Segment(s["__key__"], s["meta.json"], label, spec)
+        yield Segment(s["__key__"], s["meta.json"], label, spec, s.get("events.json"))
 
 
-class HasLabel:
-    """A ``read_segments`` ``select``: keep labelled segments only (the others are not decoded)."""
+class HasField:
+    """A ``read_segments`` ``select``: keep the segments that carry one field (the others are not decoded).
+
+    Args:
+        field: the field, e.g. ``"label.txt"``.
+        what: the kept segments, in words, for ``ShardStream``'s log lines.
+    """
+
+    def __init__(self, field: str, what: str):
+        self.field = field
+        self.what = what
 
     def __call__(self, raw: dict[str, Any]) -> bool:
-        return "label.txt" in raw
+        return self.field in raw
 
     def __repr__(self) -> str:  # ShardStream's log lines name the filter
-        return "labelled segments"
+        return self.what
 
 
-has_label = HasLabel()
+has_label = HasField("label.txt", "labelled segments")
+has_events = HasField("events.json", "segments with events.json")

@@ -16,10 +16,9 @@ distilled encoder and for the same encoder at random init, on the same trials.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
@@ -167,32 +166,6 @@ def make_trials(files: AudioFiles, trials_file: Path | str | None, n_trials: int
             "pairs from different recordings)")
 
 
-class Float32Specs(Sequence[np.ndarray]):
-    """``specs`` read as float32 one at a time: the embedding normalises in float32, while the list keeps the
-    stored float16 (half the memory of converting them all first).
-
-    Args:
-        specs: per segment, (n_mels, n) frames.
-    """
-
-    def __init__(self, specs: list[np.ndarray]):
-        self.specs = specs
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    @overload
-    def __getitem__(self, i: int) -> np.ndarray: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
-
-    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
-        if isinstance(i, slice):
-            return [s.astype(np.float32) for s in self.specs[i]]
-        return self.specs[i].astype(np.float32)
-
-
 def evaluate_verification(checkpoint: Path | None, state: dict[str, Any] | None, shards: list[Path],
                           config: dict[str, Any], device: str = "cpu", encoder: str = "teacher",
                           trials: Path | str | None = None, n_trials: int = 2000,
@@ -218,7 +191,7 @@ def evaluate_verification(checkpoint: Path | None, state: dict[str, Any] | None,
         {"eer", "eer_threshold", "min_dcf", "min_dcf_threshold"}, "distilled": same (with a checkpoint),
         "gain_eer", "gain_min_dcf" (random minus distilled: positive = distillation helps)}``.
     """
-    from distillkit.train.audio import clip_embeddings, eval_method
+    from distillkit.train.audio import add_gains, clip_embeddings, eval_method, eval_runs
 
     if not 0.0 < p_target < 1.0:
         raise ConfigError("eval audio", "p_target", f"must be in (0, 1), got {p_target}")
@@ -241,13 +214,10 @@ def evaluate_verification(checkpoint: Path | None, state: dict[str, Any] | None,
                    "segments": len(segments.specs)},
         "p_target": p_target,
     }
-    runs: list[tuple[str, dict[str, Any] | None]] = [("random_init", None)]
-    if state is not None:
-        runs.append(("distilled", state))
-    for name, weights in runs:
+    for name, weights in eval_runs(state):
         method = eval_method(config, shards, state, weights, checkpoint)
         crop = method.student.encoder.base_grid[1] * 4
-        emb = clip_embeddings(method, Float32Specs(segments.specs), crop, device, encoder)
+        emb = clip_embeddings(method, segments.specs, crop, device, encoder)
         scores = cosine_scores(file_embeddings(emb, np.asarray(segments.file_of), np.asarray(segments.seconds),
                                                len(used)), local_trials)
         eer, eer_threshold = equal_error_rate(scores, tr.label)
@@ -255,9 +225,7 @@ def evaluate_verification(checkpoint: Path | None, state: dict[str, Any] | None,
         result[name] = {"eer": eer, "eer_threshold": eer_threshold, "min_dcf": dcf,
                         "min_dcf_threshold": dcf_threshold}
         log.info("verification %s: EER %.4f, minDCF %.4f", name, eer, dcf)
-    if "distilled" in result:
-        for metric in ("eer", "min_dcf"):
-            result[f"gain_{metric}"] = result["random_init"][metric] - result["distilled"][metric]
+    add_gains(result, ("eer", "min_dcf"), higher_is_better=False)
     return result
 
 

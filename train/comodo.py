@@ -20,8 +20,9 @@ tau_s 0.05: the student is sharper), with ``Q = [queue; z_t of the batch]`` and 
   (default ``train``); otherwise on every window, as before split files existed.
 - **Queue.** ``queue_size`` (default 16384) embeddings, first filled with the teacher embeddings of windows
   drawn with a fixed seed from the distilled split and clipped to the split's size when that is smaller. With
-  ``queue_holdout`` (default at paper) those windows are left out of the first epoch, as released (their keys are
-  kept in the checkpoint, so a resumed run holds out the same ones). It is a buffer of the method, so it is
+  ``queue_holdout`` (default at paper) those windows are left out of the first epoch, as released
+  (Breezelled/COMODO comodo/train.py:292-311, back at epoch 1, :402-410; their keys are kept in the checkpoint,
+  so a resumed run holds out the same ones). It is a buffer of the method, so it is
   checkpointed and a resumed run continues with the same queue. The windows are chosen by key, uniformly over
   the whole dataset (keys listed from the tar headers, without reading the samples), then one pass reads only
   those: one window is held at a time, never a shuffle buffer of thousands of windows with all their JPEGs.
@@ -173,7 +174,8 @@ class Comodo(nn.Module):
         self.video_teacher = teacher  # frames -> embedding when the shards hold no teacher.npy
         self.register_buffer("queue", queue.clone())
         # The keys of the windows first drawn into the queue (``fill_queue``): the stream holds them out of epoch 0,
-        # as released. Kept in the checkpoint (extra state) so a resumed run holds out the same windows.
+        # as released (comodo/train.py:292-311). Kept in the checkpoint (extra state) so a resumed run holds out
+        # the same windows.
         self.queue_keys: list[str] = []
         # Per-dimension statistics of raw teacher embeddings, set from the queue's initial windows.
         self.register_buffer("t_mean", torch.zeros(teacher_dim))
@@ -856,7 +858,7 @@ class ComodoTrainer(Trainer):
                                                    "head (default: small true, paper false as released)"),
         "queue_size": Key(int, 16384, doc="teacher embeddings in the FIFO queue (clipped to the dataset)"),
         "queue_holdout": Key(bool, None, doc="leave the queue's initial windows out of the first epoch, as released "
-                                             "(default: paper true, small false)"),
+                                             "(train.py:292-311; default: paper true, small false)"),
         "tau_s": Key(float, 0.05, doc="student temperature"),
         "tau_t": Key(float, 0.1, doc="teacher temperature"),
         "lr": Key(float, 3e-4, doc="AdamW peak learning rate (10% linear warm-up, then linear decay)"),

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distillkit.messages import one_line
 from distillkit.train.base import ConfigError
 
 THRESHOLD = 0.5
@@ -38,12 +39,14 @@ an event of 160 ms or more survives it. DCASE's baselines filter with windows of
 T_COLLAR = 0.2
 PERCENTAGE_OF_LENGTH = 0.2
 SEGMENT_S = 1.0
-TOKEN_FRAMES = 4  # log-mel frames per token of both audio encoders (64 x 4 patches)
+TOKEN_FRAMES = 4
+"""Log-mel frames per token of both audio encoders: ATST-Clip's 64 x 4 patches and ATST-Frame's ``patch_w``
+(the release's train_small.sh:24), 40 ms at the 10 ms hop."""
 
 
 @dataclass(frozen=True)
 class EventSegment:
-    """One annotated segment: key, group (source file), audio frames (float32, (n_mels, n)), its events."""
+    """One annotated segment: key, group (source file), audio frames ((n_mels, n), the stored dtype), its events."""
 
     key: str
     group: str
@@ -52,42 +55,32 @@ class EventSegment:
 
 
 # --------------------------------------------------------------------------- reading
-class HasEvents:
-    """A ``ShardStream`` ``select``: segments with ``events.json`` (the others are skipped undecoded)."""
-
-    def __call__(self, raw: dict[str, Any]) -> bool:
-        return "events.json" in raw
-
-    def __repr__(self) -> str:
-        return "segments with events.json"
-
-
-def check_events(events: Any, where: str) -> list[dict[str, Any]]:
-    """``events.json``'s list, checked: each item has a numeric ``onset`` < ``offset`` and a text ``event_label``.
+def check_events(events: Any, duration_s: float, where: str) -> list[dict[str, Any]]:
+    """``events.json``'s list, checked as the build checks it (``sensors.events.check_segment_events``: exactly
+    ``onset``, ``offset``, ``event_label``, inside the segment, sorted), so the evaluation trusts no more than
+    the pipeline writes.
 
     Args:
-        events: the decoded field (bytes, str or list).
+        events: the field (bytes, str or already decoded list).
+        duration_s: the segment's length in seconds (``meta.json``'s ``duration_s``).
         where: the segment, for the message.
 
     Raises:
         ConfigError: one line naming the segment and what is wrong.
     """
+    from distillkit.sensors.events import check_segment_events
+
     if isinstance(events, bytes | str):
         try:
             events = json.loads(events)
         except ValueError as exc:
             raise ConfigError(where, "events.json", f"not JSON ({exc})") from None
-    if not isinstance(events, list):
-        raise ConfigError(where, "events.json", f"must be a list of events, got {type(events).__name__}")
-    out = []
-    for i, ev in enumerate(events):
-        ok = (isinstance(ev, dict) and isinstance(ev.get("event_label"), str)
-              and all(isinstance(ev.get(k), int | float) for k in ("onset", "offset")))
-        if not ok or not 0 <= ev["onset"] < ev["offset"]:
-            raise ConfigError(where, "events.json", f"event {i} is {ev!r}; need {{onset, offset, event_label}} with "
-                              "0 <= onset < offset (seconds)")
-        out.append({"onset": float(ev["onset"]), "offset": float(ev["offset"]), "event_label": ev["event_label"]})
-    return out
+    try:
+        check_segment_events(events, duration_s)
+    except ValueError as exc:
+        raise ConfigError(where, "events.json", one_line(exc)) from None
+    return [{"onset": float(ev["onset"]), "offset": float(ev["offset"]), "event_label": ev["event_label"]}
+            for ev in events]
 
 
 def load_events(shards: list[Path]) -> list[EventSegment]:
@@ -99,22 +92,15 @@ def load_events(shards: list[Path]) -> list[EventSegment]:
     Raises:
         ConfigError: no segment carries ``events.json``, or one is malformed.
     """
-    from distillkit.train.audio_aug import audio_frames
-    from distillkit.train.progress import progress, shard_sample_count
-    from distillkit.train.streaming import ShardStream
+    from distillkit.train.audio_segments import has_events, read_segments
 
     out = []
-    for d in shards:
-        d = Path(d)
-        stream = ShardStream(d, epochs=1, shuffle_shards=False, required=["logmel.npy", "meta.json"],
-                             select=HasEvents())
-        for s in progress(stream, desc=f"events eval: reading {d.name}", total=shard_sample_count(d),
-                          unit="segment"):
-            meta = s["meta.json"]
-            events = check_events(s["events.json"], f"{d}/{s['__key__']}")
+    for d in map(Path, shards):
+        for seg in read_segments(d, f"events eval: reading {d.name}", select=has_events):
+            events = check_events(seg.events, seg.meta["duration_s"], f"{d}/{seg.key}")
             # segments cut from one recording share a group: never split them across train and test
-            out.append(EventSegment(s["__key__"], f"{d}:{meta.get('group') or meta['source']}",
-                                    audio_frames(s["logmel.npy"], meta), events))
+            out.append(EventSegment(seg.key, f"{d}:{seg.meta.get('group') or seg.meta['source']}", seg.frames,
+                                    events))
     if not out:
         raise ConfigError(", ".join(map(str, shards)), "events.json",
                           "no segment carries event annotations; cannot evaluate --protocol events (name a DESED "
@@ -318,7 +304,7 @@ def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shard
         ``{"eval_protocol": "events", "protocol": text, "labels", "median_tokens", "hop_s", "random_init":
         sed_scores(...), "distilled": same (with a checkpoint), "gain_event_f1", "gain_segment_f1"}``.
     """
-    from distillkit.train.audio import eval_method, read_norm
+    from distillkit.train.audio import add_gains, eval_method, eval_runs, read_norm
     from distillkit.train.clip_probe import group_split
 
     segs = load_events([Path(s) for s in shards])
@@ -345,10 +331,7 @@ def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shard
                      f"segment-based ({SEGMENT_S:g} s)"),
         "labels": labels, "hop_s": hop_s, "median_tokens": MEDIAN_TOKENS,
     }
-    runs: list[tuple[str, dict[str, Any] | None]] = [("random_init", None)]
-    if state is not None:
-        runs.append(("distilled", state))
-    for name, weights in runs:
+    for name, weights in eval_runs(state):
         method = eval_method(config, shards, state, weights, checkpoint, build=build)
         method.eval().to(device)
         feats = [features(method, s.frames, device, encoder) for s in segs]
@@ -357,9 +340,7 @@ def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shard
                                     epochs=epochs, lr=lr, seed=config["seed"])
         estimated = {segs[i].key: decode_events(predict(feats[i]), hop_s, labels) for i in te}
         result[name] = sed_scores(reference, estimated, durations, labels)
-    if "distilled" in result:
-        for metric in ("event_f1", "segment_f1"):
-            result[f"gain_{metric}"] = result["distilled"][metric] - result["random_init"][metric]
+    add_gains(result, ("event_f1", "segment_f1"))
     return result
 
 

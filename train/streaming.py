@@ -174,7 +174,9 @@ def check_shard_count(shard_dir: Path | str, world_size: int, num_workers: int) 
     shards = shard_files(shard_dir)
     if len(shards) >= world_size * max(1, num_workers):
         return
-    index = json.loads((Path(shard_dir) / "index.json").read_text())
+    from distillkit.pipelines.shards import load_index
+
+    index = load_index(Path(shard_dir))
     written = (index.get("counts") or {}).get("written")
     per_shard = ((index.get("manifest") or {}).get("output") or {}).get("samples_per_shard")
     raise TooFewShards(_too_few_message(str(shard_dir), len(shards), world_size, num_workers,
@@ -204,12 +206,12 @@ def shard_records(shards: Sequence[str]) -> dict[str, dict[str, Any]]:
     Returns:
         ``{shard: record}`` for the shards with a record (``sha256``, and ``bytes``/``samples`` when recorded).
     """
-    from distillkit.reading import _is_url  # one definition of what a URL is (reading.py imports nothing heavy)
+    from distillkit.reading import is_url  # one definition of what a URL is (reading.py imports nothing heavy)
 
     folders: dict[str, dict[str, dict[str, Any]]] = {}
     out: dict[str, dict[str, Any]] = {}
     for shard in shards:
-        if _is_url(shard):
+        if is_url(shard):
             continue
         path = os.path.normpath(os.path.abspath(shard))
         folder = os.path.dirname(path)
@@ -472,11 +474,11 @@ class ShardStream(IterableDataset):
     def _refuse_duplicates(self) -> None:
         """Refuse a shard listed twice, or two records with one sha256 (a shard overwritten by a copy of another):
         each epoch would read the same samples twice, and every per-shard check would pass."""
-        from distillkit.reading import _is_url
+        from distillkit.reading import is_url
 
         seen: dict[str, str] = {}
         for shard in self.shards:
-            where = shard if _is_url(shard) else os.path.normpath(os.path.abspath(shard))
+            where = shard if is_url(shard) else os.path.normpath(os.path.abspath(shard))
             if where in seen:
                 raise DuplicateShards(f"{shard}: listed twice: each epoch would read its samples twice")
             seen[where] = shard

@@ -21,6 +21,7 @@ ENTRIES: dict[str, str] = {
     "streaming": "bench.suite.streaming",
     "integrity": "bench.suite.integrity",
     "resume": "bench.suite.resume",
+    "checkpoint": "bench.suite.checkpoint",
     "trainer": "bench.suite.trainer",
     "comodo": "bench.suite.comodo",
     "logmel": "bench.suite.logmel",
