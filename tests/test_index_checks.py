@@ -24,8 +24,9 @@ from distillkit.messages import one_line
 from distillkit.pipelines import runner
 from distillkit.pipelines.cli import main
 from distillkit.pipelines.inspect import verify
-from distillkit.pipelines.shards import BadIndex, iter_samples, load_index, sha256_file, write_shard
+from distillkit.pipelines.shards import BadIndex, iter_samples, load_index, sha256_file
 from tests.conftest import build_serial, keep_audio_files
+from tests.index_helpers import rewrite_shard
 
 
 @pytest.fixture(scope="module")
@@ -270,15 +271,10 @@ def test_verify_names_stray_temp_files_as_faults_and_other_files_as_warnings(uni
 
 def _rewrite_first_shard(d: Path, change) -> str:
     """Apply ``change(samples)`` to the first shard (index entry and record kept true); returns the first key."""
-    index = load_index(d)
-    entry = index["shards"][0]
-    samples = list(iter_samples(d / entry["file"]))
+    first = load_index(d)["shards"][0]["file"]
+    samples = list(iter_samples(d / first))
     change(samples)
-    size, sha, _ = write_shard(d / entry["file"], samples)
-    entry.update(bytes=size, sha256=sha)
-    (d / "index.json").write_text(json.dumps(index))
-    record = d / Path(entry["file"]).with_suffix(".json").name
-    record.write_text(json.dumps({**json.loads(record.read_text()), "bytes": size, "sha256": sha}))
+    rewrite_shard(d, first, samples)
     return samples[0][0]
 
 
