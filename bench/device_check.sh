@@ -37,6 +37,10 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site
+  # The checkout's own distillkit/ sits first on sys.path (cwd, pytest's rootdir) and would shadow the wheel's
+  # distillkit.pipelines etc.: install the checkout editable, as CI does, so its finder maps the subpackages.
+  rm -rf /tmp/site/distillkit /tmp/site/distillkit-*.dist-info
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "editable install failed"; exit 1; }
 fi
 
 stage() {  # stage NAME SECONDS CMD...: run CMD under min(SECONDS, time left), report its exit code and time

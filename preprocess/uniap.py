@@ -31,7 +31,8 @@ N tokens, computed a bounded block of rows at a time (``CHUNK_ELEMENTS``).
 **Two paths, identical partitions.** ``backend="scipy"`` (NumPy, scipy's connected components, sparse
 summation) is the reference. ``uniap_batch`` is the torch path: many images as one disjoint graph,
 connected components by label propagation with pointer jumping, scatter sums; everything stays on the
-device (CUDA-capable), with one scalar synchronisation per contraction to decide whether to go on.
+device (CUDA-capable), with two small synchronisations per contraction (whether to go on, which images
+merged: an image that merged nothing keeps its node features, as it would alone).
 Both work in float64 by default, so scores equal to tau within rounding are decided alike; both
 number regions in raster order of first appearance.
 
@@ -435,7 +436,9 @@ class _TorchBatch:
             s = (1 - w) * s + w * (1.0 - l1)
         return s
 
-    def contract(self, cl, n_new: int) -> None:
+    def contract(self, cl, n_new: int, merged) -> None:
+        """Contract nodes to their components ``cl`` (n_new of them); ``merged`` (bool per image) says which
+        images had an edge above tau this round."""
         import torch
 
         dev = self.tok.device
@@ -444,12 +447,17 @@ class _TorchBatch:
         self.img_of_node = img.scatter(0, cl, self.img_of_node)
         self.label = cl[self.label]
         if self.cfg.update == "softmax":
+            # An image that merged nothing this round keeps its nodes' features (moved to their new ids), as the
+            # reference, which contracts each image on its own, never touches it; recomputing them would turn a
+            # first level's raw token features into their softmax pool (the H200 run found it, docs/uniseg.md).
+            x = torch.zeros(n_new, self.x.shape[1], dtype=self.x.dtype, device=dev).index_add_(0, cl, self.x)
             sums = self.member_sum()
-            v = torch.zeros_like(sums)
-            for i, sl in self._per_image():
-                sel = self.img_of_node == i
-                v[sel] = _softmax_pool(sums[sel], self.tok_hat[sl], self.cfg.sigma)
-            self.x = torch.nn.functional.normalize(v, dim=1, eps=EPS)
+            for (i, sl), hot in zip(self._per_image(), merged.tolist(), strict=True):
+                if hot:
+                    sel = self.img_of_node == i
+                    x[sel] = torch.nn.functional.normalize(_softmax_pool(sums[sel], self.tok_hat[sl], self.cfg.sigma),
+                                                           dim=1, eps=EPS)
+            self.x = x
         else:
             self.x = torch.zeros(n_new, self.x.shape[1], dtype=self.x.dtype, device=dev).index_add_(0, cl, self.x)
 
@@ -465,13 +473,17 @@ def _torch_contract_edges(e, cl, n_new: int):
 
 
 def _torch_merge(g: _TorchBatch, e, tau: float):
+    import torch
+
     s = g.scores(e)
     while True:
         hot = s > tau
         if not bool(hot.any()):  # the one synchronisation per contraction
             return e
         k, cl = _torch_components(g.size.numel(), e[0][hot], e[1][hot])
-        g.contract(cl, k)
+        merged = torch.zeros(len(g.shapes), dtype=torch.bool, device=e.device)
+        merged[g.img_of_node[e[0][hot]]] = True
+        g.contract(cl, k, merged)
         e = _torch_contract_edges(e, cl, k)
         s = g.scores(e)
 

@@ -259,3 +259,16 @@ def test_both_backends_refuse_non_finite_features_alike(bad):
             call()
         errors.append(str(exc.value))
     assert errors == ["features contain NaN or inf"] * 3
+
+
+def test_an_image_that_merges_nothing_keeps_its_features_in_a_batch():
+    """With the softmax update, an image with no edge above tau while another image of the batch merges must
+    keep its nodes' features: recomputing them turned its raw token features into their softmax pool and
+    changed its later levels (found on an H200; the batch below failed on CPU too before the fix)."""
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(int(rng.integers(4, 40)), int(rng.integers(4, 40)), 64)) + rng.normal(size=64)
+             for _ in range(5)]
+    cfg = UniAPConfig(semantic=True, update="softmax", spatial_weight=0.4)
+    for b, f in zip(uniap_batch(feats[3:5], cfg), feats[3:5], strict=True):
+        np.testing.assert_array_equal(b, uniap(f, cfg.thresholds, cfg.min_size, cfg.spatial_weight, cfg.update,
+                                               cfg.semantic))

@@ -94,7 +94,10 @@ class KernelMap:
         lo = coords.min(0).values - torch.tensor([0, 1, 1, 1], device=dev)
         dims = coords.max(0).values - lo + torch.tensor([1, 2, 2, 2], device=dev)
         keys = _keys(coords, lo, dims)
-        delta = _OFFSETS3.to(dev) @ torch.stack([dims[2] * dims[3], dims[3], torch.ones_like(dims[3])])
+        # a multiply-and-sum, not ``@``: CUDA has no int64 matrix-vector product (addmv), which the H200 run
+        # of bench/device_check.sh found (docs/benchmarks.md)
+        stride = torch.stack([dims[2] * dims[3], dims[3], torch.ones_like(dims[3])])
+        delta = (_OFFSETS3.to(dev) * stride).sum(1)
         sorted_keys, perm = torch.sort(keys)
         nk = delta[:, None] + keys[None, :]  # (27, V)
         pos = torch.searchsorted(sorted_keys, nk).clamp_(max=max(n - 1, 0))
