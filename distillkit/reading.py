@@ -16,12 +16,12 @@ functions that need them), so ``import distillkit`` stays cheap.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,8 +33,8 @@ __all__ = ["open_shards", "refuse_unsafe_handler", "resolve_rank", "shard_urls",
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
-# "https://...", "s3://...", "file://..." and webdataset's "pipe:cmd" are opened by webdataset's
-# gopen, not by us: we cannot check that they exist, so they are passed through as they are.
+# "https://...", "s3://...", "file://..." URLs are read through fsspec (``distillkit.remote``): a folder URL's
+# index.json is checked as a local one; webdataset's "pipe:cmd" is opened by webdataset's gopen and passed through.
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
 DEFAULT_SHUFFLE_BUFFER = 1000
 
@@ -49,17 +49,33 @@ def is_url(s: str) -> bool:
     return bool(_URL.match(s))
 
 
-def _index_urls(index_url: str) -> list[str]:
-    """Shard URLs listed by a remote ``.../index.json`` (opened with webdataset's gopen)."""
-    from webdataset.gopen import gopen
+def _folder_url(url: str) -> str | None:
+    """The shard folder a URL names, or None for a shard (a path ending ``.tar``, or any URL with a query, such as
+    a pre-signed one), a brace pattern or a ``pipe:`` command: ``s3://bucket/prefix``, ``https://host/path/`` and
+    ``.../index.json`` name the folder of an ``index.json``."""
+    from distillkit.remote import is_remote
 
-    with gopen(index_url, "rb") as f:
-        index = json.loads(f.read())
-    base = index_url.rsplit("/", 1)[0]
-    urls = [f"{base}/{s['file']}" for s in index.get("shards", [])]
-    if not urls:
-        raise ValueError(f"{index_url}: lists no shards")
-    return urls
+    if not is_remote(url) or "{" in url:
+        return None
+    parts = urlsplit(url)
+    # A URL with a query is one object: a pre-signed shard (".../x.tar?X-Amz-Signature=...") is a shard, not a
+    # folder, and no other object of its folder can be named from it (each needs a signature of its own).
+    if parts.query or parts.fragment:
+        return None
+    if url.endswith("/index.json"):
+        return url[: -len("/index.json")]
+    if parts.path.rstrip("/").rsplit("/", 1)[-1].endswith(".tar"):
+        return None
+    return url.rstrip("/")
+
+
+def _index_urls(folder_url: str) -> list[str]:
+    """Shard URLs listed by the ``index.json`` of a URL folder, through the checks every reader makes
+    (``shards.shard_paths``: schema, plain shard names, counts and statistics against the records, read from the
+    same place through fsspec)."""
+    from distillkit.pipelines.shards import shard_paths
+
+    return [str(url) for url in shard_paths(folder_url)]
 
 
 def shard_urls(source: Source) -> list[str]:
@@ -67,9 +83,10 @@ def shard_urls(source: Source) -> list[str]:
 
     Args:
         source: a shard directory (its ``index.json`` lists the shards: a directory without one
-            is an unfinished build and is refused), a path or URL of an ``index.json``, one
-            ``.tar`` path, a WebDataset brace pattern (``"/data/slidr-{000000..000009}.tar"``),
-            a URL (``"https://..."``, ``"pipe:curl -s ..."``), or a list of any of these.
+            is an unfinished build and is refused), a URL folder (``"s3://bucket/prefix"``,
+            ``"https://host/path/"``, ``"file:///abs/dir"``: its ``index.json`` read and checked through fsspec),
+            a path or URL of an ``index.json``, one ``.tar`` path or URL, a WebDataset brace pattern
+            (``"/data/slidr-{000000..000009}.tar"``), a ``"pipe:curl -s ..."`` command, or a list of any of these.
 
     Returns:
         A non-empty list of paths/URLs that ``webdataset.WebDataset`` accepts.
@@ -77,8 +94,10 @@ def shard_urls(source: Source) -> list[str]:
     Raises:
         FileNotFoundError: a local shard, directory or ``index.json`` that does not exist (checked
             here so that a typo fails at once, not in a DataLoader worker).
-        ValueError: an empty source or an index that lists no shards; a local ``index.json`` that is
+        ValueError: an empty source or an index that lists no shards; an ``index.json`` that is
             not JSON, not an index, or lists a shard outside its folder (``shards.BadIndex``).
+        distillkit.remote.RemoteError: a URL folder whose index cannot be fetched (one line naming the URL;
+            ``RemoteNotFound``, a ``FileNotFoundError``, for a missing ``index.json``).
     """
     from braceexpand import braceexpand
 
@@ -91,10 +110,8 @@ def shard_urls(source: Source) -> list[str]:
     for item in items:
         s = os.fspath(item)
         if is_url(s):
-            if s.endswith("/index.json") and "{" not in s:
-                urls.extend(_index_urls(s))
-            else:
-                urls.extend(braceexpand(s))
+            folder = _folder_url(s)
+            urls.extend(_index_urls(folder) if folder is not None else braceexpand(s))
             continue
         p = Path(s)
         # A local index is checked as every reader checks it (shards.load_index): shape, shard names inside the
@@ -189,10 +206,10 @@ def open_shards(
         transform: optional ``transform(sample, rng, gen)`` run in the DataLoader worker, with a
             numpy and a torch generator seeded from ``(seed, epoch, key)``: augmentations are
             reproducible whatever the worker layout.
-        on_corrupt: each local shard with a record in its folder's ``index.json`` is hashed while it is read
-            and compared with its sha256 at its end: ``"stop"`` raises ``CorruptShard``, ``"skip"`` drops the rest
-            of that shard with a counted warning (``.corrupt_shards``). Shards without a record (URLs, loose
-            ``.tar`` files) stream unchecked, with one warning.
+        on_corrupt: each shard with a record in its folder's ``index.json`` (local or a URL folder's) is hashed
+            while it is read and compared with its sha256 at its end: ``"stop"`` raises ``CorruptShard``,
+            ``"skip"`` drops the rest of that shard with a counted warning (``.corrupt_shards``). Shards without a
+            record (``pipe:`` commands, loose ``.tar`` files) stream unchecked, with one warning.
 
     Returns:
         A ``distillkit.train.streaming.ShardStream`` (an ``IterableDataset``).

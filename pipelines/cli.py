@@ -16,7 +16,7 @@ import click
 from distillkit.messages import one_line
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.registry import PluginError
-from distillkit.pipelines.train_cli import EvalGroup, TrainGroup
+from distillkit.pipelines.train_cli import SHARD_LOCATION, EvalGroup, TrainGroup
 from distillkit.pipelines.train_cli import fail as _fail
 
 
@@ -42,10 +42,11 @@ class DistillkitGroup(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         from distillkit.pipelines.codecs import UnsafeFieldError
         from distillkit.pipelines.shards import BadIndex
+        from distillkit.remote import RemoteError
 
         try:
             return super().invoke(ctx)
-        except (BadIndex, UnsafeFieldError) as exc:
+        except (BadIndex, UnsafeFieldError, RemoteError) as exc:  # RemoteError: a URL that failed for good
             _fail(one_line(exc))
             return None
 
@@ -166,14 +167,19 @@ def init(name: str, out: Path | None, force: bool) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--raise-errors", is_flag=True,
               help="stop at the first unexpected error with its traceback instead of rejecting the input")
+@click.option("--print-job-script", is_flag=True,
+              help='print the batch job script(s) of [cluster] kind = "slurm" / "pbs" and exit, submitting nothing')
 def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, workers: int | None,
-          quiet: bool, raise_errors: bool) -> None:
+          quiet: bool, raise_errors: bool, print_job_script: bool) -> None:
     """Build the shards MANIFEST describes (a path or a packaged name; resumes a partial build)."""
     from distillkit.pipelines.catalog import load_manifest
     from distillkit.pipelines.executor import ClusterError
     from distillkit.pipelines.runner import BuildError
     from distillkit.pipelines.runner import build as run_build
 
+    if print_job_script:
+        _print_job_scripts(manifest, overrides)
+        return
     try:
         m = load_manifest(manifest, list(overrides))
         if workers is not None and workers < 1:
@@ -196,11 +202,31 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
         _fail(too_many, 1)
 
 
+def _print_job_scripts(manifest: str, overrides: tuple[str, ...]) -> None:
+    """``build --print-job-script``: the job scripts ``[cluster]`` would submit (pipelines.jobqueue.job_scripts)."""
+    from distillkit.pipelines.catalog import load_manifest
+    from distillkit.pipelines.jobqueue import JobQueueError, is_job_queue, job_scripts
+
+    try:
+        m = load_manifest(manifest, list(overrides))
+        cluster = m.data["cluster"]
+        if not is_job_queue(cluster):
+            raise ManifestError(m.path, "cluster.kind", '"local" submits no job: set "slurm" or "pbs"')
+        scripts = job_scripts(cluster)
+    except (ManifestError, JobQueueError) as exc:
+        _fail(str(exc))
+    for what, count, script in scripts:
+        if len(scripts) > 1:
+            click.echo(f"# ---- {what} script (submitted {count} time(s)) ----")
+        click.echo(script.rstrip("\n"))
+
+
 @main.command()
-@click.argument("shard_dir", type=click.Path(path_type=Path))
-def verify(shard_dir: Path) -> None:
+@click.argument("shard_dir", type=SHARD_LOCATION)
+def verify(shard_dir: Path | str) -> None:
     """Re-hash every shard, check every sample's schema, recompute index.json's counts and statistics from the
-    shard records, and flag files no build left there (temporary files of killed writers are faults)."""
+    shard records, and flag files no build left there (temporary files of killed writers are faults). SHARD_DIR
+    may be a URL (s3://bucket/prefix, https://host/path/, file:///dir): each shard is streamed and hashed once."""
     from distillkit.pipelines.inspect import verify as run_verify
     from distillkit.pipelines.shards import BadIndex
 
@@ -221,8 +247,8 @@ def verify(shard_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("shard_dir", type=click.Path(path_type=Path))
-def stats(shard_dir: Path) -> None:
+@click.argument("shard_dir", type=SHARD_LOCATION)
+def stats(shard_dir: Path | str) -> None:
     """Counts, sizes, rejected inputs and dataset statistics of a shard directory."""
     from distillkit.pipelines.inspect import stats_text
     from distillkit.pipelines.shards import BadIndex
@@ -234,11 +260,11 @@ def stats(shard_dir: Path) -> None:
 
 
 @main.command()
-@click.argument("shard_dir", type=click.Path(path_type=Path))
+@click.argument("shard_dir", type=SHARD_LOCATION)
 @click.option("--key", default=None,
               help="sample key (default: the first sample; audio: the first that is mostly signal)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write")
-def show(shard_dir: Path, key: str | None, out: Path) -> None:
+def show(shard_dir: Path | str, key: str | None, out: Path) -> None:
     """Render one sample as a picture."""
     from distillkit.pipelines.inspect import ShowError
     from distillkit.pipelines.inspect import show as run_show

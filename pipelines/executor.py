@@ -18,12 +18,15 @@ import functools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from distillkit.pipelines.jobqueue import JobQueueError, WorkerWatch, describe, is_job_queue, job_queue_client
 from distillkit.pipelines.placement import GPU, gpu_worker_env
+
+log = logging.getLogger(__name__)
 
 SERIAL = "serial"
 Reporter = Callable[[int, Sequence[int]], None]
@@ -75,8 +78,15 @@ class SerialExecutor:
 class DaskExecutor:
     """Tasks on a dask ``distributed`` cluster through ``client``."""
 
-    def __init__(self, client: Any, description: str, local: bool):
-        self.client, self.description, self.local = client, description, local
+    def __init__(self, client: Any, description: str, local: bool, watch: WorkerWatch | None = None):
+        """Args:
+            client: the cluster's client.
+            description: for logs.
+            local: every worker runs on this machine.
+            watch: a job queue's watch of its workers: ``map`` stops with :class:`ClusterError` once they are
+                all gone for good.
+        """
+        self.client, self.description, self.local, self.watch = client, description, local, watch
         workers = client.scheduler_info()["workers"]
         self._gpu = sorted(a for a, w in workers.items() if w.get("resources", {}).get(GPU, 0) > 0)
         self._cpu = sorted(a for a in workers if a not in self._gpu)
@@ -85,7 +95,7 @@ class DaskExecutor:
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
             spare_gpu_workers: bool = False) -> Iterator[Any]:
         only = self._cpu if spare_gpu_workers and self._gpu and self._cpu else None
-        return map_tasks(self.client, fn, tasks, keys, only)
+        return map_tasks(self.client, fn, tasks, keys, only, watch=self.watch)
 
     @contextmanager
     def progress(self, on_report: Reporter) -> Iterator[Reporter]:
@@ -158,16 +168,38 @@ class EventReporter:
 
 @contextmanager
 def open_executor(scheduler: str = "", workers: int = 2, threads_per_worker: int = 1,
-                  gpu_workers: int = 0) -> Iterator[Executor]:
+                  gpu_workers: int = 0, cluster: Mapping[str, Any] | None = None) -> Iterator[Executor]:
     """An executor for ``scheduler``: ``"serial"`` (in-process), ``""`` (an embedded cluster of
     ``workers`` processes, plus ``gpu_workers`` that advertise the ``GPU`` resource) or a dask
     scheduler address (``tcp://host:8786``; its workers say themselves which own a GPU).
 
+    Args:
+        scheduler: ``"serial"``, ``""`` or a dask scheduler address.
+        workers: the embedded cluster's worker processes.
+        threads_per_worker: threads of each of those.
+        gpu_workers: the embedded cluster's GPU workers.
+        cluster: the manifest's ``[cluster]`` section: with ``kind = "slurm"`` / ``"pbs"`` and no ``scheduler``,
+            the build's workers are batch jobs (``pipelines.jobqueue``) instead of an embedded cluster (the
+            arguments above are then unused).
+
     Raises:
-        ClusterError: the scheduler cannot be reached or the cluster does not start.
+        ClusterError: the scheduler cannot be reached or the cluster does not start (or its jobs' workers did
+            not join in time).
     """
     if scheduler == SERIAL:
         yield SerialExecutor()
+        return
+    if not scheduler and is_job_queue(cluster):
+        assert cluster is not None
+        if (workers, threads_per_worker, gpu_workers) != (2, 1, 0):  # this function's defaults, the manifest's
+            log.warning("cluster.workers / threads_per_worker / gpu_workers (--workers) size the embedded cluster "
+                        "only: ignored with cluster.kind = %r (jobs, cores, processes and gpu_jobs size its jobs)",
+                        cluster["kind"])
+        try:
+            with job_queue_client(cluster) as (client, watch):
+                yield DaskExecutor(client, f"dask {describe(cluster)}", local=False, watch=watch)
+        except JobQueueError as exc:
+            raise ClusterError(str(exc)) from None
         return
     gpus = f" + {gpu_workers} GPU" if gpu_workers else ""
     where = scheduler or f"LocalCluster({workers} workers{gpus})"
@@ -272,18 +304,35 @@ def _quiet_workers(client: Any, timeout: float = QUIET_TIMEOUT_S) -> bool:
 
 def map_tasks(
     client: Any, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str],
-    workers: list[str] | None = None,
+    workers: list[str] | None = None, watch: WorkerWatch | None = None,
 ) -> Iterator[Any]:
     """Submit one task per item with explicit keys (writes are not pure functions) and
     yield results as they finish, on ``workers`` only when given. Futures are held until
-    iteration ends so dask never forgets work in flight."""
+    iteration ends so dask never forgets work in flight.
+
+    Args:
+        client: the cluster's client.
+        fn: the task function.
+        tasks: one item per task.
+        keys: one dask key per task.
+        workers: run only there (default: anywhere).
+        watch: a job queue's watch of its workers: once they are all gone for good it cancels the futures still
+            running (which wakes ``as_completed``) and the iteration stops with :class:`ClusterError`.
+
+    Raises:
+        ClusterError: ``watch`` saw every worker gone.
+    """
     from distributed import as_completed
 
     futures = client.map(fn, tasks, key=list(keys), pure=False, retries=1, workers=workers,
                          allow_other_workers=False)
+    watching = watch.watching(lambda: client.cancel(futures)) if watch is not None else nullcontext()
     try:
-        for future in as_completed(futures):
-            yield future.result()
+        with watching:
+            for future in as_completed(futures):
+                if watch is not None and watch.message:
+                    raise ClusterError(watch.message)
+                yield future.result()
     finally:
         for future in futures:
             future.cancel()

@@ -13,6 +13,7 @@ from distillkit.pipelines.codecs import SampleView
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
 from distillkit.pipelines.shards import (
+    HashingReader,
     compare_with_records,
     iter_samples,
     load_index,
@@ -20,6 +21,7 @@ from distillkit.pipelines.shards import (
     sha256_file,
     temp_file_pattern,
 )
+from distillkit.remote import RemoteError, RemoteNotFound, can_list, child, list_folder, location, open_read
 
 
 @dataclass
@@ -39,7 +41,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(shard_dir: Path, progress: bool = False) -> VerifyReport:
+def verify(shard_dir: Path | str, progress: bool = False) -> VerifyReport:
     """Re-hash every shard listed in ``index.json``, check every sample's schema, and recompute the index's
     counts and statistics from the per-shard records (``shards.compare_with_records``).
 
@@ -47,27 +49,38 @@ def verify(shard_dir: Path, progress: bool = False) -> VerifyReport:
     not list, keys that repeat across shards and temporary files a killed writer left (faults), and any other
     file a build does not write and any statistic the records give but the index lacks (warnings).
 
+    A URL folder (``s3://``, ``https://``, ``file://``) is checked alike: each shard is streamed once, hashed and
+    read sample by sample in that one pass (no local copy). What a URL cannot show is said in ``unchecked``: files
+    nobody listed need a listing, which an object store and ``file://`` give and plain HTTP does not.
+
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder, a ``Path`` or a URL.
         progress: show a bar over the shards.
 
     Raises:
         FileNotFoundError: no ``index.json``.
         shards.BadIndex: an ``index.json`` that is not JSON or not an index (shape, shard names).
+        remote.RemoteError: a URL folder that cannot be read (refused credential, server down after the retries).
     """
     from tqdm import tqdm
 
-    shard_dir = Path(shard_dir)
+    shard_dir = location(shard_dir)
     # The records are compared below, each difference a fault of its own, rather than refused at load.
     index = load_index(shard_dir, check_records=False)
     pipeline = get_pipeline(index["pipeline"])
     report = VerifyReport()
     seen: dict[str, str] = {}
     listed = {s["file"] for s in index["shards"]}
-    _check_folder(shard_dir, index.get("name"), listed, report)
+    if isinstance(shard_dir, str):
+        _check_remote_folder(shard_dir, index.get("name"), listed, report)
+    else:
+        _check_folder(shard_dir, index.get("name"), listed, report)
     for entry in tqdm(index["shards"], desc="verify", unit="shard", disable=not progress):
         report.shards += 1
         name = entry["file"]
+        if isinstance(shard_dir, str):
+            report.samples += _verify_remote_shard(child(shard_dir, name), entry, pipeline, seen, report)
+            continue
         path = shard_dir / name
         if not path.is_file():
             report.problems.append(f"{name}: missing")
@@ -76,24 +89,7 @@ def verify(shard_dir: Path, progress: bool = False) -> VerifyReport:
             report.problems.append(f"{name}: {path.stat().st_size} bytes, index says {entry['bytes']}")
         if sha256_file(path) != entry["sha256"]:
             report.problems.append(f"{name}: sha256 differs from index.json")
-        keys = []
-        try:
-            for key, sample in iter_samples(path):
-                keys.append(key)
-                if key in seen:
-                    report.problems.append(f"{name}: key {key} also in {seen[key]}")
-                seen[key] = name
-                try:
-                    validate_sample(pipeline, key, sample)
-                except SchemaError as exc:
-                    report.problems.append(f"{name}: {exc}")
-        except (tarfile.TarError, ValueError, OSError) as exc:
-            report.problems.append(f"{name}: unreadable tar after {len(keys)} samples: {exc}")
-        report.samples += len(keys)
-        if len(keys) != entry["samples"]:
-            report.problems.append(f"{name}: {len(keys)} samples, index says {entry['samples']}")
-        if keys and (keys[0] != entry.get("first_key") or keys[-1] != entry.get("last_key")):
-            report.problems.append(f"{name}: first/last key differ from index.json")
+        report.samples += _check_samples(name, iter_samples(path), entry, pipeline, seen, report)
     counts = index["counts"]
     if counts["written"] != report.samples:
         report.problems.append(f"index.json counts {counts['written']} samples, shards hold {report.samples}")
@@ -102,6 +98,69 @@ def verify(shard_dir: Path, progress: bool = False) -> VerifyReport:
     report.warnings += [f"index.json: {warning}" for warning in found.warnings]
     report.unchecked += found.unchecked
     return report
+
+
+def _check_samples(name: str, samples: Any, entry: dict[str, Any], pipeline: Any, seen: dict[str, str],
+                   report: VerifyReport) -> int:
+    """Schema, repeated keys, count and first/last keys of one shard's ``samples`` (``iter_samples``); returns
+    how many were read."""
+    keys = []
+    try:
+        for key, sample in samples:
+            keys.append(key)
+            if key in seen:
+                report.problems.append(f"{name}: key {key} also in {seen[key]}")
+            seen[key] = name
+            try:
+                validate_sample(pipeline, key, sample)
+            except SchemaError as exc:
+                report.problems.append(f"{name}: {exc}")
+    except RemoteError:
+        raise  # the server, not the shard: verify cannot go on (one line naming the URL)
+    except (tarfile.TarError, ValueError, OSError) as exc:
+        report.problems.append(f"{name}: unreadable tar after {len(keys)} samples: {exc}")
+    if len(keys) != entry["samples"]:
+        report.problems.append(f"{name}: {len(keys)} samples, index says {entry['samples']}")
+    if keys and (keys[0] != entry.get("first_key") or keys[-1] != entry.get("last_key")):
+        report.problems.append(f"{name}: first/last key differ from index.json")
+    return len(keys)
+
+
+def _verify_remote_shard(url: str, entry: dict[str, Any], pipeline: Any, seen: dict[str, str],
+                         report: VerifyReport) -> int:
+    """One shard of a URL folder, streamed once: its samples checked as read, its bytes hashed and counted in the
+    same pass (``HashingReader``; the tar's end padding is read and hashed after the last member)."""
+    name = entry["file"]
+    try:
+        raw = open_read(url)
+    except RemoteNotFound:
+        report.problems.append(f"{name}: missing ({url}: no such object)")
+        return 0
+    reader, hashing = HashingReader.open(raw)
+    with reader:
+        n = _check_samples(name, iter_samples(reader), entry, pipeline, seen, report)
+        try:
+            digest = hashing.finish()  # reads the rest (the tar's end padding): the server may fail here too
+        except RemoteError:
+            raise  # the server, not the shard: verify cannot go on (one line naming the URL)
+        except (OSError, ValueError) as exc:
+            report.problems.append(f"{name}: unreadable after its last sample: {exc}")
+            return n
+    if hashing.size != entry["bytes"]:
+        report.problems.append(f"{name}: {hashing.size} bytes, index says {entry['bytes']}")
+    if digest != entry["sha256"]:
+        report.problems.append(f"{name}: sha256 differs from index.json")
+    return n
+
+
+def _check_remote_folder(url: str, dataset: str | None, listed: set[str], report: VerifyReport) -> None:
+    """``_check_folder`` for a URL folder: from the object listing where the protocol gives one (S3, ``file://``);
+    over plain HTTP there is none, and that is said in one line of ``unchecked``."""
+    if not can_list(url):
+        report.unchecked.append(f"files not listed in index.json (stray shards, temporary files of killed writers): "
+                                f"{url.split('://', 1)[0]} gives no listing of {url}")
+        return
+    _classify_folder(sorted(list_folder(url).items()), dataset, listed, report)
 
 
 def _check_folder(shard_dir: Path, dataset: str | None, listed: set[str], report: VerifyReport) -> None:
@@ -114,22 +173,28 @@ def _check_folder(shard_dir: Path, dataset: str | None, listed: set[str], report
     this dataset removes it (the build removes only its own), and no build of the other may write here (a
     folder holds one dataset): removing it by hand is the one way, and the message says so.
     """
+    _classify_folder([(path.name, path.stat().st_size) for path in sorted(shard_dir.iterdir())], dataset, listed,
+                     report)
+
+
+def _classify_folder(files: list[tuple[str, int]], dataset: str | None, listed: set[str],
+                     report: VerifyReport) -> None:
+    """``_check_folder``'s verdict on a folder's ``(name, size)`` files, local or listed remotely."""
     from distillkit.pipelines.runner import LOCK_FILE
 
     expected = {"index.json", LOCK_FILE} | listed | {record_name(name) for name in listed}
     own_temp = temp_file_pattern(dataset) if dataset else None
     any_temp = temp_file_pattern()
-    for path in sorted(shard_dir.iterdir()):
-        name = path.name
+    for name, size in files:
         if name in expected:
             continue
         temp = any_temp.fullmatch(name)
         if temp and (own_temp is None or own_temp.fullmatch(name)):
             report.problems.append(f"{name}: stray temporary file of a writer killed before it finished "
-                                   f"({path.stat().st_size} bytes): remove it, or rerun the build, which does")
+                                   f"({size} bytes): remove it, or rerun the build, which does")
         elif temp:
             report.problems.append(f"{name}: stray temporary file of a build of another dataset, "
-                                   f"{temp.group('dataset')!r}, killed before it finished ({path.stat().st_size} "
+                                   f"{temp.group('dataset')!r}, killed before it finished ({size} "
                                    f"bytes): no build of {dataset!r} removes it; remove it by hand")
         elif name.endswith(".tar"):
             report.problems.append(f"{name}: shard on disk is not listed in index.json")
@@ -156,9 +221,13 @@ def stat_unit(pipeline: str, key: str, index: dict[str, Any] | None = None) -> s
         return STAT_UNITS.get(key, "")
 
 
-def stats_text(shard_dir: Path) -> str:
-    """A human summary: counts, sizes, rejected inputs and dataset statistics (with their units)."""
-    index = load_index(Path(shard_dir), check_records=False)  # a summary of the file as it is: verify checks it
+def stats_text(shard_dir: Path | str) -> str:
+    """A human summary: counts, sizes, rejected inputs and dataset statistics (with their units).
+
+    Args:
+        shard_dir: the shard folder, a ``Path`` or a URL.
+    """
+    index = load_index(location(shard_dir), check_records=False)  # a summary of the file as it is: verify checks it
     shards = index["shards"]
     total = sum(s["bytes"] for s in shards)
     c = index.get("counts", {})
@@ -228,19 +297,28 @@ class _ShowView(SampleView):
         return ShowError(f"{self.shard}: sample {self.key}: field {name!r} cannot be decoded ({reason})")
 
 
-def find_sample(shard_dir: Path, key: str | None = None) -> tuple[str, dict[str, bytes], str]:
+def find_sample(shard_dir: Path | str, key: str | None = None) -> tuple[str, dict[str, bytes], str]:
     """Return (key, sample, pipeline name): the sample ``key``, or without a key the one ``show`` draws
     (the first, or the preferred one of the pipeline's ``show_preference``).
 
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder, a ``Path`` or a URL.
         key: a sample key, or None for the sample ``show`` picks.
     """
-    k, sample, pipeline, _ = _find_sample(Path(shard_dir), key)
+    k, sample, pipeline, _ = _find_sample(location(shard_dir), key)
     return k, sample, pipeline
 
 
-def _find_sample(shard_dir: Path, key: str | None) -> tuple[str, dict[str, bytes], str, str]:
+def _shard_samples(shard: Path | str) -> Any:
+    """``iter_samples`` of a local shard, or of a URL one streamed (closed when the generator ends)."""
+    if isinstance(shard, Path):
+        yield from iter_samples(shard)
+        return
+    with open_read(shard) as f:
+        yield from iter_samples(f)
+
+
+def _find_sample(shard_dir: Path | str, key: str | None) -> tuple[str, dict[str, bytes], str, str]:
     """``find_sample``, plus the shard the sample is in."""
     index = load_index(shard_dir, check_records=False)  # a look at the data as it is: verify checks the index
     name = index["pipeline"]
@@ -250,7 +328,7 @@ def _find_sample(shard_dir: Path, key: str | None) -> tuple[str, dict[str, bytes
     for entry in index["shards"]:
         shard = entry["file"]
         try:
-            for k, sample in iter_samples(shard_dir / shard):
+            for k, sample in _shard_samples(child(shard_dir, shard)):
                 if key is not None and k != key:
                     continue
                 if prefer is None:
@@ -267,18 +345,20 @@ def _find_sample(shard_dir: Path, key: str | None) -> tuple[str, dict[str, bytes
                 seen += 1
                 if seen >= SHOW_SCAN:
                     return best[1], best[2], name, best[3]
+        except RemoteError:
+            raise  # the server, not the shard (one line naming the URL)
         except (tarfile.TarError, OSError, ValueError) as exc:
-            raise ShowError(f"{shard_dir / shard}: unreadable shard ({exc})") from None
+            raise ShowError(f"{child(shard_dir, shard)}: unreadable shard ({exc})") from None
     if best is not None:
         return best[1], best[2], name, best[3]
     raise KeyError(f"no sample {key!r} in {shard_dir}" if key else f"{shard_dir} holds no samples")
 
 
-def show(shard_dir: Path, out: Path, key: str | None = None) -> str:
+def show(shard_dir: Path | str, out: Path, key: str | None = None) -> str:
     """Render one sample to a PNG at ``out``; returns its key.
 
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder, a ``Path`` or a URL.
         out: the PNG to write.
         key: the sample to draw; None: the first (or the pipeline's preferred one, ``show_preference``).
 
@@ -292,9 +372,9 @@ def show(shard_dir: Path, out: Path, key: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k, sample, pipeline_name, shard = _find_sample(Path(shard_dir), key)
+    k, sample, pipeline_name, shard = _find_sample(location(shard_dir), key)
     pipeline = get_pipeline(pipeline_name)
-    view = _ShowView(sample, k, str(Path(shard_dir) / shard))
+    view = _ShowView(sample, k, str(child(location(shard_dir), shard)))
     try:
         fig: Any = pipeline.render(view)
     except MissingField as exc:

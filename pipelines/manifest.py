@@ -11,12 +11,15 @@ looks the pipeline up and hands its schema over). Trainer configurations use the
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from distillkit.remote import is_remote, location
 
 
 class ManifestError(Exception):
@@ -56,6 +59,30 @@ COMMON_SCHEMA: Section = {
         "threads_per_worker": Key(int, 1),
         "gpu_workers": Key(int, -1, doc="embedded cluster's workers that own a GPU (dask resource GPU): -1 = one per "
                                         "visible CUDA device when the pipeline has a torch stage, else none"),
+        # A job queue (pipelines.jobqueue): the build submits its own workers; the keys below apply only then.
+        "kind": Key(str, "local", choices=("local", "slurm", "pbs"),
+                    doc='"local" = scheduler/workers above; "slurm" / "pbs" = submit workers as batch jobs'),
+        "queue": Key(str, "", doc="SLURM partition / PBS queue (\"\" = the queue's default)"),
+        "account": Key(str, "", doc="account charged for the jobs (\"\" = your default)"),
+        "walltime": Key(str, "", doc='each job\'s time limit, "[D-]HH:MM:SS" (required with a job queue; no bare '
+                                     'number: SLURM reads minutes, PBS seconds)'),
+        "jobs": Key(int, 1, doc="CPU jobs submitted"),
+        "cores": Key(int, 1, doc="cores per CPU job"),
+        "memory": Key(str, "4GiB", doc="memory per job"),
+        "processes": Key(int, 1, doc="dask worker processes per CPU job (they share its cores)"),
+        "gpu_jobs": Key(int, 0, doc="GPU jobs submitted besides the CPU jobs, for the torch stages"),
+        "gpu_queue": Key(str, "", doc="partition / queue of the GPU jobs (\"\" = queue)"),
+        "gpus_per_job": Key(int, 1, doc="GPUs per GPU job (--gres=gpu:N / ngpus=N), one worker advertising GPU=1 "
+                                        "per GPU"),
+        "job_extra_directives": Key(list, [], doc='more header lines, e.g. ["--constraint=avx2"] (SLURM)'),
+        "job_script_prologue": Key(list, [], doc='shell lines run before the worker, e.g. ["module load python", '
+                                                 '"source ~/venv/bin/activate"]'),
+        "interface": Key(str, "", doc='network interface of scheduler and workers, e.g. "ib0" (\"\" = default)'),
+        "local_directory": Key(str, "", doc="workers' scratch folder on each node, e.g. \"$TMPDIR\""),
+        "log_directory": Key(str, "", doc="folder for the jobs' stdout/stderr (\"\" = the queue's default)"),
+        "python": Key(str, "", doc="the jobs' Python interpreter, which runs each dask worker (\"\" = the one "
+                                   "running distillkit build, by its absolute path)"),
+        "join_timeout": Key(int, 300, doc="seconds to wait for every job's workers to join before giving up"),
     },
 }
 
@@ -87,8 +114,9 @@ class Manifest:
         return self.data["pipeline"]
 
     @property
-    def output_dir(self) -> Path:
-        return Path(self.data["output"]["dir"])
+    def output_dir(self) -> Path | str:
+        """The output folder: a ``Path``, or a URL string for object storage (``distillkit.remote.location``)."""
+        return location(self.data["output"]["dir"])
 
     def content_hash(self) -> str:
         """sha256 of everything that determines shard bytes (not cluster settings)."""
@@ -129,12 +157,17 @@ def _check_value(file: Path, dotted: str, spec: Key, value: Any) -> Any:
     if kind in ("path", "existing_path"):
         if not isinstance(value, str) or not value:
             raise ManifestError(file, dotted, f"expected a path string, got {value!r}")
+        if kind == "path" and is_remote(value):  # an output in object storage: Path() would fold s3:// to s3:/
+            return value
         path = Path(value).expanduser()
         if kind == "existing_path" and not path.exists():
             raise ManifestError(file, dotted, f"path does not exist: {path}")
         return str(path)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is str and isinstance(value, datetime.time):
+        # ``walltime = 01:00:00`` (or ``--set cluster.walltime=01:00:00``) is a TOML local time, meant as its text
+        value = value.isoformat()
     if kind is list:
         if not isinstance(value, list):
             raise ManifestError(file, dotted, f"expected a list, got {type(value).__name__} {value!r}")
@@ -223,8 +256,10 @@ def validate_manifest(path: str | Path, data: dict[str, Any], schema: Section,
 
 
 def _check_common(m: Manifest) -> None:
-    if not m.name or "." in m.name or "/" in m.name:
-        raise ManifestError(m.path, "name", f"must be non-empty and free of '.' and '/', got {m.name!r}")
+    # the name starts every shard's file name, which readers take only as a plain name (shards.plain_shard_name:
+    # nothing a URL would decode or cut, '%', '?', '#', nor a separator)
+    if not m.name or any(c in m.name for c in "./\\\0%?#"):
+        raise ManifestError(m.path, "name", f"must be non-empty and free of . / \\ % ? # and NUL, got {m.name!r}")
     out = m.data["output"]
     if out["samples_per_shard"] < 1:
         raise ManifestError(m.path, "output.samples_per_shard", "must be >= 1")
@@ -232,12 +267,28 @@ def _check_common(m: Manifest) -> None:
         raise ManifestError(m.path, "output.max_rejected", "must be a fraction in [0, 1]")
     if m.data["cluster"]["workers"] < 1:
         raise ManifestError(m.path, "cluster.workers", "must be >= 1")
+    from distillkit.pipelines.jobqueue import check_cluster
+
+    check_cluster(m.path, m.data["cluster"])
 
 
 def check_output_outside(m: Manifest, source_key: str) -> None:
     """Refuse an output directory inside (or equal to) the source tree: a rerun would read
-    its own shards as input and a cleanup could delete the data."""
+    its own shards as input and a cleanup could delete the data.
+
+    Args:
+        m: the manifest.
+        source_key: the dotted key of its local source folder (``source.root``).
+    """
+    output = m.output_dir
+    if isinstance(output, str):
+        from distillkit.pipelines.output import LOCAL_PROTOCOLS  # (it imports this module)
+        from distillkit.remote import filesystem
+
+        if output.split("://", 1)[0].lower() not in LOCAL_PROTOCOLS:
+            return  # object storage: never inside a local source tree
+        output = Path(filesystem(output)[1])  # a file:// URL is the local folder it names
     src = Path(m.get(source_key)).resolve()
-    out = m.output_dir.resolve()
+    out = output.resolve()
     if out == src or src in out.parents:
         raise ManifestError(m.path, "output.dir", f"{out} lies inside the source {source_key}={src}")

@@ -8,6 +8,10 @@ still match, whose plan and manifest fingerprint are unchanged and whose input f
 same sizes and mtimes returns the record without rebuilding, so an interrupted build resumes
 where it stopped and produces the same bytes as an uninterrupted one.
 
+Where the shards go is an ``OutputLocation`` (``pipelines.output``): a local folder (renames, ``flock``)
+or a prefix of an object store (``output.dir = "s3://bucket/prefix"``: whole-object uploads, a conditional lock
+object, resume from one listing); this module builds the same way into either.
+
 Feedback while building: a task reports its shard's cumulative counts (inputs passed, samples
 written, rejected) through ``Executor.progress`` as it takes its inputs (at most five times a second, sample
 counts alone at most twice; its final count always), so the bar (in inputs) moves during the first shard, not
@@ -24,7 +28,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -39,32 +42,30 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from distillkit.build_info import build_info
-from distillkit.folder_lock import FolderBusy, folder_lock
 from distillkit.pipelines.base import Rejection, SampleRef
 from distillkit.pipelines.executor import ClusterError, Executor, open_executor
+from distillkit.pipelines.jobqueue import is_job_queue
 from distillkit.pipelines.manifest import Manifest, ManifestError
+from distillkit.pipelines.output import (
+    LOCK_NAME,
+    BuildError,
+    Found,
+    LocalFolder,
+    OutputLocation,
+    check_dataset,
+    output_location,
+)
 from distillkit.pipelines.placement import shard_context, worker_pipeline
 from distillkit.pipelines.registry import get_pipeline
 from distillkit.pipelines.schema import SchemaError, validate_sample
-from distillkit.pipelines.shards import (
-    INDEX_FORMAT_VERSION,
-    TEMP_INFIX,
-    ShardRecord,
-    sha256_file,
-    shard_filename,
-    sum_stats,
-    temp_file_pattern,
-    write_json_atomic,
-    write_shard,
-)
+from distillkit.pipelines.shards import INDEX_FORMAT_VERSION, ShardRecord, record_name, shard_filename, sum_stats
+from distillkit.remote import RemoteError
 
 log = logging.getLogger(__name__)
-LOCK_FILE = ".distillkit.lock"
+LOCK_FILE = LOCK_NAME
+"""The build's lock inside its output (a file locked with ``flock``; an object in an object store)."""
 
-
-class BuildError(Exception):
-    """The build cannot start or could not finish (the output folder is unusable or taken, a task
-    failed); the message is one line."""
+__all__ = ["LOCK_FILE", "BuildError", "BuildResult", "ShardTask", "build", "build_shard", "plan_tasks", "run_shard"]
 
 
 @dataclass
@@ -80,11 +81,15 @@ class ShardTask:
     """Send the pipeline's torch stages to the cluster's GPU workers (``pipelines.placement``)."""
     progress: Callable[[int, Sequence[int]], None] | None = None
     """``Executor.progress``'s reporter: ``(index, [inputs passed, samples written, rejected])``."""
+    found: Found | None = None
+    """What the client's one listing of a remote output holds of this shard (``OutputLocation.scan``); None
+    for a local folder, where the worker looks itself."""
 
 
 @dataclass
 class BuildResult:
-    index_path: Path
+    index_path: Path | str
+    """``index.json``: a path, or a URL for a build into object storage."""
     planned: int
     written: int
     rejected: list[dict[str, str]]
@@ -121,8 +126,9 @@ class BuildResult:
         enough = math.ceil(fraction * 100 - 1e-9) / 100
         if enough < fraction:
             enough += 0.01
+        folder = self.index_path.parent if isinstance(self.index_path, Path) else self.index_path.rsplit("/", 1)[0]
         return (f"{said}) > output.max_rejected {limit:.1%} of {sample}; the {self.written} written {sample} are in "
-                f"{self.index_path.parent} and index.json lists every rejection with its reason: fix those inputs, "
+                f"{folder} and index.json lists every rejection with its reason: fix those inputs, "
                 f"or accept the loss with --set output.max_rejected={enough:.2f}")
 
 
@@ -146,20 +152,13 @@ def inputs_stamp(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def _existing_record(out_dir: Path, task: ShardTask, stamp: str) -> ShardRecord | None:
-    tar = out_dir / shard_filename(task.manifest.name, task.index)
-    rec_path = tar.with_suffix(".json")
-    if not (tar.is_file() and rec_path.is_file()):
-        return None
-    try:
-        rec = ShardRecord(**json.loads(rec_path.read_text()))
-    except (ValueError, TypeError):
-        return None
-    if rec.task_fingerprint != task.fingerprint or rec.inputs_stamp != stamp or rec.bytes != tar.stat().st_size:
-        return None
-    if sha256_file(tar) != rec.sha256:
-        return None
-    return rec
+def _existing_record(out: OutputLocation, task: ShardTask, stamp: str) -> ShardRecord | None:
+    """The record of this task's shard if a finished, intact shard of the same plan and inputs is there."""
+
+    def same_plan(rec: ShardRecord) -> bool:
+        return rec.task_fingerprint == task.fingerprint and rec.inputs_stamp == stamp
+
+    return out.existing_record(shard_filename(task.manifest.name, task.index), same_plan, task.found)
 
 
 REPORT_EVERY_S = 0.5
@@ -219,11 +218,11 @@ class _CountedRefs(list):
 def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
     """Run on a worker: build (or reuse) one shard. Returns (shard index, record, reused)."""
     m = task.manifest
-    out_dir = m.output_dir
+    out = output_location(m.data["output"]["dir"])
     pipeline = get_pipeline(m.pipeline)
     # stamped before building: inputs changed during the build make the next run rebuild
     stamp = inputs_stamp([p for ref in task.refs for p in pipeline.input_files(ref)])
-    reused = _existing_record(out_dir, task, stamp)
+    reused = _existing_record(out, task, stamp)
     # --raise-errors rebuilds a shard that rejected inputs on unexpected errors, so they surface
     if reused is not None and not (task.raise_errors and any(r["stage"] == "build" for r in reused.rejected)):
         return task.index, reused, True
@@ -259,13 +258,13 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
             counts.update()
             yield item.key, item.fields
 
-    path = out_dir / shard_filename(m.name, task.index)
+    tar_name = shard_filename(m.name, task.index)
     with shard_context(task.gpu_remote) as devices:
-        size, digest, n = write_shard(path, checked())
+        size, digest, n = out.write_shard(tar_name, checked())
     counts.inputs = len(task.refs)
     counts.flush()
     record = ShardRecord(
-        file=path.name,
+        file=tar_name,
         samples=n,
         bytes=size,
         sha256=digest,
@@ -279,7 +278,7 @@ def build_shard(task: ShardTask) -> tuple[int, ShardRecord, bool]:
         built_by=built_by(),
         inputs=len(task.refs),
     )
-    write_json_atomic(path.with_suffix(".json"), record.to_json())
+    out.write_json(record_name(tar_name), record.to_json())  # after its shard: a record means a finished shard
     return task.index, record, False
 
 
@@ -414,7 +413,8 @@ def plan_tasks(m: Manifest, raise_errors: bool = False) -> tuple[list[ShardTask]
 
 def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
           progress: bool = True, raise_errors: bool = False) -> BuildResult:
-    """Build every shard of manifest ``m`` and write ``index.json`` last.
+    """Build every shard of manifest ``m`` and write ``index.json`` last, into ``output.dir``: a local folder or
+    an object store's prefix (``pipelines.output``, ``pipelines.output_s3``).
 
     Args:
         m: a validated manifest.
@@ -425,38 +425,48 @@ def build(m: Manifest, scheduler: str | None = None, workers: int | None = None,
         raise_errors: stop at the first unexpected exception in a stage, with its traceback,
             instead of rejecting that input (``Rejected`` inputs are still recorded).
     """
-    out_dir = m.output_dir
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ManifestError(m.path, "output.dir", f"cannot create {out_dir}: {exc.strerror or exc}") from None
-    with _build_lock(out_dir, m):
-        return _build_locked(m, out_dir, scheduler, workers, progress, raise_errors)
+        out = output_location(m.data["output"]["dir"])  # a local folder or an object store's prefix
+    except RemoteError as exc:  # a protocol fsspec does not know, or whose package is not installed
+        raise ManifestError(m.path, "output.dir", str(exc)) from None
+    out.prepare(m)
+    with out.lock(m):
+        return _build_locked(m, out, scheduler, workers, progress, raise_errors)
 
 
-def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: int | None, progress: bool,
+def _build_locked(m: Manifest, out: OutputLocation, scheduler: str | None, workers: int | None, progress: bool,
                   raise_errors: bool) -> BuildResult:
     tasks, rejected, planned, fingerprint = plan_tasks(m, raise_errors)
     pipeline = get_pipeline(m.pipeline)
     cluster = m.data["cluster"]
     scheduler = cluster["scheduler"] if scheduler is None else scheduler
     workers = cluster["workers"] if workers is None else workers
-    _check_output(out_dir, m)
+    check_dataset(out, m)
     records: dict[int, ShardRecord] = {}
     reused = 0
     torch_stages = pipeline.torch_stages(m)
+    if scheduler == "" and is_job_queue(cluster) and cluster["gpu_jobs"] and not torch_stages:
+        # GPU jobs exist for the torch stages' batches (pipelines.placement); without one they would hold GPUs
+        # to run CPU tasks. Said before anything is submitted.
+        raise ManifestError(m.path, "cluster.gpu_jobs", f"{cluster['gpu_jobs']} GPU job(s) asked for, but this "
+                                                        f"{m.pipeline!r} manifest has no torch stage to run on "
+                                                        f"them: set cluster.gpu_jobs = 0")
     gpu_workers = cluster["gpu_workers"]
     if gpu_workers < 0:
-        gpu_workers = _visible_gpus() if scheduler == "" and any(d != "cpu" for d in torch_stages.values()) else 0
-    with open_executor(scheduler, workers, cluster["threads_per_worker"], gpu_workers) as executor:
+        # a job queue's GPU workers are its GPU jobs' (cluster.gpu_jobs): the login node's GPUs are not counted
+        local = scheduler == "" and not is_job_queue(cluster)
+        gpu_workers = _visible_gpus() if local and any(d != "cpu" for d in torch_stages.values()) else 0
+    with open_executor(scheduler, workers, cluster["threads_per_worker"], gpu_workers, cluster=cluster) as executor:
         log.debug("building %d shards on %s", len(tasks), executor.description)
         remote = _place_torch_stages(torch_stages, executor)
         # Only now, with the plan made, the cluster up and the torch stages placed, does the folder change:
         # a rerun that cannot start leaves a finished dataset as it was.
-        _unpublish(out_dir)
-        _remove_stale(out_dir, m.name, len(tasks))
+        out.unpublish()
+        listing = out.scan()  # one listing of a remote prefix (None locally): stale shards, reusable ones
+        out.remove_stale(m.name, len(tasks), listing)
         for task in tasks:
             task.gpu_remote = remote
+            task.found = out.found(listing, shard_filename(m.name, task.index))
         # A token per build: the fingerprint leaves out output.dir, so two builds of one manifest into
         # two folders on one shared scheduler would otherwise share task keys and one would write nothing.
         run = uuid.uuid4().hex[:8]
@@ -492,9 +502,9 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
                 tracker.close()
     # Every task has finished and the executor is closed (a LocalCluster's workers with it): any temporary file
     # left now is a killed worker's partial shard or record, which nothing will finish or rename.
-    left = _remove_temp_files(out_dir, m.name)
+    left = out.remove_temp_files(m.name)
     if left:
-        log.info("%s: removed %d temporary file(s) left by killed workers", out_dir, left)
+        log.info("%s: removed %d temporary file(s) left by killed workers", out, left)
     shard_records = [records[i] for i in range(len(tasks))]
     # An input rejected while planning, or one whose rejection names the input itself (not one of its windows).
     sources = {ref.source for task in tasks for ref in task.refs}
@@ -507,7 +517,7 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
     makers = sorted({r.built_by or "unrecorded" for r in shard_records})
     if len(makers) > 1:
         log.warning("%s: its shards were written by %d versions of distillkit (%s); remove the folder to "
-                    "rebuild it with one", out_dir, len(makers), ", ".join(makers))
+                    "rebuild it with one", out, len(makers), ", ".join(makers))
     stats = pipeline.finalize_stats(totals)
     index = {
         "format_version": INDEX_FORMAT_VERSION,
@@ -536,9 +546,8 @@ def _build_locked(m: Manifest, out_dir: Path, scheduler: str | None, workers: in
                     "devices": sorted({d for r in shard_records for d in r.devices.get(stage, [])})}
             for stage, requested in torch_stages.items()
         }
-    index_path = out_dir / "index.json"
-    write_json_atomic(index_path, index)
-    return BuildResult(index_path, planned, written, rejected, reused, len(tasks) - reused,
+    out.write_json("index.json", index)  # last: it marks the dataset finished
+    return BuildResult(out.index_path, planned, written, rejected, reused, len(tasks) - reused,
                        units=pipeline.units, whole_inputs=whole_inputs)
 
 
@@ -649,67 +658,10 @@ def _place_torch_stages(torch_stages: dict[str, str], executor: Executor) -> boo
     return False
 
 
-@contextmanager
-def _build_lock(out_dir: Path, m: Manifest) -> Iterator[None]:
-    """An exclusive lock on the output folder for the whole build (``distillkit.folder_lock``, shared with
-    ``train``'s run folders): a second build into it (which would delete the first's temporary files and mix
-    two manifests' shards) stops at once.
+def _build_lock(out_dir: Path, m: Manifest) -> Any:
+    """The lock a build of ``m`` into the local folder ``out_dir`` holds (``LocalFolder.lock``).
 
     Raises:
         BuildError: another build holds the folder.
     """
-    try:
-        with folder_lock(out_dir, LOCK_FILE, what="build"):
-            yield
-    except FolderBusy:
-        raise BuildError(f"{out_dir}: another build is writing this folder (lock {LOCK_FILE}); wait for it "
-                         "or set a different output.dir") from None
-
-
-def _check_output(out_dir: Path, m: Manifest) -> None:
-    """Refuse a folder holding a dataset of another name, rather than mix with or delete it.
-
-    Raises:
-        BuildError: the folder holds another dataset.
-    """
-    index = out_dir / "index.json"
-    if not index.is_file():
-        return
-    try:
-        old = json.loads(index.read_text()).get("name")
-    except (ValueError, OSError, AttributeError):
-        old = None
-    if old is not None and old != m.name:
-        raise BuildError(f"{out_dir} holds the dataset {old!r}, not {m.name!r}: set a different output.dir "
-                         "or remove that dataset first")
-
-
-def _unpublish(out_dir: Path) -> None:
-    """Remove ``index.json`` before any shard changes: it marks a finished dataset (readers trust it), so a
-    rebuild killed midway leaves no index over a mix of old and new shards. Written again at the end."""
-    (out_dir / "index.json").unlink(missing_ok=True)
-
-
-def _remove_stale(out_dir: Path, name: str, n_tasks: int) -> None:
-    """Shards numbered past the current plan (a smaller plan, bigger shards) would look like
-    part of the dataset to a glob; remove them and leftover temporary files. Only this dataset's
-    exact names match (``uni-000003.tar``, not ``uni-b-000003.tar``)."""
-    shard = re.compile(rf"{re.escape(name)}-(\d{{6}})\.tar")
-    for path in out_dir.glob(f"{name}-*.tar"):
-        match = shard.fullmatch(path.name)
-        if match and int(match.group(1)) >= n_tasks:
-            path.unlink()
-            path.with_suffix(".json").unlink(missing_ok=True)
-    _remove_temp_files(out_dir, name)
-
-
-def _remove_temp_files(out_dir: Path, name: str) -> int:
-    """Remove the temporary files of this dataset's writers (only while the build holds the folder's lock, when
-    no writer of it can be running); returns how many were removed."""
-    temp = temp_file_pattern(name)
-    removed = 0
-    for tmp in out_dir.glob(f".*{TEMP_INFIX}*"):
-        if temp.fullmatch(tmp.name):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    return LocalFolder(out_dir).lock(m)

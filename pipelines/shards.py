@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from distillkit.pipelines.codecs import UNSAFE_EXTENSIONS
+from distillkit.remote import child, is_remote, join, local_path, location, open_seekable, read_bytes, read_many
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,60 @@ class _HashingWriter(io.RawIOBase):
         return self.raw.write(b)
 
 
+class HashingReader(io.RawIOBase):
+    """A shard's file object, hashed as it is read, so that a shard is hashed in the one pass that reads it
+    (never read twice, never copied): the streams (``train.streaming``) and a remote ``verify`` read through it.
+
+    It reads the file in ``CHUNK`` pieces under an ``io.BufferedReader`` (``open``), so that tarfile's 10 KiB reads
+    cost no hashing call each: the hashing is one ``sha256.update`` per MiB (about 2 GB/s of one core;
+    ``bench/suite/integrity.py``).
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    @classmethod
+    def open(cls, raw: Any) -> tuple[io.BufferedReader, HashingReader]:
+        """``(buffered file for the tar reader, the hashing reader under it)`` over the opened ``raw``.
+
+        Args:
+            raw: a binary file object open for reading.
+        """
+        hashing = cls(raw)
+        return io.BufferedReader(hashing, buffer_size=cls.CHUNK), hashing
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        if n:
+            b[:n] = data
+            self.digest.update(data)
+            self.size += n
+        return n
+
+    def finish(self) -> str:
+        """Read what the tar reader left unread (the end-of-archive padding) and return the shard's hex digest.
+        Bytes the buffered reader above holds were hashed when read from the file: none is counted twice."""
+        spare = bytearray(self.CHUNK)
+        while self.readinto(spare):
+            pass
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+    def __repr__(self) -> str:  # webdataset appends the stream to error messages
+        return f"<sha256 reader of {getattr(self.raw, 'name', self.raw)!r}>"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -181,12 +236,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def open_shard(shard: Path | str) -> IO[bytes]:
+    """A shard opened for random access: a local file, or a URL's object (``remote.open_seekable``: range requests,
+    retries), for readers that seek over a tar's members (``tarfile.open(fileobj=..., mode="r:")``).
+
+    Args:
+        shard: a shard path, or a shard URL (``s3://``, ``https://``, ``file://``).
+    """
+    return open_seekable(shard) if is_remote(shard) else open(shard, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def iter_samples(path: Path | IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Read a shard with the standard library, grouping members WebDataset's way (the key
-    ends at the first dot of the basename). Raises ``tarfile.TarError`` on a broken tar."""
+    ends at the first dot of the basename). Raises ``tarfile.TarError`` on a broken tar.
+
+    Args:
+        path: a local shard, or a file object read front to back (a remote shard from ``remote.open_read``,
+            through a ``HashingReader``): read in tarfile's stream mode, each member once, in order.
+    """
     key: str | None = None
     fields: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r:") as tar:
+    opened = (tarfile.open(path, mode="r:") if isinstance(path, (str, os.PathLike))
+              else tarfile.open(fileobj=path, mode="r|"))
+    with opened as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -205,11 +277,21 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, fields
 
 
+def json_text(obj: Any) -> str:
+    """The text a build writes for a record or ``index.json``: one function for the local folder and an object
+    store's prefix (``pipelines.output``), so both get the same bytes.
+
+    Args:
+        obj: a JSON-serialisable value.
+    """
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary name, fsync and rename, so readers never see half a file (nor an
     empty one after a power loss)."""
     with _atomic_file(Path(path), "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.write(json_text(obj))
 
 
 def index_for_tars(shard_dir: Path, pipeline: str, files: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -272,18 +354,24 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+_NOT_IN_NAMES = frozenset("/\\\0%?#")
+"""Characters no shard name may hold: a path's separators and NUL, and what a URL gives a meaning (``%`` escapes,
+``?`` a query, ``#`` a fragment): a name ``%2e%2e%2fx.tar`` is plain on disk, but in a URL folder the server decodes
+it to ``../x.tar``. Builds never write them (``shard_filename``: a manifest name, ``-``, digits, ``.tar``)."""
+
+
 def plain_shard_name(name: Any) -> bool:
     """Whether ``name`` may name a shard of a folder: a file name of that folder itself, not a path
-    (no ``/``, no ``..``, not absolute), so that no index can make a reader open a file elsewhere.
+    (no ``/`` or ``\\``, not ``.`` or ``..``) and the same name in a URL (no ``%``, ``?``, ``#``), so that no index
+    can make a reader open a file elsewhere, on disk or on a server.
 
     Args:
         name: a ``shards[i].file`` value of an ``index.json``.
     """
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name)
+    return isinstance(name, str) and name not in ("", ".", "..") and not _NOT_IN_NAMES.intersection(name)
 
 
-def validate_index(index: Any, path: Path) -> dict[str, Any]:
+def validate_index(index: Any, path: Path | str) -> dict[str, Any]:
     """Check the shape of a parsed ``index.json`` (what ``pipelines.runner`` writes) and that every shard entry
     names a file inside its folder; returns ``index``.
 
@@ -294,7 +382,8 @@ def validate_index(index: Any, path: Path) -> dict[str, Any]:
 
     Args:
         index: the parsed JSON.
-        path: the ``index.json`` it came from (for messages, and its folder for the symlink check).
+        path: the ``index.json`` it came from (for messages, and its folder for the symlink check), a ``Path`` or
+            a URL (``remote``: an object store has no symlinks, and a URL folder's shards are objects under it).
 
     Raises:
         BadIndex: naming ``path`` and the first thing wrong.
@@ -317,7 +406,9 @@ def validate_index(index: Any, path: Path) -> dict[str, Any]:
     shards = index.get("shards")
     if not isinstance(shards, list):
         raise bad(f"shards is {_kind(shards)}, expected a list of shard entries")
-    folder = path.parent
+    # A file:// URL names a local folder: its symlinks are checked as a path's (an object store has none).
+    local = local_path(path) if isinstance(path, str) and is_remote(path) else Path(path)
+    folder = local.parent if local is not None else None
     seen: set[str] = set()
     for i, entry in enumerate(shards):
         if not isinstance(entry, dict):
@@ -330,8 +421,8 @@ def validate_index(index: Any, path: Path) -> dict[str, Any]:
                           f"{'a count >= 0' if kinds == (int,) else 'a string'}")
         name = entry["file"]
         if not plain_shard_name(name):
-            raise bad(f"shards[{i}].file {name!r} is not a file name of this folder (a path, '..' or absolute): "
-                      "refused, readers open only files inside the folder")
+            raise bad(f"shards[{i}].file {name!r} is not a file name of this folder (a path, '..', or '%', '?', "
+                      "'#' that a URL decodes): refused, readers open only files inside the folder")
         if name in seen:
             raise bad(f"shards[{i}].file {name!r} is listed twice")
         seen.add(name)
@@ -340,8 +431,8 @@ def validate_index(index: Any, path: Path) -> dict[str, Any]:
         for key in ("first_key", "last_key"):
             if key in entry and not _typed(entry[key], (str, type(None))):
                 raise bad(f"shards[{i}].{key} is {_kind(entry[key])}, expected a string or null")
-        member = folder / name
-        if member.is_symlink():  # a link inside the folder may still point anywhere
+        member = folder / name if folder is not None else None
+        if member is not None and member.is_symlink():  # a link inside the folder may still point anywhere
             target = member.resolve()
             if not target.is_relative_to(folder.resolve()):
                 raise bad(f"shards[{i}].file {name!r} is a symlink to {target}, outside the folder: refused")
@@ -365,7 +456,7 @@ def validate_index(index: Any, path: Path) -> dict[str, Any]:
     return index
 
 
-def load_index(shard_dir: Path, check_records: bool = True) -> dict[str, Any]:
+def load_index(shard_dir: Path | str, check_records: bool = True) -> dict[str, Any]:
     """A shard folder's ``index.json``, checked before anyone trusts it: parsed, its shape validated
     (``validate_index``: every shard entry a file of this folder) and, with ``check_records``, its counts and
     statistics recomputed from the per-shard records beside the tars (``check_records``).
@@ -374,7 +465,8 @@ def load_index(shard_dir: Path, check_records: bool = True) -> dict[str, Any]:
     ``../../etc/passwd`` or whose normalisation statistics were edited is refused by all of them alike.
 
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder: a ``Path``, or a URL (``s3://``, ``https://``, ``file://``; ``remote``) whose
+            ``index.json`` and records are read from the same place and checked alike.
         check_records: also compare counts and statistics with the per-shard records (what the trainers
             normalise with); ``verify`` passes False and reports each difference itself. A folder without
             records (copied without its ``.json`` files) is accepted with a warning: nothing to compare with. A
@@ -384,12 +476,16 @@ def load_index(shard_dir: Path, check_records: bool = True) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no ``index.json`` (not a shard folder, or an unfinished build).
         BadIndex: an unreadable, malformed or inconsistent index, in one line naming the file.
+        remote.RemoteError: a URL folder whose index or records cannot be fetched (a refused credential, a server
+            that does not answer after the retries), in one line naming the URL.
     """
-    path = Path(shard_dir) / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index.json (was the build finished?)")
+    path = child(shard_dir, "index.json")
     try:
-        index = json.loads(path.read_bytes())
+        data = _read_index_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no index.json (was the build finished?)") from None
+    try:
+        index = json.loads(data)
     except json.JSONDecodeError as exc:
         raise BadIndex(f"{path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except UnicodeDecodeError as exc:
@@ -398,7 +494,7 @@ def load_index(shard_dir: Path, check_records: bool = True) -> dict[str, Any]:
         raise BadIndex(f"{path}: cannot be read ({exc.strerror or exc})") from None
     validate_index(index, path)
     if check_records:
-        found = compare_with_records(Path(shard_dir), index)
+        found = _records_checked(location(shard_dir), index, data)
         if found.faults:
             more = f" (and {len(found.faults) - 1} more)" if len(found.faults) > 1 else ""
             raise BadIndex(f"{path}: {found.faults[0]}{more}: the index disagrees with its shard records; "
@@ -409,24 +505,50 @@ def load_index(shard_dir: Path, check_records: bool = True) -> dict[str, Any]:
     return index
 
 
-_warned: set[Path] = set()  # folders whose unchecked index was already reported in this process
+_warned: set[Path | str] = set()  # folders whose unchecked index was already reported in this process
+_remote_checks: dict[tuple[str, str], RecordCheck] = {}
+"""``compare_with_records`` of URL folders in this process, by folder and sha256 of the ``index.json`` bytes: a
+trainer's start loads the index several times (its checks, the shard list), and each remote record check fetches
+every shard record. A rebuilt folder has another index (its shards' sha256), so it is checked again."""
 
 
-def shard_paths(shard_dir: Path) -> list[Path]:
+def _records_checked(shard_dir: Path | str, index: dict[str, Any], data: bytes) -> RecordCheck:
+    """``compare_with_records``, once per process for a URL folder whose ``index.json`` bytes are ``data``."""
+    if not isinstance(shard_dir, str):
+        return compare_with_records(shard_dir, index)  # local records: cheap to read, and may change any time
+    key = (shard_dir.rstrip("/"), hashlib.sha256(data).hexdigest())
+    if key not in _remote_checks:
+        _remote_checks[key] = compare_with_records(shard_dir, index)
+    return _remote_checks[key]
+
+
+def _read_index_bytes(path: Path | str) -> bytes:
+    """An ``index.json``'s bytes, local or remote; ``FileNotFoundError`` when there is none."""
+    if isinstance(path, str):
+        return read_bytes(path)  # RemoteNotFound is a FileNotFoundError; other failures stay RemoteError
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise BadIndex(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def shard_paths(shard_dir: Path | str) -> list[Path | str]:
     """The shards ``shard_dir/index.json`` lists, in index order (``load_index``'s checks passed).
 
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder, a ``Path`` or a URL (then the shards are URLs under it).
 
     Raises:
         FileNotFoundError: no ``index.json``.
         BadIndex: see ``load_index``, or an index that lists no shards.
     """
-    shard_dir = Path(shard_dir)
-    index = load_index(shard_dir)
+    folder = location(shard_dir)
+    index = load_index(folder)
     if not index["shards"]:
-        raise BadIndex(f"{shard_dir / 'index.json'}: lists no shards")
-    return [shard_dir / entry["file"] for entry in index["shards"]]
+        raise BadIndex(f"{child(folder, 'index.json')}: lists no shards")
+    return [child(folder, entry["file"]) for entry in index["shards"]]
 
 
 def record_name(shard_file: str) -> str:
@@ -469,7 +591,7 @@ class RecordCheck:
     """Some shard has no record: nothing of counts and statistics was compared."""
 
 
-def compare_with_records(shard_dir: Path, index: dict[str, Any]) -> RecordCheck:
+def compare_with_records(shard_dir: Path | str, index: dict[str, Any]) -> RecordCheck:
     """Recompute ``index``'s counts and statistics from the per-shard records (``{stem}.json`` beside each tar,
     written by the shard's task) and list every difference.
 
@@ -481,28 +603,38 @@ def compare_with_records(shard_dir: Path, index: dict[str, Any]) -> RecordCheck:
     unchecked. Statistics the records give but the index lacks (a build older than the statistic) are warnings.
 
     Args:
-        shard_dir: the shard folder.
+        shard_dir: the shard folder, a ``Path`` or a URL (its records are then fetched together, ``read_many``).
         index: its ``index.json``, already through ``validate_index``.
+
+    Raises:
+        remote.RemoteError: a URL folder's record that cannot be fetched (not a missing one: that is reported).
     """
     found = RecordCheck()
     records: list[dict[str, Any]] = []
     missing: list[str] = []
-    for entry in index["shards"]:
-        rec_path = shard_dir / record_name(entry["file"])
-        if not rec_path.is_file():
-            missing.append(rec_path.name)
+    names = [record_name(entry["file"]) for entry in index["shards"]]
+    if is_remote(shard_dir):
+        fetched = read_many([join(str(shard_dir), name) for name in names])
+        # By name, not in the dict's order: two entries may share a record ("x.tar" and "x" both give "x.json").
+        contents: list[bytes | None] = [fetched[join(str(shard_dir), name)] for name in names]
+    else:
+        contents = [None] * len(names)
+    for entry, name, data in zip(index["shards"], names, contents, strict=True):
+        rec_path = Path(shard_dir) / name if not is_remote(shard_dir) else None
+        if (rec_path is not None and not rec_path.is_file()) or (rec_path is None and data is None):
+            missing.append(name)
             continue
         try:
-            rec = json.loads(rec_path.read_bytes())
+            rec = json.loads(data if rec_path is None else rec_path.read_bytes())
             if not isinstance(rec, dict):
                 raise ValueError(f"a JSON {_kind(rec)}, not an object")
         except (OSError, ValueError) as exc:
-            found.faults.append(f"{rec_path.name}: unreadable shard record ({exc})")
+            found.faults.append(f"{name}: unreadable shard record ({exc})")
             continue
         for key in ("file", "samples", "bytes", "sha256", "first_key", "last_key"):
             if key in rec and key in entry and rec[key] != entry[key]:
                 found.faults.append(f"{entry['file']}: {key} is {entry[key]!r} in index.json, "
-                                    f"{rec[key]!r} in its record {rec_path.name}")
+                                    f"{rec[key]!r} in its record {name}")
         records.append(rec)
     if missing:
         found.missing_records = True

@@ -38,29 +38,59 @@ class Refused(Exception):
     """A user error found before training starts; its message is the one line ``fail`` prints."""
 
 
-def check_shards(trainer: Any, shard_dir: Path, where: str) -> None:
+class ShardLocation(click.ParamType):
+    """A shard folder on the command line: a URL (``s3://bucket/prefix``, ``https://host/path/``,
+    ``file:///abs/dir``) stays a string for fsspec (``distillkit.remote``; a ``Path`` would make ``s3://`` into
+    ``s3:/``), anything else is a local ``Path``, checked to be an existing directory when ``exists``.
+
+    Args:
+        exists: refuse a local path that is not an existing directory (click's own message).
+    """
+
+    name = "shards"
+
+    def __init__(self, exists: bool = False) -> None:
+        self.local = click.Path(path_type=Path, exists=exists, file_okay=not exists)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        from distillkit.remote import is_remote
+
+        if isinstance(value, str) and is_remote(value):
+            return value
+        return self.local.convert(value, param, ctx)
+
+
+SHARD_LOCATION = ShardLocation()
+"""``verify``/``stats``/``show``'s SHARD_DIR: a missing folder is their own one-line error."""
+
+
+def check_shards(trainer: Any, shard_dir: Path | str, where: str) -> None:
     """Refuse a folder that is not a finished shard build, or one built by another pipeline than the
     trainer reads (its ``index.json`` names the pipeline).
 
     Args:
         trainer: the trainer that will read the shards.
-        shard_dir: the ``--shards`` folder.
+        shard_dir: the ``--shards`` folder, a ``Path`` or a URL.
         where: the command, for the message (``train comodo``).
 
     Raises:
         Refused: naming what was found and what to do.
     """
     from distillkit.pipelines.shards import BadIndex, load_index
+    from distillkit.remote import RemoteError, RemoteNotFound, child
 
     try:
         index = load_index(shard_dir)
-    except BadIndex as exc:  # already names the file and what is wrong
+    except (BadIndex, RemoteError) as exc:  # already names the file (the URL) and what is wrong
+        if isinstance(exc, RemoteNotFound) or (isinstance(exc, FileNotFoundError) and isinstance(shard_dir, str)):
+            raise Refused(f"{exc}: no index.json at {shard_dir}: not a shard folder, or its build has not "
+                          "finished (distillkit build writes index.json last)") from None
         raise Refused(str(exc)) from None
     except FileNotFoundError:
         raise Refused(f"{shard_dir}: no index.json: not a shard folder, or its build has not finished "
                       "(distillkit build writes index.json last)") from None
     except (OSError, ValueError) as exc:
-        raise Refused(f"{shard_dir}/index.json: unreadable ({exc})") from None
+        raise Refused(f"{child(shard_dir, 'index.json')}: unreadable ({exc})") from None
     built = index.get("pipeline") if isinstance(index, dict) else None
     if isinstance(built, str) and built != trainer.pipeline:
         readers = _methods(lambda t: t.pipeline == built)
@@ -215,8 +245,9 @@ def make_train_command(name: str) -> click.Command:
     """The ``train NAME`` subcommand, its options read from the trainer's schema."""
     trainer = _trainer(name)
     params: list[click.Parameter] = [
-        click.Option(["--shards"], type=click.Path(path_type=Path, exists=True, file_okay=False),
-                     help=f"a {trainer.pipeline} shard directory [required, except with --show-config]"),
+        click.Option(["--shards"], type=ShardLocation(exists=True),
+                     help=f"a {trainer.pipeline} shard directory, or a URL of one (s3://bucket/prefix, "
+                          "https://host/path/, file:///dir) [required, except with --show-config]"),
         click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
         click.Option(["--out"], default=None, type=click.Path(path_type=Path, file_okay=False),
                      help=f"run folder: latest.pt, log.jsonl, curves.png [default: a new runs/{name}/"
@@ -486,9 +517,8 @@ def make_eval_command(name: str) -> click.Command:
     trainer = _trainer(name)
     params: list[click.Parameter] = [
         click.Option(["--checkpoint"], required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False)),
-        click.Option(["--shards"], required=True, multiple=True,
-                     type=click.Path(path_type=Path, exists=True, file_okay=False),
-                     help=f"{trainer.pipeline} shard directory (repeatable: e.g. a train and a val build)"),
+        click.Option(["--shards"], required=True, multiple=True, type=ShardLocation(exists=True),
+                     help=f"{trainer.pipeline} shard directory or URL (repeatable: e.g. a train and a val build)"),
         click.Option(["--device"], default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True),
         *_config_params(trainer.eval_schema, "override a key of the checkpoint's stored training configuration",
                         "a TOML file of training configuration keys"),

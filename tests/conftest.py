@@ -96,6 +96,20 @@ def build_serial(manifest: str, out: Path, *sets: str) -> Path:
     return out
 
 
+def kill_build_at_shard(monkeypatch, index: int = 1) -> None:
+    """Make the next in-process build stop as if killed (``KeyboardInterrupt``) when it starts shard ``index``."""
+    from distillkit.pipelines import runner
+
+    real = runner.build_shard
+
+    def dies(task):
+        if task.index == index:
+            raise KeyboardInterrupt  # the build killed midway
+        return real(task)
+
+    monkeypatch.setattr(runner, "build_shard", dies)
+
+
 def scheduler_address(sched_file: Path) -> str | None:
     """The address in a ``dask scheduler --scheduler-file``, or None while it is not (wholly) written: the file
     exists before its JSON is complete, so a test waits until it parses."""

@@ -21,6 +21,7 @@ from distillkit.pipelines.inspect import verify
 from distillkit.pipelines.manifest import ManifestError
 from distillkit.pipelines.runner import BuildError, build
 from distillkit.pipelines.shards import _tarinfo, write_shard
+from tests.conftest import kill_build_at_shard
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +51,13 @@ def test_an_interrupted_rebuild_leaves_no_index_over_mixed_shards(images, tmp_pa
     out = tmp_path / "out"
     build(manifest(images, out), progress=False)
     assert (out / "index.json").is_file()
-    real = runner.build_shard
-
-    def dies_at_the_second_shard(task):
-        if task.index == 1:
-            raise KeyboardInterrupt  # the build killed midway
-        return real(task)
-
-    monkeypatch.setattr(runner, "build_shard", dies_at_the_second_shard)
+    kill_build_at_shard(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         build(manifest(images, out, "stages.uniap.min_size=6"), progress=False)
     assert not (out / "index.json").exists(), "an index over old and new shards would be read as finished"
     with pytest.raises(FileNotFoundError, match="no index.json"):
         verify(out)
-    monkeypatch.setattr(runner, "build_shard", real)
+    monkeypatch.undo()  # the build is no longer killed
     result = build(manifest(images, out, "stages.uniap.min_size=6"), progress=False)
     assert result.reused_shards == 1 and verify(out).ok  # the shard finished before the kill is kept
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]

@@ -190,6 +190,27 @@ def test_atst_frame_events_protocol_end_to_end(shards, frame_run):
                                                    options={"epochs": 5})["distilled"]
 
 
+def test_events_protocol_over_several_splits(shards, frame_run):
+    """``splits``: one probe per file split on features computed once; the gains and the headline are the means
+    over the splits, the table the first split (as the clip protocol)."""
+    checkpoint, config = frame_run
+    trainer = AtstFrameTrainer()
+    one = trainer.evaluate(checkpoint, [shards["events"]], config, options={"protocol": "events", "epochs": 20})
+    three = trainer.evaluate(checkpoint, [shards["events"]], config,
+                             options={"protocol": "events", "epochs": 20, "splits": 3})
+    finite_rows(three)
+    rows = three["splits"]
+    assert len(rows["distilled"]) == len(rows["random_init"]) == 3
+    assert rows["distilled"][0]["event_f1"] == three["distilled"]["event_f1"] == one["distilled"]["event_f1"]
+    for metric in ("event_f1", "segment_f1"):
+        gains = [d[metric] - r[metric] for d, r in zip(rows["distilled"], rows["random_init"], strict=True)]
+        assert three[f"gain_{metric}"] == pytest.approx(sum(gains) / 3)
+    head = trainer.headline(three)
+    assert "mean of 3 file splits" in head["metric"] and "mean over 3 splits" in three["protocol"]
+    assert head["distilled"] == pytest.approx(sum(r["event_f1"] for r in rows["distilled"]) / 3)
+    assert head["gain"] == pytest.approx(three["gain_event_f1"])
+
+
 def test_audio_events_protocol_uses_patch_tokens(shards, tmp_path):
     out = tmp_path / "run"
     config = AudioTrainer.resolve_config({"max_steps": 2, "batch_size": 4, "log_every": 1})

@@ -56,6 +56,8 @@ def test_parse_override_toml_then_string():
         (BASE + "bogus = 1\n", "output.bogus", "unknown key"),
         ("bogus = 1\n" + BASE, "bogus", "unknown key"),
         ('name = "t"\npipeline = "nope"\n', "pipeline", "unknown pipeline"),
+        # the name starts every shard's file name: nothing readers refuse in a shard name (a URL would decode or cut)
+        *[(BASE.replace('name = "t"', f'name = "a{c}b"'), "name", "must be non-empty") for c in ("%", "?", "#", ".")],
     ],
 )
 def test_bad_manifest_names_key(tmp_path, text, key, fragment):

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from distillkit.messages import one_line
 from distillkit.pipelines.manifest import Key
 from distillkit.preprocess.vit import ViT
+from distillkit.remote import location
 from distillkit.train import distributed
 from distillkit.train.audio_aug import (
     audio_frames,
@@ -286,7 +287,7 @@ def read_norm(shards: Path) -> tuple[float, float, dict[str, Any]]:
     from distillkit.preprocess.logmel import LogMelConfig
 
     # the checked index: a library caller gets the same refusal of a malformed or edited index as the trainers
-    index = load_index(Path(shards))
+    index = load_index(location(shards))
     stats = index.get("stats", {})
     if "logmel_mean" not in stats or "logmel_std" not in stats:
         raise ValueError(f"{shards}/index.json: no logmel_mean/logmel_std statistics (not audio shards?)")
@@ -527,7 +528,7 @@ class AudioTrainer(Trainer):
         size = SIZES[config["size"]]
         batch = config["batch_size"] or size.batch_size
         steps = config["max_steps"]
-        method = build_method(config, Path(shards), steps)
+        method = build_method(config, location(shards), steps)
         np.random.seed(config["seed"])
         ranks = distributed.ranks()  # under torchrun each rank reads its own shards
         stream = ShardStream(shards, seed=config["seed"], shuffle_buffer=config["shuffle_buffer"],
@@ -590,7 +591,7 @@ def load_labelled(shards: list[Path]) -> tuple[list[np.ndarray], list[str], list
 
     specs, labels, groups, keys = [], [], [], []
     for d in shards:
-        for seg in read_segments(Path(d), f"audio eval: reading {Path(d).name}", select=has_label):
+        for seg in read_segments(location(d), f"audio eval: reading {Path(d).name}", select=has_label):
             specs.append(seg.frames)  # the stored dtype (float16): the embeddings convert one segment at a time
             labels.append(seg.label)
             # files cut from one recording share a group (labels.csv's group column): never split them
@@ -648,7 +649,7 @@ def eval_method(config: dict[str, Any], shards: list[Path], state: dict[str, Any
         build: ``build_method`` of the trainer (config, shards, total steps): this module's, or another audio
             method's with ``mean``/``std`` buffers (``train.atst_frame``).
     """
-    method = build(config, Path(shards[0]), max(1, config["max_steps"] or 1))
+    method = build(config, location(shards[0]), max(1, config["max_steps"] or 1))
     if weights is not None:
         try:
             method.load_state_dict(weights)
@@ -744,7 +745,7 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
         if not trained:  # a checkpoint written before the front end was recorded: nothing to compare
             log.warning("%s: no recorded front end; not checking the shards against it", checkpoint)
         for d in shards:
-            check_front_end(trained, Path(d))
+            check_front_end(trained, location(d))
     if protocol == "verification":
         from distillkit.train.audio_verification import evaluate_verification
 
@@ -753,11 +754,11 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     if protocol == "events":
         from distillkit.train.frame_eval import clip_patch_features, evaluate_events
 
-        return evaluate_events(checkpoint, state, [Path(s) for s in shards], config, device, build,
+        return evaluate_events(checkpoint, state, [location(s) for s in shards], config, device, build,
                                features or clip_patch_features, encoder=encoder, test_fraction=test_fraction,
-                               epochs=epochs, lr=lr,
+                               epochs=epochs, lr=lr, splits=splits,
                                what="frame tokens" if features else "patch tokens (mean over frequency)")
-    specs, labels, groups, _ = load_labelled([Path(s) for s in shards])
+    specs, labels, groups, _ = load_labelled([location(s) for s in shards])
     names = sorted(set(labels))
     y = np.array([names.index(label) for label in labels])
     cuts = [group_split(groups, test_fraction, seed=config["seed"] + k, labels=labels) for k in range(splits)]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from distillkit.remote import location
 from distillkit.train.base import ConfigError
 from distillkit.train.verification import (
     P_TARGET,
@@ -70,13 +71,13 @@ def list_files(shards: list[Path]) -> AudioFiles:
     from distillkit.train.audio_segments import read_segments
 
     rows: dict[str, dict[str, Any]] = {}
-    for d in shards:
-        for seg in read_segments(Path(d), f"audio verification: listing {Path(d).name}", frames=False):
+    for d in map(location, shards):  # a local folder or a URL (distillkit.remote)
+        for seg in read_segments(d, f"audio verification: listing {Path(d).name}", frames=False):
             meta = seg.meta
             name = Path(meta["source"]).as_posix()
-            row = rows.setdefault(name, {"dir": Path(d), "source": meta["source"], "speaker": None,
+            row = rows.setdefault(name, {"dir": d, "source": meta["source"], "speaker": None,
                                          "group": meta.get("group") or name})
-            if row["dir"] != Path(d):
+            if row["dir"] != d:
                 raise ConfigError(d, "", f"{name} is also in {row['dir']}: evaluate shards of one source root")
             if seg.label is not None:
                 row["speaker"] = seg.label
@@ -106,7 +107,7 @@ def load_segments(files: AudioFiles, wanted: np.ndarray) -> FileSegments:
     for d in sorted({d for d, _ in local}):
         keep = JsonFieldFilter("meta.json", "source", [src for dd, src in local if dd == d],
                                label="files of the verification trials")
-        for seg in read_segments(d, f"audio verification: reading {d.name}", select=keep):
+        for seg in read_segments(d, f"audio verification: reading {Path(d).name}", select=keep):
             out.specs.append(seg.frames)
             out.seconds.append(float(seg.meta["duration_s"]))
             out.file_of.append(local[(d, seg.meta["source"])])
@@ -195,7 +196,7 @@ def evaluate_verification(checkpoint: Path | None, state: dict[str, Any] | None,
 
     if not 0.0 < p_target < 1.0:
         raise ConfigError("eval audio", "p_target", f"must be in (0, 1), got {p_target}")
-    files = list_files([Path(s) for s in shards])
+    files = list_files([location(s) for s in shards])
     tr, source = make_trials(files, trials, n_trials, trials_seed)
     # decode and embed only the files the trials use (the labels were listed without any spectrogram), and take
     # the mean to subtract over them

@@ -63,6 +63,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
+from distillkit.pipelines.shards import open_shard
+from distillkit.remote import location
 from distillkit.sensors.imu import CHANNELS
 from distillkit.train import distributed
 from distillkit.train.base import ConfigError, Trainer
@@ -362,7 +364,7 @@ def shard_keys(shards: Path) -> list[str]:
     keys: list[str] = []
     for path in shard_files(shards):
         try:
-            with tarfile.open(path) as tar:
+            with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:  # a URL: range requests
                 for member in tar:
                     match = _KEY.match(member.name)
                     if match and (not keys or keys[-1] != match.group(1)):  # a sample's members are contiguous
@@ -599,8 +601,8 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     # rank 0 decides (a node-local or lagging view of OUT must not make ranks disagree) and alone fills the queue:
     # DDP copies its buffers, the queue and the teacher statistics, to every rank
     resuming = distributed.from_rank0(resume and out is not None and (Path(out) / "latest.pt").is_file())
-    method = build_method(Path(shards), config, device, with_queue=not resuming and ranks.main)
-    split, n_split = resolve_split(config, shard_info(Path(shards)), shards)
+    method = build_method(location(shards), config, device, with_queue=not resuming and ranks.main)
+    split, n_split = resolve_split(config, shard_info(location(shards)), shards)
     if config["queue_holdout"] and len(method.queue) >= n_split:
         raise ValueError(f"{shards}: the queue ({len(method.queue)}) takes every window of {split!r} ({n_split}), "
                          "so holding it out of epoch 0 leaves nothing to train on: lower queue_size or set "
@@ -608,7 +610,7 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     # The windows held out of epoch 0: rank 0 drew them (every rank must hold out the same ones); a resumed run
     # reads them from its checkpoint (the method's extra state), restored before the loop first builds the loader.
     method.queue_keys = distributed.from_rank0(method.queue_keys)
-    stream = make_stream(Path(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size, split=split,
+    stream = make_stream(location(shards), seed, strict, rank=ranks.rank, world_size=ranks.world_size, split=split,
                          on_corrupt=config.get("on_corrupt_shard", "stop"))
     plan = schedule(config, n_split, len(method.queue))
     steps = plan["steps"]
@@ -1027,7 +1029,7 @@ class ComodoTrainer(Trainer):
 
     def train(self, shards: Path, out: Path | None, config: dict[str, Any], device: str = "cpu",
               resume: bool = False, strict: bool = False) -> dict[str, Any]:
-        return train_main(Path(shards), out, config, device=device, resume=resume, strict=strict)
+        return train_main(location(shards), out, config, device=device, resume=resume, strict=strict)
 
     def evaluate(self, checkpoint: Path | None, shards: list[Path], config: dict[str, Any],
                  device: str = "cpu", options: dict[str, Any] | None = None) -> dict[str, Any]:

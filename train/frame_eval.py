@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from distillkit.messages import one_line
+from distillkit.remote import location
 from distillkit.train.base import ConfigError
 
 THRESHOLD = 0.5
@@ -95,8 +96,8 @@ def load_events(shards: list[Path]) -> list[EventSegment]:
     from distillkit.train.audio_segments import has_events, read_segments
 
     out = []
-    for d in map(Path, shards):
-        for seg in read_segments(d, f"events eval: reading {d.name}", select=has_events):
+    for d in map(location, shards):  # a local folder or a URL (distillkit.remote)
+        for seg in read_segments(d, f"events eval: reading {Path(d).name}", select=has_events):
             events = check_events(seg.events, seg.meta["duration_s"], f"{d}/{seg.key}")
             # segments cut from one recording share a group: never split them across train and test
             out.append(EventSegment(seg.key, f"{d}:{seg.meta.get('group') or seg.meta['source']}", seg.frames,
@@ -282,7 +283,7 @@ def sed_scores(reference: dict[str, list[dict[str, Any]]], estimated: dict[str, 
 def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shards: list[Path],
                     config: dict[str, Any], device: str, build: Callable[..., nn.Module],
                     features: Callable[[Any, np.ndarray, str, str], np.ndarray], encoder: str = "teacher",
-                    test_fraction: float = 0.3, epochs: int = 300, lr: float = 0.01,
+                    test_fraction: float = 0.3, epochs: int = 300, lr: float = 0.01, splits: int = 1,
                     what: str = "frame tokens") -> dict[str, Any]:
     """Sound event detection with a frame-wise linear probe: distilled encoder against random init.
 
@@ -298,29 +299,36 @@ def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shard
         test_fraction: fraction of source files on the test side.
         epochs: full-batch steps of the probe.
         lr: AdamW learning rate of the probe.
+        splits: random splits by file (seeds ``seed``, ``seed + 1``, ...); each network's features are computed
+            once and a probe is trained per split. With more than one, ``gain_*`` and the headline are means over
+            the splits (a test side of ~30 recordings moves event F1 by several points from one split to the
+            next) and ``splits`` lists each split's F1s; the table shows the first split.
         what: the features, in words, for the protocol line.
 
     Returns:
         ``{"eval_protocol": "events", "protocol": text, "labels", "median_tokens", "hop_s", "random_init":
-        sed_scores(...), "distilled": same (with a checkpoint), "gain_event_f1", "gain_segment_f1"}``.
+        sed_scores(...), "distilled": same (with a checkpoint), "gain_event_f1", "gain_segment_f1"}``, and
+        ``"splits"`` with more than one split.
     """
     from distillkit.train.audio import add_gains, eval_method, eval_runs, read_norm
     from distillkit.train.clip_probe import group_split
 
-    segs = load_events([Path(s) for s in shards])
+    segs = load_events([location(s) for s in shards])
     labels = sorted({e["event_label"] for s in segs for e in s.events})
     if not labels:
         raise ConfigError(", ".join(map(str, shards)), "events.json", f"{len(segs)} annotated segment(s) but no "
                           "event in any: nothing to detect")
-    front = read_norm(Path(shards[0]))[2]
+    front = read_norm(location(shards[0]))[2]
     hop_s = TOKEN_FRAMES * front["hop_length"] / front["sample_rate"]
     groups = [s.group for s in segs]
-    tr, te = group_split(groups, test_fraction, seed=config["seed"])
+    if splits < 1:
+        raise ValueError("splits must be >= 1")
+    cuts = [group_split(groups, test_fraction, seed=config["seed"] + k) for k in range(splits)]
+    tr, te = cuts[0]
     if len(tr) == 0 or len(te) == 0:
         raise ConfigError(", ".join(map(str, shards)), "events.json", f"{len(set(groups))} annotated source "
                           "file(s): too few for a train/test split by file")
-    reference = {segs[i].key: segs[i].events for i in te}
-    durations = {segs[i].key: segs[i].frames.shape[1] * front["hop_length"] / front["sample_rate"] for i in te}
+    durations = {s.key: s.frames.shape[1] * front["hop_length"] / front["sample_rate"] for s in segs}
     result: dict[str, Any] = {
         "eval_protocol": "events",
         "protocol": (f"sound event detection: frame-wise linear probe (sigmoid per label, {epochs} full-batch AdamW "
@@ -331,16 +339,26 @@ def evaluate_events(checkpoint: Path | None, state: dict[str, Any] | None, shard
                      f"segment-based ({SEGMENT_S:g} s)"),
         "labels": labels, "hop_s": hop_s, "median_tokens": MEDIAN_TOKENS,
     }
+    per_split: dict[str, list[dict[str, float]]] = {}
     for name, weights in eval_runs(state):
         method = eval_method(config, shards, state, weights, checkpoint, build=build)
         method.eval().to(device)
         feats = [features(method, s.frames, device, encoder) for s in segs]
         targets = [frame_targets(s.events, len(f), hop_s, labels) for s, f in zip(segs, feats, strict=True)]
-        predict = train_frame_probe(np.concatenate([feats[i] for i in tr]), np.concatenate([targets[i] for i in tr]),
-                                    epochs=epochs, lr=lr, seed=config["seed"])
-        estimated = {segs[i].key: decode_events(predict(feats[i]), hop_s, labels) for i in te}
-        result[name] = sed_scores(reference, estimated, durations, labels)
-    add_gains(result, ("event_f1", "segment_f1"))
+        scores = []
+        for tr, te in cuts:
+            predict = train_frame_probe(np.concatenate([feats[i] for i in tr]),
+                                        np.concatenate([targets[i] for i in tr]), epochs=epochs, lr=lr,
+                                        seed=config["seed"])
+            estimated = {segs[i].key: decode_events(predict(feats[i]), hop_s, labels) for i in te}
+            scores.append(sed_scores({segs[i].key: segs[i].events for i in te}, estimated,
+                                     {segs[i].key: durations[segs[i].key] for i in te}, labels))
+        result[name] = scores[0]
+        per_split[name] = [{k: sc[k] for k in ("event_f1", "segment_f1")} for sc in scores]
+    add_gains(result, ("event_f1", "segment_f1"), per_split=per_split)
+    if splits > 1:
+        result["splits"] = per_split
+        result["protocol"] += f"; gains are the mean over {splits} splits (table: the first)"
     return result
 
 
@@ -369,7 +387,12 @@ def events_headline(result: dict[str, Any]) -> dict[str, Any]:
     Args:
         result: ``evaluate_events``'s result.
     """
-    rnd = float(result["random_init"]["event_f1"])
-    dist = float(result["distilled"]["event_f1"]) if "distilled" in result else None
-    return {"metric": "event-based F1 (frame probe, sed_eval)", "distilled": dist, "random": rnd,
-            "gain": None if dist is None else dist - rnd}
+    def mean_f1(name: str) -> float:
+        rows = result.get("splits", {}).get(name) or [result[name]]
+        return float(np.mean([float(r["event_f1"]) for r in rows]))
+
+    n = len(result.get("splits", {}).get("random_init") or [None])
+    rnd = mean_f1("random_init")
+    dist = mean_f1("distilled") if "distilled" in result else None
+    return {"metric": "event-based F1 (frame probe, sed_eval)" + (f", mean of {n} file splits" if n > 1 else ""),
+            "distilled": dist, "random": rnd, "gain": None if dist is None else dist - rnd}

@@ -78,12 +78,13 @@ def shard_sample_count(shards: Sequence[Path | str] | Path | str) -> int | None:
         shards: shard directories.
     """
     from distillkit.pipelines.shards import load_index
+    from distillkit.remote import location
 
     dirs = [shards] if isinstance(shards, (str, Path)) else list(shards)
     total = 0
     for d in dirs:
         try:
-            written = load_index(Path(d))["counts"]["written"]
+            written = load_index(location(d))["counts"]["written"]
         except (OSError, ValueError, KeyError, TypeError):  # FileNotFoundError is an OSError
             return None
         if not isinstance(written, int):

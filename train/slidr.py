@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillkit.pipelines.manifest import Key
+from distillkit.remote import location
 from distillkit.sensors.nuscenes_splits import ALL, SPLIT_NAMES, split_scenes
 from distillkit.train import distributed
 from distillkit.train.base import ConfigError, Trainer
@@ -258,7 +259,7 @@ def count_split_samples(shards: Path, split: str) -> int:
     ``split_filter``; a sample the filter cannot read is not counted (the stream skips it as bad)."""
     import tarfile
 
-    from distillkit.pipelines.shards import load_index
+    from distillkit.pipelines.shards import load_index, open_shard
 
     index = load_index(shards)
     select = split_filter(split)
@@ -268,7 +269,7 @@ def count_split_samples(shards: Path, split: str) -> int:
     kept = 0
     for path in shard_files(shards):
         metas: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path, "r:") as tar:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:  # a URL: range requests
             for member in tar:
                 key, _, name = member.name.partition(".")
                 raw = metas.setdefault(key, {})
@@ -375,7 +376,7 @@ def train_main(
                   "grad_clip": grad_clip, "random_teacher": random_teacher, "sync_batchnorm": sync_batchnorm,
                   "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None, "teacher": teacher,
                   "on_corrupt_shard": on_corrupt_shard}
-    steps, per_epoch, batch_size = resolve_schedule(size, max_steps, epochs, batch_size, Path(shards), split)
+    steps, per_epoch, batch_size = resolve_schedule(size, max_steps, epochs, batch_size, location(shards), split)
     if decode_on_device is None:
         decode_on_device = str(device).startswith("cuda") and nvjpeg_available()
     log.info("JPEG decoding: %s", "on the training device" if decode_on_device else "in the data loader (CPU)")
@@ -383,7 +384,7 @@ def train_main(
     np.random.seed(seed)
     method = build_method(size, seed, teacher_checkpoint, teacher)
     ranks = distributed.ranks()  # under torchrun each rank reads its own shards
-    stream = make_stream(Path(shards), size, seed, strict, decode_on_device=decode_on_device, split=split,
+    stream = make_stream(location(shards), size, seed, strict, decode_on_device=decode_on_device, split=split,
                          rank=ranks.rank, world_size=ranks.world_size, on_corrupt=on_corrupt_shard)
 
     def batches() -> Any:
@@ -424,7 +425,7 @@ def eval_main(
     if checkpoint is not None:
         st = load_checkpoint(checkpoint)["model"]
         state = {k[len("point_net.") :]: v for k, v in st.items() if k.startswith("point_net.")}
-    dirs = [Path(shards)] if isinstance(shards, (str, Path)) else [Path(d) for d in shards]
+    dirs = [location(shards)] if isinstance(shards, (str, Path)) else [location(d) for d in shards]
     return evaluate(lambda: build_point_net(size, seed), state, dirs, device=device, seed=seed,
                     finetune_percent=finetune, epochs=epochs, probe_augment=probe_augment)
 

@@ -80,11 +80,12 @@ def check_built_splits(shards: Sequence[Path]) -> None:
         MissingSplit: naming the builds' splits and what to rebuild.
     """
     from distillkit.pipelines.shards import load_index
+    from distillkit.remote import location
 
     reachable: set[str] = set()
     built = []
     for d in shards:
-        source = load_index(Path(d)).get("manifest", {}).get("source", {})
+        source = load_index(location(d)).get("manifest", {}).get("source", {})
         split, scenes = source.get("split"), source.get("scenes") or []
         try:
             allowed = set(scenes) if scenes else split_scenes(split) if isinstance(split, str) else None

@@ -52,12 +52,15 @@ loader layout) still resumes by fast-forwarding (``train.loop``).
 
 Integrity
 ---------
-Every shard is read through a hashing reader (``_HashingReader``: webdataset's own ``gopen``, tar expander and key
-grouping, with the file object wrapped), and at the shard's end its sha256 is compared with its ``index.json``
-record. The record is looked up in the ``index.json`` beside the shard, or given (``sha256=``, any case). A shard
-folder's own ``index.json`` must record every shard's sha256 (``load_index`` refuses one without), so only shards
-given one by one (``shards=``: loose tars with no sha256 recorded in an ``index.json`` beside them, URLs without a
-``sha256=`` digest) can stream unchecked, with one warning per stream. A mismatch is a
+Every shard is read through a hashing reader (``_HashingReader``: webdataset's own tar expander and key grouping,
+with the file object wrapped; the file from webdataset's ``gopen`` for a path, from ``remote.open_read`` for an
+fsspec URL, which resumes a dropped connection at its byte offset), and at the shard's end its sha256 is compared
+with its ``index.json`` record. The record is looked up in the ``index.json`` beside the shard (for a URL, the
+``index.json`` object beside it), or given (``sha256=``, any case). A remote read that fails for good (after
+``remote.with_retries``) ends the stream with its one-line ``RemoteError``: the server, not the data, is at fault.
+A shard folder's own ``index.json`` must record every shard's sha256 (``load_index`` refuses one without), so only
+shards given one by one (``shards=``: loose tars or URLs with no sha256 recorded in an ``index.json`` beside them,
+``pipe:`` commands without a ``sha256=`` digest) can stream unchecked, with one warning per stream. A mismatch is a
 ``CorruptShard`` naming the shard, which stops the stream (``on_corrupt="stop"``, the default), or, with
 ``on_corrupt="skip"``, a counted warning (``corrupt_shards``) after which the shard's samples still in the shuffle
 buffer are dropped and counted in ``bad_samples``. A shard listed twice, or two shards recorded with the same sha256
@@ -90,8 +93,6 @@ undecodable bytes, truncated tar) is logged with its shard (``__url__``) and key
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -109,6 +111,8 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from distillkit.pipelines.codecs import UnsafeFieldError, decode_field, refuse_unsafe
+from distillkit.pipelines.shards import HashingReader as _HashingReader
+from distillkit.remote import RemoteError, is_remote, join, location, open_read, read_bytes
 
 log = logging.getLogger(__name__)
 __all__ = ["BadSample", "CorruptShard", "DuplicateShards", "JsonFieldFilter", "ShardStream", "StreamLoader",
@@ -176,7 +180,7 @@ def check_shard_count(shard_dir: Path | str, world_size: int, num_workers: int) 
         return
     from distillkit.pipelines.shards import load_index
 
-    index = load_index(Path(shard_dir))
+    index = load_index(location(shard_dir))
     written = (index.get("counts") or {}).get("written")
     per_shard = ((index.get("manifest") or {}).get("output") or {}).get("samples_per_shard")
     raise TooFewShards(_too_few_message(str(shard_dir), len(shards), world_size, num_workers,
@@ -187,18 +191,22 @@ def check_shard_count(shard_dir: Path | str, world_size: int, num_workers: int) 
 def shard_files(shard_dir: Path | str) -> list[str]:
     """Paths of the shards listed in ``shard_dir/index.json`` (in index order), after ``load_index``'s checks: a
     shard entry outside the folder, an index that is not one, or one whose statistics its shard records do not
-    give is refused (``BadIndex``, one line), for library callers as for the CLI."""
+    give is refused (``BadIndex``, one line), for library callers as for the CLI.
+
+    Args:
+        shard_dir: the shard folder, a path or a URL (``s3://``, ``https://``, ``file://``: then shard URLs).
+    """
     from distillkit.pipelines.shards import shard_paths
 
-    return [str(p) for p in shard_paths(Path(shard_dir))]
+    return [str(p) for p in shard_paths(location(shard_dir))]
 
 
 def shard_records(shards: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The ``index.json`` record of each local shard in ``shards`` that has a sha256 recorded.
+    """The ``index.json`` record of each shard in ``shards`` that has a sha256 recorded.
 
     A shard's record is its entry in the ``index.json`` of its own folder (the ``file`` entry that resolves to the
-    same path). URLs (``https://``, ``pipe:``...) have none here: the caller passes their digests to
-    ``ShardStream(sha256=...)``.
+    same path; for a URL, the ``index.json`` object beside it, fetched once per folder). webdataset's ``pipe:``
+    commands have none here: the caller passes their digests to ``ShardStream(sha256=...)``.
 
     Args:
         shards: shard paths or URLs, as ``ShardStream`` reads them.
@@ -211,6 +219,16 @@ def shard_records(shards: Sequence[str]) -> dict[str, dict[str, Any]]:
     folders: dict[str, dict[str, dict[str, Any]]] = {}
     out: dict[str, dict[str, Any]] = {}
     for shard in shards:
+        if is_remote(shard):
+            if urlsplit(shard).query:  # a pre-signed URL: the objects beside it would need their own signatures
+                continue
+            folder, _, name = shard.rpartition("/")
+            if folder not in folders:
+                folders[folder] = _remote_folder_records(folder)
+            record = folders[folder].get(name)
+            if record is not None:
+                out[shard] = record
+            continue
         if is_url(shard):
             continue
         path = os.path.normpath(os.path.abspath(shard))
@@ -242,56 +260,20 @@ def _folder_records(folder: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-class _HashingReader(io.RawIOBase):
-    """A shard's file object, hashed as it is read (tarfile's stream mode, ``r|*``, reads a shard front to back, so
-    the shard is hashed in the one pass that reads it, never read twice).
+def _remote_folder_records(folder: str) -> dict[str, dict[str, Any]]:
+    """``{shard file name: record}`` of the ``index.json`` object in the URL folder ``folder`` ({} without one).
 
-    It reads the file in ``CHUNK`` pieces under an ``io.BufferedReader`` (``open``), so that tarfile's 10 KiB reads
-    cost no hashing call each: the hashing is one ``sha256.update`` per MiB, which is all it adds (about 2 GB/s of
-    one core; ``bench/suite/integrity.py``). It hashes in the reading thread: a helper thread would overlap the
-    hashing with the decoding on a spare core, but a loader's forked workers and threads alive at the fork do not
-    mix (a test run saw DataLoader workers that no longer exited), and a loader rarely has a core to spare.
+    As for a local folder, an index that is missing, refused (HTTP 403: a server may serve the shards and not the
+    folder's other objects) or not one gives no record (its shards stream unchecked, with the stream's warning).
+    A server that fails to answer (down, after the retries) is raised: the shards beside it would fail the same way.
     """
-
-    CHUNK = 1 << 20
-
-    def __init__(self, raw: Any) -> None:
-        super().__init__()
-        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
-
-    @classmethod
-    def open(cls, raw: Any) -> tuple[io.BufferedReader, _HashingReader]:
-        """``(buffered file for the tar reader, the hashing reader under it)`` over the opened ``raw``."""
-        hashing = cls(raw)
-        return io.BufferedReader(hashing, buffer_size=cls.CHUNK), hashing
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        if n:
-            b[:n] = data
-            self.digest.update(data)
-            self.size += n
-        return n
-
-    def finish(self) -> str:
-        """Read what the tar reader left unread (the end-of-archive padding) and return the shard's hex digest.
-        Bytes the buffered reader above holds were hashed when read from the file: none is counted twice."""
-        spare = bytearray(self.CHUNK)
-        while self.readinto(spare):
-            pass
-        return self.digest.hexdigest()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.raw.close()
-        super().close()
-
-    def __repr__(self) -> str:  # webdataset appends the stream to error messages
-        return f"<sha256 reader of {getattr(self.raw, 'name', self.raw)!r}>"
+    try:
+        index = json.loads(read_bytes(join(folder, "index.json")))
+    except (FileNotFoundError, PermissionError, ValueError):  # RemoteNotFound / RemoteDenied are these
+        return {}
+    entries = index.get("shards") if isinstance(index, dict) else None
+    return {entry["file"]: entry for entry in (entries if isinstance(entries, list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)}
 
 
 def decode_sample(
@@ -507,7 +489,11 @@ class ShardStream(IterableDataset):
             log.warning("skipping bad sample (%d so far): %s", self.bad_samples, msg)
 
     def _tar_error(self, exn: BaseException) -> bool:
-        """WebDataset handler: a truncated/corrupt tar names its shard; skip it (or raise if strict)."""
+        """WebDataset handler: a truncated/corrupt tar names its shard; skip it (or raise if strict). A remote read
+        that failed for good (after ``remote.with_retries``: a server down, a refused credential) is no fault of the
+        data: it ends the stream, in its own one line (webdataset appended the stream and URL to its args)."""
+        if isinstance(exn, RemoteError):
+            raise type(exn)(exn.args[0]) from None
         where = " ".join(str(a) for a in exn.args[1:] if isinstance(a, str)) or "?"
         self._bad(f"{where}: unreadable shard data: {exn.args[0] if exn.args else exn!r}", exn)
         return True
@@ -516,12 +502,18 @@ class ShardStream(IterableDataset):
         """The raw samples of one shard, read with webdataset's opener, tar expander and key grouping, through a
         hashing reader when the shard has a record; checked against it at the shard's end."""
         record = self.records.get(url)
-        try:
-            stream = gopen(url, "rb")
-        except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
-            exn.args = (*exn.args, url)
-            self._tar_error(exn)
-            return
+        if is_remote(url):
+            # fsspec's streaming file, not webdataset's gopen (a curl pipe for http, none for s3): a dropped
+            # connection is resumed at its byte offset, and a failure that persists is a one-line RemoteError that
+            # ends the stream (a missing object too: the index lists it, so the dataset is incomplete).
+            stream = open_read(url)
+        else:
+            try:
+                stream = gopen(url, "rb")
+            except Exception as exn:  # noqa: BLE001 - as webdataset's url_opener: the handler decides
+                exn.args = (*exn.args, url)
+                self._tar_error(exn)
+                return
         reader, hashing = _HashingReader.open(stream) if record is not None else (stream, None)
         try:
             yield from group_by_keys(tar_file_expander([{"url": url, "stream": reader}], handler=self._tar_error),

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from distillkit.pipelines.manifest import Key
 from distillkit.preprocess.vit import SIZES as VIT_SIZES
 from distillkit.preprocess.vit import ViT, vit
+from distillkit.remote import location
 from distillkit.train import distributed
 from distillkit.train.base import ConfigError, Trainer
 from distillkit.train.dino import DINOHead, DINOLoss
@@ -557,7 +558,8 @@ def train_main(shards: Path, out: Path | None, config: dict[str, Any], device: s
     np.random.seed(config["seed"])
     method = build_method(config, steps)
     ranks = distributed.ranks()  # under torchrun each rank reads its own shards
-    stream = make_stream(Path(shards), config, strict, rank=ranks.rank, world_size=ranks.world_size)
+    # location(): a URL folder (s3://, https://) stays a string, which Path() would mangle (remote.location)
+    stream = make_stream(location(shards), config, strict, rank=ranks.rank, world_size=ranks.world_size)
     loop = dict(s.loop)
     if config["lr"] is not None:
         loop["lr"] = config["lr"]

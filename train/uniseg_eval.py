@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from distillkit.preprocess.vit import ViT
+from distillkit.remote import location
 from distillkit.train.checkpoint import load_checkpoint
 from distillkit.train.probe import confusion_matrix, iou_from_confusion, predict, split_keys, train_linear_head
 from distillkit.train.streaming import ShardStream
@@ -166,7 +167,7 @@ def evaluate(checkpoint: Path | None, shards: Sequence[Path], config: dict[str, 
     from distillkit.train.uniseg import SIZES, initial_backbone
 
     size = size or SIZES[config["size"]].global_size
-    items = load_labelled([Path(d) for d in shards], size)
+    items = load_labelled([location(d) for d in shards], size)  # a URL stays a string (remote.location)
     tr_keys, _ = split_keys(sorted(k for k, _, _ in items))
     train = [t for t in items if t[0] in tr_keys]
     test = [t for t in items if t[0] not in tr_keys]

@@ -22,6 +22,7 @@ ENTRIES: dict[str, str] = {
     "integrity": "bench.suite.integrity",
     "resume": "bench.suite.resume",
     "checkpoint": "bench.suite.checkpoint",
+    "remote": "bench.suite.remote",
     "trainer": "bench.suite.trainer",
     "comodo": "bench.suite.comodo",
     "logmel": "bench.suite.logmel",
