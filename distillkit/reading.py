@@ -37,6 +37,8 @@ Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 # index.json is checked as a local one; webdataset's "pipe:cmd" is opened by webdataset's gopen and passed through.
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
 DEFAULT_SHUFFLE_BUFFER = 1000
+_SHARD_FILE = re.compile(r"\.(tar|tgz|tar\.[A-Za-z0-9]+)$")
+"""A URL's last name that is a shard (webdataset reads compressed tars too), not a folder holding an index."""
 
 
 def is_url(s: str) -> bool:
@@ -64,7 +66,7 @@ def _folder_url(url: str) -> str | None:
         return None
     if url.endswith("/index.json"):
         return url[: -len("/index.json")]
-    if parts.path.rstrip("/").rsplit("/", 1)[-1].endswith(".tar"):
+    if _SHARD_FILE.search(parts.path.rstrip("/").rsplit("/", 1)[-1]):  # x.tar, x.tar.gz, x.tgz: one shard
         return None
     return url.rstrip("/")
 
@@ -96,8 +98,8 @@ def shard_urls(source: Source) -> list[str]:
             here so that a typo fails at once, not in a DataLoader worker).
         ValueError: an empty source or an index that lists no shards; an ``index.json`` that is
             not JSON, not an index, or lists a shard outside its folder (``shards.BadIndex``).
-        distillkit.remote.RemoteError: a URL folder whose index cannot be fetched (one line naming the URL;
-            ``RemoteNotFound``, a ``FileNotFoundError``, for a missing ``index.json``).
+        distillkit.remote.RemoteError: a URL folder whose index cannot be fetched (one line naming the URL); a
+            missing remote ``index.json`` is a ``FileNotFoundError`` as a missing local one.
     """
     from braceexpand import braceexpand
 

@@ -137,7 +137,14 @@ def _options(protocol: str) -> dict[str, Any]:
     for; a user's own ``FSSPEC_<PROTOCOL>_...`` options are kept where they do not contradict these."""
     import fsspec.config
 
-    user = dict(fsspec.config.conf.get(protocol, {}))
+    # fsspec keeps FSSPEC_HTTP_* under "http" for https:// too (and s3's for s3a://): read every name of the
+    # protocol's class, as fsspec's own apply_config does for the class it builds
+    from fsspec.registry import get_filesystem_class
+
+    names = get_filesystem_class(protocol).protocol
+    user: dict[str, Any] = {}
+    for name in [names] if isinstance(names, str) else list(names):
+        user.update(fsspec.config.conf.get(name, {}))
     seconds = timeout_s()
     if protocol in ("http", "https"):
         import aiohttp
@@ -253,7 +260,10 @@ def with_retries(call: Callable[[], T], what: str, attempts: int | None = None,
             if _transient(exc) and attempt + 1 < attempts:
                 time.sleep(delay * 2**attempt)
                 continue
-            raise _one_line(exc, what, attempt + 1) from exc
+            line = _one_line(exc, what, attempt + 1)
+            if line is exc:  # not a remote failure we can say better: as it was
+                raise
+            raise line from exc
     raise AssertionError("unreachable")
 
 
@@ -394,8 +404,10 @@ class _ResumingReader(io.RawIOBase):
         if http and not size:  # fsspec would open a streaming file, which cannot seek
             raise RemoteError(f"{self.url}: connection dropped at byte {self.pos}; the server gives no size "
                               "(no Content-Length), so the read cannot resume there")
-        sized = http or self.url.split("://", 1)[0].lower() in ("s3", "s3a")  # their files take the size: no 2nd HEAD
-        f = self.fs.open(self.path, "rb", size=size) if sized and size else self.fs.open(self.path, "rb")
+        # HTTP files take the size (no second HEAD). S3 files are opened without it: s3fs then reads the object's
+        # ETag itself and sends it as IfMatch with every ranged GET (s3fs core.py:2629-2638), so the 50 MiB reads of
+        # one open cannot splice two versions of a replaced object.
+        f = self.fs.open(self.path, "rb", size=size) if http and size else self.fs.open(self.path, "rb")
         if self.pos:
             f.seek(self.pos)
         return f

@@ -39,6 +39,10 @@ KINDS = (LOCAL, "slurm", "pbs")
 _CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster"}
 _LABELS = {"slurm": "SLURM", "pbs": "PBS"}
 _QUEUE_COMMANDS = {"slurm": "squeue", "pbs": "qstat"}
+_LIST_OURS = {"slurm": "squeue --name distillkit,distillkit-gpu",
+              "pbs": "qselect -N distillkit; qselect -N distillkit-gpu"}
+"""How to list this build's jobs by hand (job names ``distillkit`` and ``distillkit-gpu``; PBS's qstat has no name
+filter, qselect -N has)."""
 INSTALL = "pip install 'dask-jobqueue>=0.9'"
 """What to install for ``kind = "slurm"`` / ``"pbs"`` (said in the error when it is absent)."""
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
@@ -58,7 +62,11 @@ class JobQueueError(Exception):
 
 
 def is_job_queue(cluster: Mapping[str, Any] | None) -> bool:
-    """Whether a manifest's ``[cluster]`` names a job queue (``kind`` other than ``"local"``)."""
+    """Whether a manifest's ``[cluster]`` names a job queue (``kind`` other than ``"local"``).
+
+    Args:
+        cluster: the manifest's validated ``[cluster]`` section, or None.
+    """
     return bool(cluster) and cluster.get("kind", LOCAL) != LOCAL  # type: ignore[union-attr]
 
 
@@ -190,6 +198,9 @@ def gpu_job_kwargs(cluster: Mapping[str, Any]) -> dict[str, Any]:
 
 def cluster_class(kind: str) -> Any:
     """``dask_jobqueue.SLURMCluster`` or ``PBSCluster`` for ``kind``.
+
+    Args:
+        kind: ``"slurm"`` or ``"pbs"``.
 
     Raises:
         JobQueueError: dask-jobqueue is not installed.
@@ -366,7 +377,11 @@ def _only_known(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def expected_workers(cluster: Mapping[str, Any]) -> int:
-    """The dask workers every job together runs: ``jobs * processes + gpu_jobs * gpus_per_job``."""
+    """The dask workers every job together runs: ``jobs * processes + gpu_jobs * gpus_per_job``.
+
+    Args:
+        cluster: the manifest's validated ``[cluster]`` section (a job queue).
+    """
     return cluster["jobs"] * cluster["processes"] + cluster["gpu_jobs"] * cluster["gpus_per_job"]
 
 
@@ -478,12 +493,16 @@ def _close(client: Any, jq: Any, kind: str) -> None:
     try:
         jq.close()
     except Exception as exc:  # noqa: BLE001 - say how to clean up by hand, keep the build's own outcome
-        log.warning("could not cancel the %s jobs (%s): `%s --name distillkit,distillkit-gpu` lists them",
-                    _LABELS[kind], type(exc).__name__, "squeue" if kind == "slurm" else "qstat")
+        log.warning("could not cancel the %s jobs (%s): `%s` lists them", _LABELS[kind], type(exc).__name__,
+                    _LIST_OURS[kind])
 
 
 def describe(cluster: Mapping[str, Any]) -> str:
-    """A short description for logs: ``SLURMCluster(2 jobs x 1 workers + 1 GPU job x 2 GPUs)``."""
+    """A short description for logs: ``SLURMCluster(2 jobs x 1 workers + 1 GPU job x 2 GPUs)``.
+
+    Args:
+        cluster: the manifest's validated ``[cluster]`` section (a job queue).
+    """
     gpu = f" + {cluster['gpu_jobs']} GPU jobs x {cluster['gpus_per_job']} GPUs" if cluster["gpu_jobs"] else ""
     return f"{_CLASSES[cluster['kind']]}({cluster['jobs']} jobs x {cluster['processes']} workers{gpu})"
 
@@ -491,7 +510,11 @@ def describe(cluster: Mapping[str, Any]) -> str:
 def dask_setup(worker: Any) -> None:
     """Worker preload of multi-GPU jobs: the worker named ``...-I`` (the I-th process of its job, as
     ``dask worker --nworkers`` names them, distributed/cli/dask_worker.py) sees only the I-th of the job's GPUs.
-    It runs before any task, so before CUDA is initialized in the process."""
+    It runs before any task, so before CUDA is initialized in the process.
+
+    Args:
+        worker: the dask worker being started (distributed passes it to a preload's ``dask_setup``).
+    """
     import os
 
     name = str(worker.name)

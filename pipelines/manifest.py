@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillkit.pipelines.shards import NOT_IN_NAMES
 from distillkit.remote import is_remote, location
 
 
@@ -258,7 +259,7 @@ def validate_manifest(path: str | Path, data: dict[str, Any], schema: Section,
 def _check_common(m: Manifest) -> None:
     # the name starts every shard's file name, which readers take only as a plain name (shards.plain_shard_name:
     # nothing a URL would decode or cut, '%', '?', '#', nor a separator)
-    if not m.name or any(c in m.name for c in "./\\\0%?#"):
+    if not m.name or "." in m.name or NOT_IN_NAMES.intersection(m.name):
         raise ManifestError(m.path, "name", f"must be non-empty and free of . / \\ % ? # and NUL, got {m.name!r}")
     out = m.data["output"]
     if out["samples_per_shard"] < 1:
@@ -282,12 +283,12 @@ def check_output_outside(m: Manifest, source_key: str) -> None:
     """
     output = m.output_dir
     if isinstance(output, str):
-        from distillkit.pipelines.output import LOCAL_PROTOCOLS  # (it imports this module)
-        from distillkit.remote import filesystem
+        from distillkit.remote import local_path
 
-        if output.split("://", 1)[0].lower() not in LOCAL_PROTOCOLS:
+        local = local_path(output)  # a file:// URL is the local folder it names
+        if local is None:
             return  # object storage: never inside a local source tree
-        output = Path(filesystem(output)[1])  # a file:// URL is the local folder it names
+        output = local
     src = Path(m.get(source_key)).resolve()
     out = output.resolve()
     if out == src or src in out.parents:

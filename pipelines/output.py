@@ -41,7 +41,6 @@ INDEX_NAME = "index.json"
 
 WRITABLE_PROTOCOLS = ("s3", "s3a")
 """Object stores a build can write to (tested against S3: conditional writes, multipart uploads)."""
-LOCAL_PROTOCOLS = ("file", "local")
 
 _FOLDED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")  # two letters at least: not "C:/"
 """A URL through ``pathlib.Path`` (``s3:/bucket/x``): a relative folder name no one means."""
@@ -301,10 +300,11 @@ def output_location(output_dir: str | Path) -> OutputLocation:
     text = str(output_dir)
     if not remote.is_remote(text):
         return LocalFolder(Path(text))
-    protocol = text.split("://", 1)[0].lower()
-    if protocol in LOCAL_PROTOCOLS:
+    local = remote.local_path(text)
+    if local is not None:
         # A file:// URL is a local folder: renames and flock work there, uploads would only copy.
-        return LocalFolder(Path(remote.filesystem(text)[1]))
+        return LocalFolder(local)
+    protocol = text.split("://", 1)[0].lower()
     if protocol not in WRITABLE_PROTOCOLS:
         # Only S3 is tested for whole-object uploads and a conditional lock; other stores would fail midway
         # (memory:// lives in one process, http(s):// has no writes).

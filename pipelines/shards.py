@@ -354,7 +354,7 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-_NOT_IN_NAMES = frozenset("/\\\0%?#")
+NOT_IN_NAMES = frozenset("/\\\0%?#")
 """Characters no shard name may hold: a path's separators and NUL, and what a URL gives a meaning (``%`` escapes,
 ``?`` a query, ``#`` a fragment): a name ``%2e%2e%2fx.tar`` is plain on disk, but in a URL folder the server decodes
 it to ``../x.tar``. Builds never write them (``shard_filename``: a manifest name, ``-``, digits, ``.tar``)."""
@@ -368,7 +368,7 @@ def plain_shard_name(name: Any) -> bool:
     Args:
         name: a ``shards[i].file`` value of an ``index.json``.
     """
-    return isinstance(name, str) and name not in ("", ".", "..") and not _NOT_IN_NAMES.intersection(name)
+    return isinstance(name, str) and name not in ("", ".", "..") and not NOT_IN_NAMES.intersection(name)
 
 
 def validate_index(index: Any, path: Path | str) -> dict[str, Any]:

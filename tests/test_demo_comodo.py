@@ -43,7 +43,8 @@ def test_demo_comodo_distilled_beats_random_init(tmp_path, capsys):
     per_class = evaluation["distilled"]["per_class"]
     assert set(per_class) == set(ACTIVITIES) and all(c["n_test"] >= 20 for c in per_class.values()), per_class
     # the headline: the same probe's balanced accuracy on both students, averaged over the demo's splits.
-    # Measured at seed 0: 0.692 -> 0.725, +0.033 (docs/comodo.md "The demo"); asserted with a margin.
+    # Measured at seed 0: 0.692 -> 0.717, +0.025 since stop 27's COMODO changes (+0.033 before; docs/comodo.md
+    # "The demo"): the bar's margin is 0.005.
     assert splits > 1 and len(evaluation["splits"]["distilled"]) == splits
     assert head["metric"] == f"balanced accuracy, mean of {splits} splits"
     for side, name in (("distilled", "distilled"), ("random", "random_init")):

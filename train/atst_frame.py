@@ -386,7 +386,7 @@ class AtstFrameTrainer(Trainer):
     summary = "ATST-Frame: masked frame-level teacher-student (BYOL loss on 40 ms tokens, EMA teacher) on log-mel"
     # `distillkit demo` trains it on the audio section's shards beside ATST-Clip and probes it as `eval audio` probes
     # clips (mean of the frame tokens; the demo data has no event annotations): 600 steps gave +0.064 mean balanced
-    # accuracy over 10 splits on seed 0 (1200: +0.063), about 1.5 min on 2 idle cores (docs/audio.md "The demo").
+    # accuracy over 10 splits on seed 0 (1200: +0.063); 46-100 s of training on one thread (docs/audio.md "The demo").
     demo = {"max_steps": DEMO_STEPS, "log_every": 100}
     demo_eval = {"splits": DEMO_SPLITS, "test_fraction": 0.5}
     schema = {

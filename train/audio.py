@@ -789,6 +789,22 @@ def evaluate(checkpoint: Path | None, shards: list[Path], config: dict[str, Any]
     return result
 
 
+def mean_over_splits(result: dict[str, Any], name: str, metric: str) -> float | None:
+    """``metric`` of network ``name`` (``"distilled"`` or ``"random_init"``) averaged over a result's splits (its
+    ``splits`` rows, or its one row); None without that network, or when a split gave NaN (no test example at all:
+    the summary must show no number rather than NaN).
+
+    Args:
+        result: an evaluation result of the linear or events protocol.
+        name: the network's row.
+        metric: the row's key.
+    """
+    if name not in result:
+        return None
+    values = [float(row[metric]) for row in result.get("splits", {}).get(name) or [result[name]]]
+    return float(np.mean(values)) if values and all(np.isfinite(values)) else None
+
+
 def headline(result: dict[str, Any]) -> dict[str, Any]:
     """``AudioTrainer.headline``: mean balanced accuracy over the splits of ``evaluate``'s ``result``.
 
@@ -804,15 +820,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
         return events_headline(result)
 
-    def mean_balanced(name: str) -> float | None:
-        if name not in result:
-            return None
-        per_split = result.get("splits", {}).get(name) or [result[name]]
-        values = [float(p["balanced_accuracy"]) for p in per_split]
-        # a NaN (no test example at all) must not reach the summary: report no number instead
-        return float(np.mean(values)) if values and all(np.isfinite(values)) else None
-
-    distilled, random = mean_balanced("distilled"), mean_balanced("random_init")
+    distilled = mean_over_splits(result, "distilled", "balanced_accuracy")
+    random = mean_over_splits(result, "random_init", "balanced_accuracy")
     n = len(result.get("splits", {}).get("random_init") or [None])
     metric = "balanced accuracy" + (f" (mean of {n} file splits)" if n > 1 else "")
     gain = distilled - random if distilled is not None and random is not None else None

@@ -387,12 +387,10 @@ def events_headline(result: dict[str, Any]) -> dict[str, Any]:
     Args:
         result: ``evaluate_events``'s result.
     """
-    def mean_f1(name: str) -> float:
-        rows = result.get("splits", {}).get(name) or [result[name]]
-        return float(np.mean([float(r["event_f1"]) for r in rows]))
+    from distillkit.train.audio import mean_over_splits
 
     n = len(result.get("splits", {}).get("random_init") or [None])
-    rnd = mean_f1("random_init")
-    dist = mean_f1("distilled") if "distilled" in result else None
+    rnd = mean_over_splits(result, "random_init", "event_f1")
+    dist = mean_over_splits(result, "distilled", "event_f1")
     return {"metric": "event-based F1 (frame probe, sed_eval)" + (f", mean of {n} file splits" if n > 1 else ""),
-            "distilled": dist, "random": rnd, "gain": None if dist is None else dist - rnd}
+            "distilled": dist, "random": rnd, "gain": None if dist is None or rnd is None else dist - rnd}
