@@ -205,13 +205,15 @@ def build(manifest: str, overrides: tuple[str, ...], scheduler: str | None, work
 def _print_job_scripts(manifest: str, overrides: tuple[str, ...]) -> None:
     """``build --print-job-script``: the job scripts ``[cluster]`` would submit (pipelines.jobqueue.job_scripts)."""
     from distillkit.pipelines.catalog import load_manifest
-    from distillkit.pipelines.jobqueue import JobQueueError, is_job_queue, job_scripts
+    from distillkit.pipelines.jobqueue import JobQueueError, is_job_queue, job_scripts, refuse_idle_gpu_jobs
+    from distillkit.pipelines.registry import get_pipeline
 
     try:
         m = load_manifest(manifest, list(overrides))
         cluster = m.data["cluster"]
         if not is_job_queue(cluster):
             raise ManifestError(m.path, "cluster.kind", '"local" submits no job: set "slurm" or "pbs"')
+        refuse_idle_gpu_jobs(m.path, m.pipeline, cluster, get_pipeline(m.pipeline).torch_stages(m))
         scripts = job_scripts(cluster)
     except (ManifestError, JobQueueError) as exc:
         _fail(str(exc))

@@ -196,6 +196,29 @@ def gpu_job_kwargs(cluster: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def refuse_idle_gpu_jobs(file: str | Path, pipeline: str, cluster: Mapping[str, Any],
+                         torch_stages: Mapping[str, str]) -> None:
+    """Refuse GPU jobs a manifest gives nothing to do: they exist for the torch stages' batches
+    (``pipelines.placement``), and without one they would hold GPUs to run CPU tasks. Checked before anything is
+    submitted, by ``build`` and ``build --print-job-script`` alike.
+
+    Args:
+        file: the manifest's path (named in the error).
+        pipeline: the manifest's pipeline name.
+        cluster: its validated ``[cluster]`` section.
+        torch_stages: ``Pipeline.torch_stages(m)``.
+
+    Raises:
+        ManifestError: ``cluster.gpu_jobs`` > 0 with no torch stage.
+    """
+    from distillkit.pipelines.manifest import ManifestError
+
+    if is_job_queue(cluster) and cluster["gpu_jobs"] and not torch_stages:
+        raise ManifestError(file, "cluster.gpu_jobs", f"{cluster['gpu_jobs']} GPU job(s) asked for, but this "
+                                                      f"{pipeline!r} manifest has no torch stage to run on them: "
+                                                      "set cluster.gpu_jobs = 0")
+
+
 def cluster_class(kind: str) -> Any:
     """``dask_jobqueue.SLURMCluster`` or ``PBSCluster`` for ``kind``.
 

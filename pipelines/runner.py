@@ -44,7 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from distillkit.build_info import build_info
 from distillkit.pipelines.base import Rejection, SampleRef
 from distillkit.pipelines.executor import ClusterError, Executor, open_executor
-from distillkit.pipelines.jobqueue import is_job_queue
+from distillkit.pipelines.jobqueue import is_job_queue, refuse_idle_gpu_jobs
 from distillkit.pipelines.manifest import Manifest, ManifestError
 from distillkit.pipelines.output import (
     LOCK_NAME,
@@ -445,12 +445,8 @@ def _build_locked(m: Manifest, out: OutputLocation, scheduler: str | None, worke
     records: dict[int, ShardRecord] = {}
     reused = 0
     torch_stages = pipeline.torch_stages(m)
-    if scheduler == "" and is_job_queue(cluster) and cluster["gpu_jobs"] and not torch_stages:
-        # GPU jobs exist for the torch stages' batches (pipelines.placement); without one they would hold GPUs
-        # to run CPU tasks. Said before anything is submitted.
-        raise ManifestError(m.path, "cluster.gpu_jobs", f"{cluster['gpu_jobs']} GPU job(s) asked for, but this "
-                                                        f"{m.pipeline!r} manifest has no torch stage to run on "
-                                                        f"them: set cluster.gpu_jobs = 0")
+    if scheduler == "":  # (a scheduler given on the command line overrides the job queue)
+        refuse_idle_gpu_jobs(m.path, m.pipeline, cluster, torch_stages)
     gpu_workers = cluster["gpu_workers"]
     if gpu_workers < 0:
         # a job queue's GPU workers are its GPU jobs' (cluster.gpu_jobs): the login node's GPUs are not counted

@@ -367,6 +367,10 @@ def test_gpu_jobs_without_a_torch_stage_are_refused(audio, tmp_path, local_jobs)
     assert result.exit_code == 2, result.output
     assert "cluster.gpu_jobs: 1 GPU job(s) asked for, but this 'audio' manifest has no torch stage" in result.output
     assert local_jobs[0] == []  # before anything was submitted
+    # and --print-job-script says the same instead of printing scripts for idle GPU jobs
+    shown = CliRunner().invoke(main, ["build", "demo-audio", "--print-job-script",
+                                      *[a for s in sets for a in ("--set", s)]])
+    assert shown.exit_code == 2 and "cluster.gpu_jobs: 1 GPU job(s) asked for" in shown.output, shown.output
 
 
 def test_every_worker_gone_stops_the_build(audio, local_jobs, caplog):
