@@ -490,8 +490,6 @@ def load_index(shard_dir: Path | str, check_records: bool = True) -> dict[str, A
         raise BadIndex(f"{path}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except UnicodeDecodeError as exc:
         raise BadIndex(f"{path}: not JSON (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise BadIndex(f"{path}: cannot be read ({exc.strerror or exc})") from None
     validate_index(index, path)
     if check_records:
         found = _records_checked(location(shard_dir), index, data)

@@ -252,12 +252,7 @@ def _folder_records(folder: str) -> dict[str, dict[str, Any]]:
         index = json.loads(Path(folder, "index.json").read_text())
     except (OSError, ValueError):
         return {}
-    entries = index.get("shards") if isinstance(index, dict) else None
-    out: dict[str, dict[str, Any]] = {}
-    for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str):
-            out[os.path.normpath(os.path.join(folder, entry["file"]))] = entry
-    return out
+    return {os.path.normpath(os.path.join(folder, name)): entry for name, entry in _hashed_entries(index).items()}
 
 
 def _remote_folder_records(folder: str) -> dict[str, dict[str, Any]]:
@@ -271,6 +266,11 @@ def _remote_folder_records(folder: str) -> dict[str, dict[str, Any]]:
         index = json.loads(read_bytes(join(folder, "index.json")))
     except (FileNotFoundError, PermissionError, ValueError):  # RemoteNotFound / RemoteDenied are these
         return {}
+    return _hashed_entries(index)
+
+
+def _hashed_entries(index: Any) -> dict[str, dict[str, Any]]:
+    """``{file: entry}`` of an index's shard entries that name a file and a sha256 (anything else: no record)."""
     entries = index.get("shards") if isinstance(index, dict) else None
     return {entry["file"]: entry for entry in (entries if isinstance(entries, list) else [])
             if isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)}
